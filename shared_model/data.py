@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,8 @@ class Catalog:
             raise ValueError(f"catalog has {n} item ids but {len(self.titles)} titles")
         if self.genres.shape != (n, len(self.genre_names)):
             raise ValueError(
-                f"genres must be (n_items, n_genres) = ({n}, {len(self.genre_names)}), got {self.genres.shape}"
+                f"genres must be (n_items, n_genres) = ({n}, {len(self.genre_names)}), "
+                f"got {self.genres.shape}"
             )
         if self.years.shape != (n,):
             raise ValueError(f"years must be ({n},), got {self.years.shape}")
@@ -73,20 +75,20 @@ class Catalog:
         }
 
     @classmethod
-    def from_json(cls, obj: dict[str, object]) -> Catalog:
-        item_ids = tuple(str(x) for x in obj["item_ids"])  # type: ignore[attr-defined]
-        genre_names = tuple(str(x) for x in obj["genre_names"])  # type: ignore[attr-defined]
+    def from_json(cls, obj: dict[str, Any]) -> Catalog:
+        item_ids = tuple(str(x) for x in obj["item_ids"])
+        genre_names = tuple(str(x) for x in obj["genre_names"])
         genres = np.zeros((len(item_ids), len(genre_names)), dtype=np.float32)
-        for i, idx in enumerate(obj["genres"]):  # type: ignore[arg-type]
+        for i, idx in enumerate(obj["genres"]):
             genres[i, list(idx)] = 1.0
         vocab = obj.get("user_vocab", {})
         return cls(
             item_ids=item_ids,
-            titles=tuple(str(x) for x in obj["titles"]),  # type: ignore[attr-defined]
+            titles=tuple(str(x) for x in obj["titles"]),
             genre_names=genre_names,
             genres=genres,
             years=np.asarray(obj["years"], dtype=np.int32),
-            user_vocab={str(k): tuple(str(x) for x in v) for k, v in vocab.items()},  # type: ignore[attr-defined]
+            user_vocab={str(k): tuple(str(x) for x in v) for k, v in vocab.items()},
         )
 
 
@@ -200,7 +202,9 @@ class UserSplit:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             version = int(z["schema"])
             if version != SPLIT_SCHEMA_VERSION:
-                raise ValueError(f"partition schema version {version} is not supported (want {SPLIT_SCHEMA_VERSION})")
+                raise ValueError(
+                    f"partition schema version {version} is not supported (want {SPLIT_SCHEMA_VERSION})"
+                )
             return cls(
                 n_items=int(z["n_items"]),
                 indptr=z["indptr"].astype(np.int64),

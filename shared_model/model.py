@@ -1,0 +1,237 @@
+"""The shared recommender: a history-based NCF-MLP with no per-user parameter.
+
+user vector  u = mean of the item embeddings of the user's history (+ Σ generalized user-feature embeddings)
+item vector  v = item embedding (+ genre projection) (+ context embedding: hour, weekday)
+logit(u, v)  = MLP([u ; v]) + b_item + u·v       (the NeuMF idea: MLP + per-item bias + dot product)
+
+History and candidates are looked up in ONE embedding call (Opacus ghost clipping rejects a table
+used twice). Every size is configurable; the defaults are the seed's (MLP 64-32-1, ReLU, sigmoid on
+the logit, BCE with sampled negatives). Since the model has no user table, the global model alone can
+rank for any user given a history, a new user included.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+#: Hour and weekday embeddings: index 0 = unknown, else value + 1.
+N_HOURS, N_WEEKDAYS = 24, 7
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of :class:`HistoryMLP` (serialized into ``model.json``)."""
+
+    n_items: int  # catalogue size; index n_items is padding
+    n_genres: int = 0  # width of the item genre multi-hot (0 = no genre input)
+    user_cardinalities: tuple[int, ...] = ()  # table sizes of generalized user features (incl. unknown)
+    dim: int = 32  # embedding width d
+    hidden: tuple[int, ...] = (64, 32)  # MLP hidden widths; the output layer (→ 1) is implicit
+    use_context: bool = True  # hour/weekday embeddings on the candidate side
+    item_bias: bool = True  # per-item bias on the logit
+    dot_term: bool = True  # u·v added to the MLP logit
+
+    def __post_init__(self) -> None:
+        if self.n_items < 1:
+            raise ValueError(f"n_items must be >= 1, got {self.n_items}")
+        if self.dim < 1 or any(h < 1 for h in self.hidden):
+            raise ValueError(f"dim and hidden widths must be >= 1, got dim={self.dim} hidden={self.hidden}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["user_cardinalities"] = list(self.user_cardinalities)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(obj) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        obj = dict(obj)
+        obj["user_cardinalities"] = tuple(obj.get("user_cardinalities", ()))
+        obj["hidden"] = tuple(obj.get("hidden", (64, 32)))
+        return cls(**obj)
+
+
+@dataclass
+class Batch:
+    """One training/eval batch of users (tensors on the model's device)."""
+
+    history: torch.Tensor  # (B, L) long, padded with n_items
+    candidates: torch.Tensor  # (B, C) long, padded with n_items
+    user_features: torch.Tensor  # (B, F) long codes, 0 = unknown
+    context: torch.Tensor  # (B, 2) long: hour, weekday, -1 = unknown
+    labels: torch.Tensor | None = None  # (B, C) float 1/0
+    weights: torch.Tensor | None = None  # (B, C) float, 0 on padding
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> Batch:
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(
+            history=self.history.to(device),
+            candidates=self.candidates.to(device),
+            user_features=self.user_features.to(device),
+            context=self.context.to(device),
+            labels=mv(self.labels),
+            weights=mv(self.weights),
+            extra=self.extra,
+        )
+
+
+class HistoryMLP(nn.Module):
+    """History-based NCF-MLP (see module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, genres: np.ndarray | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.pad = cfg.n_items
+        self.genres: torch.Tensor  # (N+1, G) buffer, registered below
+        self.item_emb = nn.Embedding(cfg.n_items + 1, d)  # row n_items = padding (masked out)
+        nn.init.normal_(self.item_emb.weight, std=0.05)
+        if cfg.n_genres:
+            g = np.zeros((cfg.n_items + 1, cfg.n_genres), dtype=np.float32)
+            if genres is not None:
+                assert genres.shape == (cfg.n_items, cfg.n_genres), (
+                    f"genres must be ({cfg.n_items}, {cfg.n_genres}), got {genres.shape}"
+                )
+                g[: cfg.n_items] = genres
+            self.register_buffer("genres", torch.from_numpy(g))  # (N+1, G)
+            self.genre_proj: nn.Linear | None = nn.Linear(cfg.n_genres, d, bias=False)
+        else:
+            self.register_buffer("genres", torch.zeros(cfg.n_items + 1, 0))
+            self.genre_proj = None
+        self.user_feats = nn.ModuleList(nn.Embedding(c, d) for c in cfg.user_cardinalities)
+        for emb in self.user_feats:
+            assert isinstance(emb, nn.Embedding)
+            nn.init.normal_(emb.weight, std=0.05)
+        if cfg.use_context:
+            self.hour_emb: nn.Embedding | None = nn.Embedding(N_HOURS + 1, d)
+            self.weekday_emb: nn.Embedding | None = nn.Embedding(N_WEEKDAYS + 1, d)
+            nn.init.normal_(self.hour_emb.weight, std=0.05)
+            nn.init.normal_(self.weekday_emb.weight, std=0.05)
+        else:
+            self.hour_emb = self.weekday_emb = None
+        widths = [2 * d, *cfg.hidden]
+        layers: list[nn.Module] = []
+        for a, b in itertools.pairwise(widths):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        layers.append(nn.Linear(widths[-1], 1))
+        self.mlp = nn.Sequential(*layers)
+        self.bias = nn.Embedding(cfg.n_items + 1, 1) if cfg.item_bias else None
+        if self.bias is not None:
+            nn.init.zeros_(self.bias.weight)
+
+    # ------------------------------------------------------------------ pieces
+    def _user_vector(
+        self, hist_emb: torch.Tensor, history: torch.Tensor, user_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Masked mean of history embeddings + user-feature embeddings → (B, d)."""
+        mask = (history != self.pad).unsqueeze(-1).to(hist_emb.dtype)  # (B, L, 1)
+        u = (hist_emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, d)
+        for j, emb in enumerate(self.user_feats):
+            u = u + emb(user_features[:, j])
+        return u
+
+    def _context_vector(self, context: torch.Tensor) -> torch.Tensor | None:
+        """(B, d) context embedding, or None when context is off."""
+        if self.hour_emb is None or self.weekday_emb is None:
+            return None
+        hour = (context[:, 0] + 1).clamp(min=0)  # -1 (unknown) → 0
+        wd = (context[:, 1] + 1).clamp(min=0)
+        return self.hour_emb(hour) + self.weekday_emb(wd)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        history: torch.Tensor,
+        candidates: torch.Tensor,
+        user_features: torch.Tensor,
+        context: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits (B, C) of P(interaction) for each user's candidates."""
+        assert history.dim() == 2 and candidates.dim() == 2, "history (B, L) and candidates (B, C)"
+        b, length = history.shape
+        assert candidates.shape[0] == b, "one candidate row per user"
+        emb = self.item_emb(torch.cat([history, candidates], dim=1))  # (B, L+C, d) — one lookup
+        u = self._user_vector(emb[:, :length], history, user_features)  # (B, d)
+        v = emb[:, length:]  # (B, C, d)
+        if self.genre_proj is not None:
+            v = v + self.genre_proj(self.genres[candidates])  # (B, C, d)
+        c = self._context_vector(context)
+        if c is not None:
+            v = v + c.unsqueeze(1)
+        uu = u.unsqueeze(1).expand(-1, v.shape[1], -1)  # (B, C, d)
+        logit = self.mlp(torch.cat([uu, v], dim=-1)).squeeze(-1)  # (B, C)
+        if self.bias is not None:
+            logit = logit + self.bias(candidates).squeeze(-1)
+        if self.cfg.dot_term:
+            logit = logit + (uu * v).sum(-1)
+        return logit
+
+    @torch.no_grad()
+    def score_all(
+        self,
+        history: torch.Tensor,
+        user_features: torch.Tensor,
+        context: torch.Tensor,
+        item_side: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, n_items) over the whole catalogue in one batched pass.
+
+        The first MLP layer is linear in [u ; v], so its item half W_v·(e_i + g_i) is computed once for
+        all items (``item_side()``, cacheable per model) and each user adds only W_u·u + W_v·c.
+        """
+        if item_side is None:
+            item_side = self.item_side()
+        item_vec, item_h1, item_b = item_side  # (N, d), (N, h1), (N,)
+        hist_emb = self.item_emb(history)  # (B, L, d)
+        u = self._user_vector(hist_emb, history, user_features)  # (B, d)
+        c = self._context_vector(context)
+        first = self.mlp[0]
+        assert isinstance(first, nn.Linear)
+        d = self.cfg.dim
+        w_u, w_v = first.weight[:, :d], first.weight[:, d:]  # (h1, d) each
+        user_h1 = u @ w_u.T + first.bias  # (B, h1)
+        if c is not None:
+            user_h1 = user_h1 + c @ w_v.T
+        h = torch.relu(user_h1.unsqueeze(1) + item_h1.unsqueeze(0))  # (B, N, h1)
+        for layer in list(self.mlp)[2:]:
+            h = layer(h)
+        logit = h.squeeze(-1)  # (B, N)
+        logit = logit + item_b.unsqueeze(0)
+        if self.cfg.dot_term:
+            dot = u @ item_vec.T  # (B, N)
+            if c is not None:
+                dot = dot + (u * c).sum(-1, keepdim=True)
+            logit = logit + dot
+        assert logit.shape == (history.shape[0], self.cfg.n_items), "scores must be (B, n_items)"
+        return logit
+
+    @torch.no_grad()
+    def item_side(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-item precomputation for :meth:`score_all`: (v (N,d), W_v·v (N,h1), bias (N,))."""
+        n = self.cfg.n_items
+        v = self.item_emb.weight[:n]  # (N, d)
+        if self.genre_proj is not None:
+            v = v + self.genre_proj(self.genres[:n])
+        first = self.mlp[0]
+        assert isinstance(first, nn.Linear)
+        h1 = v @ first.weight[:, self.cfg.dim :].T  # (N, h1)
+        b = self.bias.weight[:n, 0] if self.bias is not None else torch.zeros(n, device=v.device)
+        return v, h1, b
+
+
+def shared_keys(model: nn.Module) -> list[str]:
+    """Names of the parameters shared with the server (all of them: the model has no per-user part)."""
+    return [k for k, _ in model.named_parameters()]
