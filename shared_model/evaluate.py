@@ -1,0 +1,195 @@
+"""The evaluation harness: one protocol for every model, centralized or federated.
+
+For each user with a held-out item of the requested kind (``which`` = "val" or "test"):
+
+* **full** ranking (primary): every item in the user's evaluation history
+  (:meth:`UserSplit.eval_history`) is masked to -inf, and the held-out item is ranked among all
+  remaining items. HR@K, NDCG@K, MRR, plus coverage and intra-list diversity (over the catalogue's
+  genre vectors) of the top-K lists.
+* **sampled** (NCF protocol, for comparison with published numbers only): the held-out item is
+  ranked among ``negatives`` items drawn uniformly without replacement from the items that are
+  neither in the history nor the target, with an RNG seeded from ``(seed, user row)`` — fixed, and
+  independent of the batch size. Users with fewer candidates get all of them.
+
+A held-out item that is itself in the history is unreachable (rank inf, a miss in both protocols).
+Ranks are pessimistic (ties count against the target, see :func:`ranks_from_scores`).
+Results are sums (:class:`EvalResult`), merged across tenants with ``+`` and divided once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from shared_model.data import Catalog, UserSplit
+from shared_model.metrics import RankingSums, RecordValue, ranks_from_scores
+from shared_model.ranking import mask_items, top_k
+
+WHICH = ("val", "test")
+
+
+class Scorer(Protocol):
+    """Anything that scores all items for a batch of users (higher = better)."""
+
+    def score(
+        self, split: UserSplit, users: np.ndarray, histories: list[np.ndarray], which: str
+    ) -> np.ndarray:
+        """Scores (B, n_items) for ``users`` (B,) rows of ``split`` with these eval histories.
+
+        ``which`` ("val" or "test") tells the model which context features to use.
+        """
+        ...
+
+
+@dataclass
+class EvalResult:
+    """Mergeable sums of one evaluation: full ranking (with ILD and coverage) and sampled."""
+
+    full: RankingSums
+    sampled: RankingSums
+    negatives: int
+
+    def __add__(self, other: EvalResult) -> EvalResult:
+        if not isinstance(other, EvalResult):
+            return NotImplemented
+        if other.negatives != self.negatives:
+            raise ValueError(
+                f"cannot merge sampled metrics with {self.negatives} and {other.negatives} negatives"
+            )
+        return EvalResult(self.full + other.full, self.sampled + other.sampled, self.negatives)
+
+    def __radd__(self, other: object) -> EvalResult:
+        """Lets ``sum(parts)`` work (its start value is 0)."""
+        if other == 0:
+            return self + EvalResult(RankingSums(self.full.k), RankingSums(self.sampled.k), self.negatives)
+        return NotImplemented
+
+    def to_metrics(self) -> dict[str, dict[str, float | int]]:
+        """The ``full``/``sampled`` sections of ``metrics.json`` (CONTRACT.md), K in the key names."""
+        full, sampled = self.full.result(), self.sampled.result()
+        k, ks = self.full.k, self.sampled.k
+        return {
+            "full": {
+                key: full[key]
+                for key in (f"hr@{k}", f"ndcg@{k}", "mrr", f"coverage@{k}", f"ild@{k}", "users")
+            },
+            "sampled": {
+                "negatives": self.negatives,
+                f"hr@{ks}": sampled[f"hr@{ks}"],
+                f"ndcg@{ks}": sampled[f"ndcg@{ks}"],
+            },
+        }
+
+    def to_record(self) -> dict[str, RecordValue]:
+        """Flat values for a Flower ``MetricRecord`` (keys prefixed ``full.``/``sampled.``)."""
+        rec: dict[str, RecordValue] = {"negatives": self.negatives}
+        rec.update({f"full.{key}": v for key, v in self.full.to_record().items()})
+        rec.update({f"sampled.{key}": v for key, v in self.sampled.to_record().items()})
+        return rec
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, object]) -> EvalResult:
+        """Inverse of :meth:`to_record`; merge several with ``sum(...)``."""
+        if "negatives" not in record:
+            raise ValueError("metric record lacks 'negatives'")
+
+        def part(prefix: str) -> RankingSums:
+            return RankingSums.from_record(
+                {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}
+            )
+
+        return cls(part("full."), part("sampled."), int(record["negatives"]))  # type: ignore[call-overload]
+
+
+def sample_negatives(
+    n_items: int, history: np.ndarray, target: int, negatives: int, seed: int, user: int
+) -> np.ndarray:
+    """``negatives`` distinct items ∉ history ∪ {target}, uniformly, from RNG ``(seed, user)``.
+
+    Returns (min(negatives, #candidates),) int64; all candidates when there are too few.
+    """
+    allowed = np.ones(n_items, dtype=bool)  # (N,)
+    allowed[history] = False
+    allowed[target] = False
+    pool = np.flatnonzero(allowed)  # (n_candidates,)
+    if len(pool) <= negatives:
+        return pool
+    rng = np.random.default_rng([seed, user])
+    return rng.choice(pool, size=negatives, replace=False)
+
+
+def evaluate(
+    scorer: Scorer,
+    split: UserSplit,
+    catalog: Catalog,
+    *,
+    which: str = "test",
+    k: int = 10,
+    negatives: int = 99,
+    seed: int = 0,
+    batch_size: int = 512,
+) -> EvalResult:
+    """Evaluate ``scorer`` on every user of ``split`` that has a ``which`` held-out item."""
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if catalog.n_items != split.n_items:
+        raise ValueError(f"catalog has {catalog.n_items} items but the split {split.n_items}")
+    if k < 1 or negatives < 1 or batch_size < 1:
+        raise ValueError(f"k, negatives and batch_size must be ≥ 1, got {k}, {negatives}, {batch_size}")
+    n_items = split.n_items
+    held = split.test_item if which == "test" else split.val_item  # (n_users,)
+    users = np.flatnonzero(held >= 0)  # (U,)
+    result = EvalResult(RankingSums(k), RankingSums(k), negatives)
+    for start in range(0, len(users), batch_size):
+        batch = users[start : start + batch_size]  # (B,)
+        targets = held[batch].astype(np.int64)  # (B,)
+        histories = [split.eval_history(int(u), which) for u in batch]
+        raw = scorer.score(split, batch, histories, which)
+        if isinstance(raw, torch.Tensor):
+            raw = raw.detach().cpu().numpy()
+        scores = np.array(raw, copy=True)  # (B, N) our copy: masked in place below
+        assert scores.shape == (len(batch), n_items), (
+            f"scorer returned shape {scores.shape}, expected ({len(batch)}, {n_items})"
+        )
+        if not np.issubdtype(scores.dtype, np.floating):
+            scores = scores.astype(np.float32)
+        mask_items(scores, histories)
+
+        ranks = ranks_from_scores(scores, targets)  # (B,)
+        topk, _ = top_k(scores, k)  # (B, k)
+        result.full.add(ranks, topk, catalog.genres, n_items=n_items)
+
+        # Sampled: column 0 is the target, then its negatives; -inf pads short candidate lists.
+        cand = np.full((len(batch), negatives + 1), -np.inf, dtype=scores.dtype)  # (B, 1+neg)
+        rows = np.arange(len(batch))
+        cand[:, 0] = scores[rows, targets]  # -inf if the target was in the history
+        for b, (u, hist) in enumerate(zip(batch, histories, strict=True)):
+            negs = sample_negatives(n_items, hist, int(targets[b]), negatives, seed, int(u))
+            cand[b, 1 : 1 + len(negs)] = scores[b, negs]
+        result.sampled.add(ranks_from_scores(cand, np.zeros(len(batch), dtype=np.int64)))
+    return result
+
+
+def evaluate_sums(
+    scorer: Scorer,
+    split: UserSplit,
+    catalog: Catalog,
+    *,
+    which: str = "test",
+    k: int = 10,
+    negatives: int = 99,
+    seed: int = 0,
+    batch_size: int = 512,
+) -> dict[str, RecordValue]:
+    """What a client sends: :func:`evaluate` as a flat metric record (sums, never means).
+
+    The server rebuilds each with :meth:`EvalResult.from_record`, adds them, and calls
+    :meth:`EvalResult.to_metrics` once.
+    """
+    return evaluate(
+        scorer, split, catalog, which=which, k=k, negatives=negatives, seed=seed, batch_size=batch_size
+    ).to_record()
