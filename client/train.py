@@ -1,0 +1,198 @@
+"""Local training of one tenant with user-level DP-SGD (Opacus), as plain functions.
+
+* The privacy unit is a user: one DP sample = one user's example (``make_user_batch``).
+* Poisson sampling over the tenant's users with Opacus' ``UniformWithReplacementSampler`` at rate
+  ``q = 1 / ceil(n_users / batch_users)`` (the rate Opacus derives from the loader; the accountant
+  assumes exactly this sampling).
+* Flat per-user clipping to ``max_grad_norm`` with ghost clipping (``grad_sample_mode="ghost"``: two
+  backward passes, no per-sample gradient materialised), Gaussian noise ``σ·C`` on every coordinate.
+* An empty Poisson batch still takes a noise-only step: the accountant counts every step as noised.
+* ``secure_mode`` is off: Opacus' secure RNG needs torchcsprng, which does not support torch 2.x, so
+  the noise comes from torch's default (non-cryptographic) generator. Ledgers record this.
+
+``dp=False`` runs the same loop with plain per-user-mean gradients, no clipping, no noise (the
+non-private federated baseline).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader, TensorDataset
+
+from shared_model.data import UserSplit
+from shared_model.model import HistoryMLP
+from shared_model.training import SamplingConfig, make_user_batch, per_user_loss
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig:
+    """One tenant's local training recipe for a round (shared by all tenants of a run)."""
+
+    dp: bool = True  # False: no clipping, no noise (non-private baseline)
+    local_epochs: float = 1.0  # expected passes over the tenant's users per round
+    batch_users: int = 64  # expected users per step (sets the Poisson rate)
+    lr: float = 3e-3  # Adam learning rate
+    max_grad_norm: float = 1.0  # per-user L2 clipping bound C
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.local_epochs <= 0:
+            raise ValueError(f"local_epochs must be > 0, got {self.local_epochs}")
+        if self.batch_users < 1:
+            raise ValueError(f"batch_users must be >= 1, got {self.batch_users}")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Sampling rate and steps of one round for a tenant of ``n_users`` users."""
+
+    n_users: int
+    sample_rate: float
+    steps: int
+
+    @property
+    def expected_batch(self) -> int:
+        return max(1, int(self.n_users * self.sample_rate))
+
+
+def plan_round(n_users: int, cfg: LocalTrainConfig) -> StepPlan:
+    """q = 1/ceil(n/B) (as Opacus derives it from a loader of batch size B); steps = epochs / q."""
+    if n_users < 1:
+        raise ValueError("a tenant needs at least one user to train")
+    q = 1.0 / math.ceil(n_users / min(cfg.batch_users, n_users))
+    steps = max(1, round(cfg.local_epochs / q))
+    return StepPlan(n_users=n_users, sample_rate=q, steps=steps)
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    steps: int
+    users_seen: int  # sum of Poisson batch sizes over the round
+    empty_batches: int
+    mean_loss: float
+    seconds: float
+
+
+def make_private(
+    model: HistoryMLP, cfg: LocalTrainConfig, plan: StepPlan, noise_multiplier: float, seed: int
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Wrap model + Adam with Opacus (ghost clipping) for the planned sample rate."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    batch = math.ceil(plan.n_users * plan.sample_rate)
+    loader = DataLoader(TensorDataset(torch.arange(plan.n_users)), batch_size=batch)
+    assert abs(1.0 / len(loader) - plan.sample_rate) < 1e-12, "loader must give Opacus the planned rate"
+    engine = PrivacyEngine(accountant="prv", secure_mode=False)
+    with warnings.catch_warnings():
+        # "Secure RNG turned off": expected, see the module docstring.
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        dp_model, dp_opt, _criterion, _loader = engine.make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=cfg.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode="ghost",
+            criterion=torch.nn.BCEWithLogitsLoss(),
+        )
+    torch.manual_seed(seed)  # noise stream of this round (torch default generator; not secure_mode)
+    return dp_model, dp_opt
+
+
+def clipped_backward(
+    dp_model: torch.nn.Module, dp_opt: torch.optim.Optimizer, batch_loss: torch.Tensor
+) -> None:
+    """Two-pass ghost clipping: afterwards every ``p.grad`` holds Σ_users clip_C(∇ loss_user)."""
+    DPTensorFastGradientClipping(dp_model, dp_opt, batch_loss, "mean").backward()  # type: ignore[arg-type]
+
+
+def _noise_only_step(dp_opt: torch.optim.Optimizer) -> None:
+    """Step for an empty Poisson batch: zero clipped sum + the same Gaussian noise, then scale."""
+    for p in dp_opt.params:  # type: ignore[attr-defined]
+        p.summed_grad = None
+        p.grad = torch.zeros_like(p)
+    dp_opt.accumulate()  # type: ignore[attr-defined]
+    dp_opt.add_noise()  # type: ignore[attr-defined]
+    dp_opt.scale_grad()  # type: ignore[attr-defined]
+    dp_opt.original_optimizer.step()  # type: ignore[attr-defined]
+
+
+#: torch warns when Opacus' backward hooks fire on nn.Embedding, whose inputs (ids) need no gradient.
+_EMBEDDING_HOOK_WARNING = (
+    "Full backward hook is firing when gradients are computed with respect to module outputs"
+)
+warnings.filterwarnings("ignore", message=_EMBEDDING_HOOK_WARNING, category=UserWarning)
+
+
+def train_round(
+    model: HistoryMLP,
+    split: UserSplit,
+    cfg: LocalTrainConfig,
+    *,
+    noise_multiplier: float,
+    seed: int,
+) -> RoundStats:
+    """Run one round of local training in place on ``model``; returns what happened.
+
+    With ``cfg.dp`` the caller must have checked and will charge the budget for
+    (``noise_multiplier``, ``plan.sample_rate``, ``plan.steps``).
+    """
+    t0 = time.perf_counter()
+    plan = plan_round(split.n_users, cfg)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    sampler = UniformWithReplacementSampler(
+        num_samples=plan.n_users, sample_rate=plan.sample_rate, generator=gen, steps=plan.steps
+    )
+    model.to(cfg.device).train()
+    losses: list[float] = []
+    seen = empty = 0
+    if cfg.dp:
+        dp_model, dp_opt = make_private(model, cfg, plan, noise_multiplier, seed)
+        for users in sampler:
+            dp_opt.zero_grad(set_to_none=True)
+            if len(users) == 0:
+                empty += 1
+                _noise_only_step(dp_opt)
+                continue
+            batch = make_user_batch(split, np.asarray(users), cfg.sampling, rng).to(cfg.device)
+            loss = per_user_loss(dp_model, batch)  # (B,)
+            clipped_backward(dp_model, dp_opt, loss)
+            dp_opt.step()
+            losses.append(float(loss.detach().mean()))
+            seen += len(users)
+        # Remove Opacus' hooks and per-parameter attributes: the caller reuses the plain module.
+        dp_model.to_standard_module()  # type: ignore[operator]
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        for users in sampler:
+            if len(users) == 0:
+                empty += 1
+                continue
+            batch = make_user_batch(split, np.asarray(users), cfg.sampling, rng).to(cfg.device)
+            loss = per_user_loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.mean().backward()
+            opt.step()
+            losses.append(float(loss.detach().mean()))
+            seen += len(users)
+    model.eval()
+    return RoundStats(
+        steps=plan.steps,
+        users_seen=seen,
+        empty_batches=empty,
+        mean_loss=float(np.mean(losses)) if losses else float("nan"),
+        seconds=time.perf_counter() - t0,
+    )
