@@ -233,8 +233,14 @@ def _check_identity(tenant_id: str, file_name: str, schema_version: int) -> None
         raise VaultError("A vault file needs a non-empty tenant id.")
     if not isinstance(file_name, str) or not file_name:
         raise VaultError(f"A vault file of tenant {tenant_id!r} needs a non-empty file name.")
-    if isinstance(schema_version, bool) or not isinstance(schema_version, int) or schema_version < 0:
-        raise VaultError(f"Schema version for {file_name} of tenant {tenant_id!r} must be an integer ≥ 0.")
+    if (
+        isinstance(schema_version, bool)
+        or not isinstance(schema_version, int)
+        or not 0 <= schema_version < 2**31
+    ):
+        raise VaultError(
+            f"Schema version for {file_name} of tenant {tenant_id!r} must be an integer in 0..2**31-1."
+        )
 
 
 def encrypt_file(
@@ -259,21 +265,30 @@ def encrypt_file(
         raise VaultError(
             f"Chunk size for {file_name} of tenant {tenant_id!r} must be in 1..{MAX_CHUNK_SIZE}."
         )
-    data = memoryview(bytes(plaintext))
+    if not isinstance(plaintext, bytes | bytearray | memoryview):
+        raise VaultError(
+            f"Plaintext for {file_name} of tenant {tenant_id!r} must be bytes, "
+            f"not {type(plaintext).__name__}."
+        )
+    data = memoryview(plaintext).cast("B")
     count = max(1, -(-len(data) // chunk_size))
     file_id = os.urandom(FILE_ID_BYTES)
     header = _HEADER.pack(
         MAGIC, FORMAT_VERSION, bytes.fromhex(key.key_id), file_id, count, chunk_size, len(data)
     )
     aes = AESGCM(derive_key(key.key, "partition-encryption"))
-    parts = [header]
+    sealed = bytearray(count * (NONCE_BYTES + TAG_BYTES) + len(data))  # chunks encrypted in place
+    sealed_view = memoryview(sealed)
+    offset = 0
     for index in range(count):
+        chunk = data[index * chunk_size : (index + 1) * chunk_size]
         nonce = os.urandom(NONCE_BYTES)
         aad = _associated_data(header, tenant_id, file_name, index, count, schema_version, key.key_id)
-        chunk = data[index * chunk_size : (index + 1) * chunk_size]
-        parts.append(nonce)
-        parts.append(aes.encrypt(nonce, chunk, aad))
-    _atomic_write(Path(path), parts)
+        sealed_view[offset : offset + NONCE_BYTES] = nonce
+        offset += NONCE_BYTES
+        aes.encrypt_into(nonce, chunk, aad, sealed_view[offset : offset + len(chunk) + TAG_BYTES])
+        offset += len(chunk) + TAG_BYTES
+    _atomic_write(Path(path), [header, sealed])
 
 
 def decrypt_file(
@@ -312,19 +327,19 @@ def decrypt_file(
         state = "truncated" if len(blob) < expected_size else "longer than its header says (bytes appended)"
         raise VaultError(f"{where} is {state}: {len(blob)} bytes instead of {expected_size}.")
     aes = AESGCM(derive_key(key.key, "partition-encryption"))
-    view = memoryview(blob)
+    sealed_view = memoryview(blob)
     chunks: list[bytes] = []
     offset = _HEADER.size
     for index in range(count):
         length = min(chunk_size, total - index * chunk_size)
-        nonce = view[offset : offset + NONCE_BYTES]
-        sealed = view[offset + NONCE_BYTES : offset + NONCE_BYTES + length + TAG_BYTES]
+        nonce = sealed_view[offset : offset + NONCE_BYTES]
+        sealed = sealed_view[offset + NONCE_BYTES : offset + NONCE_BYTES + length + TAG_BYTES]
         offset += NONCE_BYTES + length + TAG_BYTES
         aad = _associated_data(header, tenant_id, file_name, index, count, schema_version, key.key_id)
         try:
-            chunks.append(aes.decrypt(bytes(nonce), bytes(sealed), aad))
+            chunks.append(aes.decrypt(nonce, sealed, aad))
         except InvalidTag:
-            chunks.clear()  # never hand back or keep partial plaintext
+            chunks.clear()  # nothing decrypted so far is returned or kept
             raise VaultError(
                 f"{where} failed authentication at chunk {index + 1} of {count}: it was modified, "
                 "reordered, renamed or moved from another tenant, or the schema version or key is wrong."
@@ -378,7 +393,7 @@ def vault_file_id(path: str | os.PathLike[str]) -> str:
 # ---------------------------------------------------------------- atomic I/O
 
 
-def _atomic_write(target: Path, parts: list[bytes]) -> None:
+def _atomic_write(target: Path, parts: list[bytes | bytearray]) -> None:
     """Write to a 0600 temp file in the same folder, fsync, rename over ``target``, fsync the folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

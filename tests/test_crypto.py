@@ -403,6 +403,12 @@ def test_another_tenants_key_is_refused(tmp_path: Path, key_a: KeyInfo, key_b: K
     assert not (tmp_path / "x.enc").exists()
 
 
+def test_non_bytes_plaintext_is_refused(tmp_path: Path, key_a: KeyInfo) -> None:
+    with pytest.raises(VaultError, match="must be bytes, not str"):
+        _encrypt(tmp_path / "partition.enc", "records", key_a)  # type: ignore[arg-type]
+    assert not (tmp_path / "partition.enc").exists()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -410,6 +416,7 @@ def test_another_tenants_key_is_refused(tmp_path: Path, key_a: KeyInfo, key_b: K
         ({"chunk": crypto.MAX_CHUNK_SIZE + 1}, "Chunk size"),
         ({"file_name": ""}, "non-empty file name"),
         ({"schema_version": -1}, "Schema version"),
+        ({"schema_version": 2**31}, "Schema version"),
     ],
 )
 def test_bad_encrypt_arguments_write_nothing(
