@@ -118,7 +118,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.mean().backward()
         optimizer.step()
-        total += float(loss.sum())
+        total += float(loss.detach().sum())
         seen += len(idx)
     return total / max(seen, 1)
 

@@ -1,0 +1,244 @@
+"""The ``fedrec`` command (CONTRACT.md).
+
+User errors (``FedrecError``, ``PrivacyError``) print one line on stderr and exit 2, without a
+traceback; anything else is a bug and keeps its traceback. Heavy imports (torch, flwr) happen inside
+the commands so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from privacy.errors import PrivacyError
+from shared_model.errors import FedrecError
+
+if TYPE_CHECKING:
+    from simulations.dataset import PreparedData
+
+app = typer.Typer(
+    name="fedrec",
+    help="Privacy-preserving federated recommender: Flower + Opacus user-level DP, encrypted tenant data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Make or fetch datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+# ------------------------------------------------------------------ shared options
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="'synthetic' (default), a MovieLens folder/file (100K, 1M/10M, latest), or a .csv/.parquet log.",
+    ),
+]
+ColumnsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--columns", help="For generic CSV/Parquet: user=COL,item=COL[,rating=COL][,timestamp=COL]."
+    ),
+]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", help="Seed of the synthetic generator, sampling and training.")
+]
+MinRatingOpt = Annotated[
+    float | None,
+    typer.Option("--min-rating", help="Keep only interactions rated at least this (default: all)."),
+]
+SynthUsersOpt = Annotated[int | None, typer.Option("--synth-users", help="Users of --data synthetic.")]
+SynthItemsOpt = Annotated[int | None, typer.Option("--synth-items", help="Items of --data synthetic.")]
+
+
+def load_prepared(
+    src: str, columns: str | None, seed: int, min_rating: float | None, users: int | None, items: int | None
+) -> PreparedData:
+    """Load + clean + split a data source, with a status spinner."""
+    from simulations.dataset import prepare_dataset
+    from simulations.sources import load
+
+    with err_console.status(f"loading {src} …"):
+        raw = load(src, columns=columns, seed=seed, synth_users=users, synth_items=items)
+        data = prepare_dataset(raw, min_rating=min_rating)
+    err_console.print(
+        f"[dim]{data.source}: {data.split.n_users} users, {data.catalog.n_items} items, "
+        f"{data.n_interactions} interactions[/dim]"
+    )
+    return data
+
+
+def print_metrics_table(title: str, rows: dict[str, dict[str, Any]]) -> None:
+    """rows: name → {"full": {...}, "sampled": {...}}."""
+    t = Table(title=title)
+    for col in (
+        "model",
+        "full HR@10",
+        "full NDCG@10",
+        "MRR",
+        "coverage@10",
+        "sampled HR@10",
+        "sampled NDCG@10",
+    ):
+        t.add_column(col, justify="right" if col != "model" else "left")
+
+    def f(x: Any) -> str:
+        return "" if x is None else f"{float(x):.4f}"
+
+    for name, m in rows.items():
+        full, samp = m.get("full", {}), m.get("sampled", {})
+        t.add_row(
+            name,
+            f(full.get("hr@10")),
+            f(full.get("ndcg@10")),
+            f(full.get("mrr")),
+            f(full.get("coverage@10")),
+            f(samp.get("hr@10")),
+            f(samp.get("ndcg@10")),
+        )
+    out_console.print(t)
+
+
+# ------------------------------------------------------------------ data
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write (must not exist or be empty).")],
+    users: Annotated[int, typer.Option("--users", min=1, help="Number of users.")] = 2000,
+    items: Annotated[int, typer.Option("--items", min=2, help="Number of items.")] = 1000,
+    seed: SeedOpt = 0,
+) -> None:
+    """Write the built-in synthetic dataset (MovieLens 'latest' CSV layout + users.csv)."""
+    from simulations.sources import synthetic, write_synthetic
+
+    with err_console.status("generating …"):
+        ds = synthetic(users=users, items=items, seed=seed)
+        paths = write_synthetic(ds, out)
+    out_console.print(f"wrote {len(ds.interactions)} interactions to {', '.join(str(p) for p in paths)}")
+
+
+@data_app.command("download")
+def data_download(
+    name: Annotated[str, typer.Argument(help="ml-100k | ml-1m | ml-latest-small")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to extract into.")],
+) -> None:
+    """Fetch a MovieLens dataset from GroupLens (needs internet; the project never ships the files)."""
+    from simulations.sources import download
+
+    with err_console.status(f"downloading {name} …"):
+        path = download(name, out)
+    out_console.print(f"{name} is in {path}")
+
+
+# ------------------------------------------------------------------ centralized
+@app.command()
+def centralized(
+    out: Annotated[Path, typer.Option("--out", help="RUN_DIR to write (atomically).")],
+    data: DataOpt = "synthetic",
+    columns: ColumnsOpt = None,
+    epochs: Annotated[
+        int, typer.Option("--epochs", min=1, help="Maximum epochs (early stopping on validation).")
+    ] = 120,
+    patience: Annotated[
+        int, typer.Option("--patience", min=1, help="Epochs without improvement before stopping.")
+    ] = 15,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 3e-3,
+    seed: SeedOpt = 0,
+    min_rating: MinRatingOpt = None,
+    synth_users: SynthUsersOpt = None,
+    synth_items: SynthItemsOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing RUN_DIR.")] = False,
+) -> None:
+    """Train the MLP recommender on all data (no federation, no DP) and compare with baselines."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from simulations.centralized import CentralizedConfig, run_centralized
+    from simulations.rundir import check_out_dir
+
+    check_out_dir(out, overwrite=overwrite)
+    prepared = load_prepared(data, columns, seed, min_rating, synth_users, synth_items)
+    cfg = CentralizedConfig(epochs=epochs, patience=patience, lr=lr, seed=seed)
+    resolved = {"data": data, "columns": columns, "min_rating": min_rating, "seed": seed}
+    with Progress(
+        TextColumn("[bold]epoch"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+    ) as progress:
+        task = progress.add_task("train", total=epochs, info="")
+
+        def on_epoch(epoch: int, loss: float, ndcg: float, improved: bool) -> None:
+            star = "*" if improved else " "
+            progress.update(task, completed=epoch, info=f"loss {loss:.4f}  val NDCG@10 {ndcg:.4f}{star}")
+
+        metrics = run_centralized(
+            prepared, cfg, out, overwrite=overwrite, resolved_config=resolved, on_epoch=on_epoch
+        )
+    rows = {"mlp (this run)": metrics, **metrics["baselines"]}
+    print_metrics_table(f"test metrics — {metrics['dataset']['source']}", rows)
+    out_console.print(f"{metrics['seconds']:.1f} s; model and metrics in {out}")
+
+
+# ------------------------------------------------------------------ recommend
+@app.command()
+def recommend(
+    model: Annotated[Path, typer.Option("--model", help="RUN_DIR holding model.pt + model.json.")],
+    history: Annotated[
+        str, typer.Option("--history", help="Comma-separated original item ids, oldest first.")
+    ],
+    k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="How many items to return.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Top-K for a history with the global model (no user table needed: any user, a new one too)."""
+    from shared_model.artifacts import load_model
+    from shared_model.recommend import Recommender
+
+    rec = Recommender(load_model(model))
+    ids = [x for x in (s.strip() for s in history.split(",")) if x]
+    if not ids:
+        raise FedrecError("--history is empty; give comma-separated item ids, e.g. --history 50,172,181")
+    known, unknown = rec.to_indices(ids)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
+        raise FedrecError(f"unknown item id(s) in --history: {shown} (not in the model's catalogue)")
+    result = rec.recommend([known], k=k)[0]
+    cat = rec.catalog
+    rows = [
+        {"rank": r + 1, "item": cat.item_ids[i], "score": float(s), "title": cat.titles[i]}
+        for r, (i, s) in enumerate(zip(result.items, result.scores, strict=True))
+    ]
+    if as_json:
+        out_console.print_json(json.dumps({"items": rows, "model": rec.loaded.run_id}))
+        return
+    t = Table(title=f"top-{k} for a history of {len(known)} item(s) — model {rec.loaded.run_id}")
+    for col in ("rank", "item", "score", "title"):
+        t.add_column(col, justify="right" if col in ("rank", "score") else "left")
+    for r in rows:
+        t.add_row(str(r["rank"]), str(r["item"]), f"{r['score']:.3f}", str(r["title"]))
+    out_console.print(t)
+
+
+def main() -> None:
+    """Console entry point: user errors → one line on stderr, exit 2."""
+    try:
+        app()
+    except (FedrecError, PrivacyError) as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/red]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
