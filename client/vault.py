@@ -1,0 +1,321 @@
+"""The secure loader: a tenant folder + its key → the tenant's ``UserSplit``, decrypted in memory only.
+
+Tenant folder (written by ``fedrec prepare``)::
+
+    FED_DIR/tenant-<i>/partition.enc    UserSplit.to_bytes(), chunked AES-256-GCM (privacy.crypto)
+    FED_DIR/tenant-<i>/manifest.json    tenant id, schema, counts, reports; no identifiers; MAC'd
+    FED_DIR/keys/tenant-<i>.key         the tenant's master key (or a keys dir the operator chooses)
+
+The manifest carries an HMAC-SHA256 (``mac``) under a key derived from the tenant's master key
+(HKDF, info ``fedrec/v1/manifest-mac``), so an edited manifest is detected, and it records the
+random id of the vault file it describes, so an older ``partition.enc`` put back in place
+(rollback) or one copied from another folder is refused before anything is decrypted.
+
+:func:`load_tenant` checks, in order: folder and tenant id, key file (mode, format, owner
+tenant), manifest (JSON, key id, MAC, format, tenant, file, schema), vault file id, then decrypts
+and authenticates every chunk and checks the decoded split against the manifest's counts. Any
+failure raises :class:`VaultError` naming the tenant and the file; nothing decrypted is returned
+or kept, and plaintext is never written anywhere.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import tempfile
+import threading
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from privacy.crypto import KeyInfo, decrypt_file, read_key_file, vault_file_id
+from privacy.errors import VaultError
+from shared_model.data import SPLIT_SCHEMA_VERSION, UserSplit
+
+PARTITION_FILE = "partition.enc"
+MANIFEST_FILE = "manifest.json"
+FEDERATION_FILE = "federation.json"
+CATALOG_FILE = "catalog.json"
+KEYS_DIR = "keys"
+MANIFEST_FORMAT = "fedrec-tenant-manifest"
+MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KiB; refuse to parse anything huge
+CACHE_SIZE = 4  # decrypted tenants kept per process by load_tenant_cached
+
+#: Fields of a manifest (all required, no others).
+MANIFEST_FIELDS = frozenset(
+    {
+        "format",
+        "version",
+        "tenant",
+        "file",
+        "schema_version",
+        "key_id",
+        "vault_file_id",
+        "n_items",
+        "counts",
+        "anonymization",
+        "partition",
+        "created",
+        "rotated",
+        "mac",
+    }
+)
+COUNT_FIELDS = ("users", "train_interactions", "users_with_test")
+
+
+@dataclass(frozen=True)
+class TenantData:
+    """One tenant's decrypted partition (in memory only; treat the arrays as read-only)."""
+
+    tenant_id: str
+    split: UserSplit = field(repr=False)
+    manifest: dict[str, Any] = field(repr=False)
+
+
+def tenant_id_of(partition_id: int) -> str:
+    """Tenant id of a simulation partition id: ``tenant-<i>``."""
+    if isinstance(partition_id, bool) or not isinstance(partition_id, int) or partition_id < 0:
+        raise VaultError(f"A partition id must be an integer ≥ 0, got {partition_id!r}.")
+    return f"tenant-{partition_id}"
+
+
+def tenant_paths(fed_dir: Path, partition_id: int, keys_dir: Path | None = None) -> tuple[Path, Path]:
+    """(tenant folder, key file) of simulation partition ``partition_id`` in federation ``fed_dir``."""
+    tenant = tenant_id_of(partition_id)
+    fed_dir = Path(fed_dir)
+    tenant_dir = fed_dir / tenant
+    if not tenant_dir.is_dir():
+        raise VaultError(
+            f"Tenant {tenant!r} (partition id {partition_id}) has no folder {tenant_dir}; "
+            f"is {fed_dir} a federation made by `fedrec prepare` with more than {partition_id} tenant(s)?"
+        )
+    keys = Path(keys_dir) if keys_dir is not None else fed_dir / KEYS_DIR
+    return tenant_dir, keys / f"{tenant}.key"
+
+
+# ------------------------------------------------------------------ manifest MAC
+
+
+def _manifest_key(key: KeyInfo) -> bytes:
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedrec/v1/manifest-mac")
+    return hkdf.derive(key.key)
+
+
+def _canonical(manifest: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in manifest.items() if k != "mac"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return b"fedrec-manifest-v1\x00" + text.encode("ascii")
+
+
+def manifest_mac(manifest: dict[str, Any], key: KeyInfo) -> str:
+    """HMAC-SHA256 (hex) of the manifest without its ``mac`` field, under the tenant's manifest key."""
+    return hmac.new(_manifest_key(key), _canonical(manifest), "sha256").hexdigest()
+
+
+def seal_manifest(manifest: dict[str, Any], key: KeyInfo) -> dict[str, Any]:
+    """A copy of ``manifest`` with its ``mac`` set for ``key`` (whose id must be the manifest's key id)."""
+    if manifest.get("key_id") != key.key_id:
+        raise VaultError(
+            f"Manifest of tenant {manifest.get('tenant')!r} names another key than {key.key_id}."
+        )
+    sealed = {k: v for k, v in manifest.items() if k != "mac"}
+    sealed["mac"] = manifest_mac(sealed, key)
+    return sealed
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The manifest as written to disk (indented JSON, sorted keys)."""
+    return (json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+
+
+def write_atomic(path: Path, payload: bytes, *, mode: int = 0o644) -> None:
+    """Write ``payload`` to a temp file beside ``path``, fsync, rename over it, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# ------------------------------------------------------------------ loading
+
+
+def read_manifest(tenant_dir: Path, key: KeyInfo) -> dict[str, Any]:
+    """Read and authenticate ``tenant_dir/manifest.json`` with ``key``; any problem → VaultError."""
+    tenant = Path(tenant_dir).name
+    path = Path(tenant_dir) / MANIFEST_FILE
+    where = f"Manifest {path} of tenant {tenant!r}"
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise VaultError(f"{where} cannot be read ({exc.strerror}).") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise VaultError(f"{where} is larger than {MAX_MANIFEST_BYTES} bytes; it is not a fedrec manifest.")
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        raise VaultError(f"{where} is corrupted: it is not valid JSON.") from None
+    if not isinstance(manifest, dict) or set(manifest) != MANIFEST_FIELDS:
+        raise VaultError(f"{where} is corrupted: it must hold exactly the fields {sorted(MANIFEST_FIELDS)}.")
+    if manifest["key_id"] != key.key_id:
+        raise VaultError(
+            f"{where} says the partition is encrypted with key id {manifest['key_id']}, but the key file "
+            f"holds key id {key.key_id} (a retired, rotated or wrong key?)."
+        )
+    mac = manifest["mac"]
+    try:
+        expected = manifest_mac(manifest, key)
+    except ValueError:  # NaN/inf smuggled in: not something prepare writes
+        raise VaultError(f"{where} is corrupted: it holds non-finite numbers.") from None
+    if not isinstance(mac, str) or not hmac.compare_digest(mac, expected):
+        raise VaultError(
+            f"{where} failed authentication: it was edited, corrupted or belongs to another key."
+        )
+    if manifest["format"] != MANIFEST_FORMAT or manifest["version"] != MANIFEST_VERSION:
+        raise VaultError(
+            f"{where} has format {manifest['format']!r} v{manifest['version']}; "
+            f"this fedrec reads {MANIFEST_FORMAT!r} v{MANIFEST_VERSION}."
+        )
+    if manifest["tenant"] != tenant:
+        raise VaultError(f"{where} describes tenant {manifest['tenant']!r}; the folder was moved or renamed.")
+    if manifest["file"] != PARTITION_FILE:
+        raise VaultError(f"{where} names the partition file {manifest['file']!r}, not {PARTITION_FILE!r}.")
+    if manifest["schema_version"] != SPLIT_SCHEMA_VERSION:
+        raise VaultError(
+            f"{where} has partition schema {manifest['schema_version']}; this fedrec reads "
+            f"schema {SPLIT_SCHEMA_VERSION} (re-run `fedrec prepare`)."
+        )
+    counts = manifest["counts"]
+    if not isinstance(counts, dict) or not all(
+        isinstance(counts.get(name), int) and counts[name] >= 0 for name in COUNT_FIELDS
+    ):
+        raise VaultError(f"{where} has malformed counts (need {', '.join(COUNT_FIELDS)}).")
+    return manifest
+
+
+def load_tenant(tenant_dir: Path, key_file: Path, *, expected_tenant: str | None = None) -> TenantData:
+    """Decrypt and validate one tenant's partition in memory; every problem raises :class:`VaultError`."""
+    tenant_dir = Path(tenant_dir)
+    tenant = tenant_dir.name
+    if expected_tenant is not None and tenant != expected_tenant:
+        raise VaultError(
+            f"Folder {tenant_dir} holds tenant {tenant!r}, but tenant {expected_tenant!r} was expected."
+        )
+    if not tenant_dir.is_dir():
+        raise VaultError(f"Tenant {tenant!r} has no folder {tenant_dir}.")
+    try:
+        key = read_key_file(key_file)
+    except VaultError as exc:
+        raise VaultError(f"Cannot load tenant {tenant!r}: {exc}") from None
+    if key.tenant != tenant:
+        raise VaultError(
+            f"Key file {key_file} belongs to tenant {key.tenant!r}, not to tenant {tenant!r} ({tenant_dir})."
+        )
+    manifest = read_manifest(tenant_dir, key)
+    path = tenant_dir / PARTITION_FILE
+    where = f"Partition {path} of tenant {tenant!r}"
+    if vault_file_id(path) != manifest["vault_file_id"]:
+        raise VaultError(
+            f"{where} is not the file its manifest describes (vault file id differs): it was rolled back "
+            "to an older version, replaced or copied from elsewhere."
+        )
+    plaintext = decrypt_file(
+        path, key, tenant_id=tenant, file_name=PARTITION_FILE, schema_version=manifest["schema_version"]
+    )
+    try:
+        split = UserSplit.from_bytes(plaintext)
+    except (ValueError, KeyError, TypeError, AssertionError, OSError, EOFError, zipfile.BadZipFile):
+        raise VaultError(
+            f"{where} decrypted, but does not hold a valid partition (schema mismatch?)."
+        ) from None
+    finally:
+        del plaintext
+    _check_against_manifest(split, manifest, where)
+    return TenantData(tenant_id=tenant, split=split, manifest=manifest)
+
+
+def _check_against_manifest(split: UserSplit, manifest: dict[str, Any], where: str) -> None:
+    counts = manifest["counts"]
+    found = {
+        "users": split.n_users,
+        "train_interactions": split.n_train,
+        "users_with_test": int((split.test_item >= 0).sum()),
+    }
+    if any(found[name] != counts[name] for name in COUNT_FIELDS) or split.n_items != manifest["n_items"]:
+        raise VaultError(f"{where} does not match its manifest's counts or item count.")
+    if len(split.pseudonyms) != split.n_users:
+        raise VaultError(f"{where} lacks one pseudonym per user.")
+    items = (split.train_items, split.val_item, split.test_item)
+    if any(len(a) and (a.max() >= split.n_items or a.min() < -1) for a in items) or (
+        split.n_train and split.train_items.min() < 0
+    ):
+        raise VaultError(f"{where} holds item indices outside the catalogue.")
+    if split.user_features.size and split.user_features.min() < 0:
+        raise VaultError(f"{where} holds negative user feature codes.")
+
+
+# ------------------------------------------------------------------ per-process cache
+
+_cache: OrderedDict[tuple[object, ...], TenantData] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def load_tenant_cached(tenant_dir: Path, key_file: Path, *, expected_tenant: str | None = None) -> TenantData:
+    """:func:`load_tenant`, memoized in memory per process (never on disk).
+
+    Keyed by the resolved folder and key file, the key id and the size/mtime of the partition
+    and manifest, so a rotated key or a rewritten folder is decrypted (and validated) afresh.
+    """
+    tenant_dir, key_file = Path(tenant_dir), Path(key_file)
+    tenant = tenant_dir.name
+    try:
+        key_id = read_key_file(key_file).key_id
+        stats = [os.stat(tenant_dir / name) for name in (PARTITION_FILE, MANIFEST_FILE)]
+    except OSError as exc:
+        raise VaultError(f"Cannot load tenant {tenant!r} from {tenant_dir}: {exc.strerror}.") from None
+    except VaultError as exc:
+        raise VaultError(f"Cannot load tenant {tenant!r}: {exc}") from None
+    cache_key: tuple[object, ...] = (
+        str(tenant_dir.resolve()),
+        str(key_file.resolve()),
+        key_id,
+        expected_tenant,
+        *((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats),
+    )
+    with _cache_lock:
+        hit = _cache.get(cache_key)
+        if hit is not None:
+            _cache.move_to_end(cache_key)
+            return hit
+    data = load_tenant(tenant_dir, key_file, expected_tenant=expected_tenant)
+    with _cache_lock:
+        _cache[cache_key] = data
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return data
+
+
+def clear_cache() -> None:
+    """Forget every decrypted tenant held by :func:`load_tenant_cached`."""
+    with _cache_lock:
+        _cache.clear()
