@@ -1,0 +1,58 @@
+"""``fedrec serve``: registered on the main typer app by ``simulations/cli.py`` (``register(app)``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``serve`` command to ``app``."""
+
+    @app.command()
+    def serve(
+        model: Annotated[Path, typer.Option("--model", help="RUN_DIR holding model.pt + model.json.")],
+        host: Annotated[
+            str, typer.Option("--host", help="Interface to bind (loopback by default).")
+        ] = "127.0.0.1",
+        port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
+        api_keys: Annotated[
+            Path | None,
+            typer.Option(
+                "--api-keys", help="File of bearer keys, one per line; then every /v1 call needs one."
+            ),
+        ] = None,
+        int8: Annotated[
+            bool, typer.Option("--int8", help="Dynamic int8 for the MLP layers scored per (user, item).")
+        ] = False,
+        reload_on_change: Annotated[
+            bool,
+            typer.Option(
+                "--reload-on-change", help="Swap in a newer checkpoint in RUN_DIR without downtime."
+            ),
+        ] = False,
+        threads: Annotated[
+            int, typer.Option("--threads", min=1, help="torch threads (1 is fastest for small models).")
+        ] = 1,
+        log_level: Annotated[str, typer.Option("--log-level", help="debug|info|warning|error.")] = "info",
+    ) -> None:
+        """Serve top-K over HTTP (POST /v1/recommend, GET /v1/items/{id}, /healthz, /docs).
+
+        SIGHUP reloads the checkpoint; SIGINT/SIGTERM finish in-flight requests, then stop.
+        """
+        from server.serve import run
+
+        logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+        run(
+            model,
+            host=host,
+            port=port,
+            api_keys_file=api_keys,
+            int8=int8,
+            reload_on_change=reload_on_change,
+            threads=threads,
+            log_level=log_level,
+        )
