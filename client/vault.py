@@ -219,7 +219,7 @@ def load_tenant(tenant_dir: Path, key_file: Path, *, expected_tenant: str | None
     tenant = tenant_dir.name
     if expected_tenant is not None and tenant != expected_tenant:
         raise VaultError(
-            f"Folder {tenant_dir} holds tenant {tenant!r}, but tenant {expected_tenant!r} was expected."
+            f"Folder {tenant_dir} holds tenant {tenant!r}, not the expected {expected_tenant!r}."
         )
     if not tenant_dir.is_dir():
         raise VaultError(f"Tenant {tenant!r} has no folder {tenant_dir}.")
@@ -287,14 +287,11 @@ def load_tenant_cached(tenant_dir: Path, key_file: Path, *, expected_tenant: str
     and manifest, so a rotated key or a rewritten folder is decrypted (and validated) afresh.
     """
     tenant_dir, key_file = Path(tenant_dir), Path(key_file)
-    tenant = tenant_dir.name
     try:
         key_id = read_key_file(key_file).key_id
         stats = [os.stat(tenant_dir / name) for name in (PARTITION_FILE, MANIFEST_FILE)]
-    except OSError as exc:
-        raise VaultError(f"Cannot load tenant {tenant!r} from {tenant_dir}: {exc.strerror}.") from None
-    except VaultError as exc:
-        raise VaultError(f"Cannot load tenant {tenant!r}: {exc}") from None
+    except (OSError, VaultError):
+        return load_tenant(tenant_dir, key_file, expected_tenant=expected_tenant)  # raises the precise error
     cache_key: tuple[object, ...] = (
         str(tenant_dir.resolve()),
         str(key_file.resolve()),
