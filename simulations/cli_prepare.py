@@ -89,7 +89,13 @@ def prepare(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from simulations.cli import load_prepared
-    from simulations.prepare import PrepareConfig, check_fed_out, parse_partition, prepare_federation
+    from simulations.prepare import (
+        PrepareConfig,
+        check_fed_out,
+        parse_partition,
+        plan_federation,
+        prepare_federation,
+    )
 
     parse_partition(partition)  # fail on a typo before loading anything
     check_fed_out(out, overwrite=overwrite)
@@ -103,6 +109,8 @@ def prepare(
         min_users=min_users,
         seed=seed,
     )
+    with err_console.status("partitioning and anonymizing …"):
+        plan = plan_federation(prepared, cfg)  # refuses a bad partition before anything is written
     with Progress(
         TextColumn("[bold]encrypting tenants"),
         BarColumn(),
@@ -117,7 +125,7 @@ def prepare(
             progress.update(task, advance=1, info=tenant_id)
 
         result = prepare_federation(
-            prepared, out, cfg, keys_dir=keys_dir, overwrite=overwrite, on_tenant=on_tenant
+            prepared, out, cfg, keys_dir=keys_dir, overwrite=overwrite, on_tenant=on_tenant, plan=plan
         )
     print_summary(result)
 

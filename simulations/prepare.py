@@ -198,13 +198,18 @@ def prepare_federation(
     keys_dir: Path | None = None,
     overwrite: bool = False,
     on_tenant: Callable[[str], None] | None = None,
+    plan: FederationPlan | None = None,
 ) -> PrepareResult:
-    """Plan and write a federation folder (see the module docstring); returns what was written."""
+    """Plan and write a federation folder (see the module docstring); returns what was written.
+
+    ``plan`` (from :func:`plan_federation` of the same data and config) skips planning here.
+    """
     start = time.perf_counter()
     out = Path(out)
     external_keys = _external_keys_dir(out, keys_dir)
     check_fed_out(out, overwrite=overwrite)
-    plan = plan_federation(data, cfg)
+    if plan is None:
+        plan = plan_federation(data, cfg)
     tenant_ids = [t.tenant_id for t in plan.tenants]
     if external_keys is not None:
         clashes = [t for t in tenant_ids if (external_keys / f"{t}.key").exists()]
