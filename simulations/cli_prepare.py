@@ -82,7 +82,10 @@ def prepare(
         int | None, typer.Option("--synth-items", help="Items of --data synthetic.")
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing FED_DIR (and retire its tenants' keys).")
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace an earlier FED_DIR (keys in an outside --keys-dir move to retired/)."
+        ),
     ] = False,
 ) -> None:
     """Partition a dataset into tenants, anonymize each and encrypt each at rest (one key per tenant)."""
