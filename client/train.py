@@ -93,10 +93,10 @@ def make_private(
     batch = math.ceil(plan.n_users * plan.sample_rate)
     loader = DataLoader(TensorDataset(torch.arange(plan.n_users)), batch_size=batch)
     assert abs(1.0 / len(loader) - plan.sample_rate) < 1e-12, "loader must give Opacus the planned rate"
-    engine = PrivacyEngine(accountant="prv", secure_mode=False)
     with warnings.catch_warnings():
         # "Secure RNG turned off": expected, see the module docstring.
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        engine = PrivacyEngine(accountant="prv", secure_mode=False)
         dp_model, dp_opt, _criterion, _loader = engine.make_private(
             module=model,
             optimizer=opt,
@@ -115,7 +115,7 @@ def clipped_backward(
     dp_model: torch.nn.Module, dp_opt: torch.optim.Optimizer, batch_loss: torch.Tensor
 ) -> None:
     """Two-pass ghost clipping: afterwards every ``p.grad`` holds Σ_users clip_C(∇ loss_user)."""
-    DPTensorFastGradientClipping(dp_model, dp_opt, batch_loss, "mean").backward()  # type: ignore[arg-type]
+    DPTensorFastGradientClipping(dp_model, dp_opt, batch_loss, "mean").backward()
 
 
 def _noise_only_step(dp_opt: torch.optim.Optimizer) -> None:

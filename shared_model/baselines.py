@@ -125,3 +125,36 @@ class EASE:
         out = np.full((len(histories), split.n_items), OUT_OF_SUPPORT_SCORE, dtype=np.float32)  # (B, N)
         out[:, self.items] = inside
         return out
+
+
+def user_level_item_vector(split: UserSplit) -> np.ndarray:
+    """Σ_users x_u with x_u = 1/√n_u on each of user u's distinct training items, (n_items,) float64.
+
+    Every user's vector has L2 norm exactly 1, so the sum has user-level L2 sensitivity 1: one
+    Gaussian release with σ calibrated for (ε, δ) at sensitivity 1 is user-level DP.
+    """
+    out = np.zeros(split.n_items, dtype=np.float64)
+    for u in range(split.n_users):
+        items = np.unique(split.history(u))
+        if len(items):
+            out[items] += 1.0 / np.sqrt(len(items))
+    return out
+
+
+class DPPopularity(Popularity):
+    """Popularity from a noisy user-level item vector (the sum of the tenants' Gaussian releases).
+
+    ``release(split, sigma, rng)`` is what one tenant publishes; the server adds the releases up and
+    ranks by the noisy total. The caller calibrates ``sigma`` (privacy.accounting) for the run's ε, δ.
+    """
+
+    @staticmethod
+    def release(split: UserSplit, sigma: float, rng: np.random.Generator) -> np.ndarray:
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        vec = user_level_item_vector(split)
+        return vec + rng.normal(0.0, sigma, size=vec.shape)
+
+    def fit_released(self, total: np.ndarray) -> DPPopularity:
+        self.counts = np.asarray(total, dtype=np.float64)
+        return self

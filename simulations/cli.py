@@ -189,6 +189,113 @@ def centralized(
     out_console.print(f"{metrics['seconds']:.1f} s; model and metrics in {out}")
 
 
+# ------------------------------------------------------------------ simulate
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option("--out", help="RUN_DIR to write (atomically).")],
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Federated rounds.")] = 5,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="Data source to partition (default: synthetic); or --federation."),
+    ] = None,
+    federation: Annotated[
+        Path | None,
+        typer.Option("--federation", help="A folder written by `fedrec prepare` (instead of --data)."),
+    ] = None,
+    tenants: Annotated[int, typer.Option("--tenants", min=1, help="Tenants to partition --data into.")] = 3,
+    partition: Annotated[str, typer.Option("--partition", help="iid | dirichlet:A | by:FIELD")] = "iid",
+    k_anonymity: Annotated[
+        int, typer.Option("--k-anonymity", min=1, help="k for the tenants' quasi-identifiers.")
+    ] = 5,
+    epsilon: Annotated[
+        float, typer.Option("--epsilon", help="Each tenant's user-level ε cap for the whole run.")
+    ] = 8.0,
+    delta: Annotated[float, typer.Option("--delta", help="δ (must be < 1/users of every tenant).")] = 1e-5,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="Same pipeline without clipping or noise.")] = False,
+    caps: Annotated[str, typer.Option("--caps", help="Per-tenant caps, e.g. 'tenant-0=3,tenant-1=1'.")] = "",
+    local_epochs: Annotated[float, typer.Option("--local-epochs", help="Expected passes per round.")] = 1.0,
+    batch_users: Annotated[
+        int, typer.Option("--batch-users", min=1, help="Expected users per DP step.")
+    ] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Local Adam learning rate.")] = 3e-3,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Per-user clipping bound C.")] = 1.0,
+    columns: ColumnsOpt = None,
+    seed: SeedOpt = 0,
+    min_rating: MinRatingOpt = None,
+    synth_users: SynthUsersOpt = None,
+    synth_items: SynthItemsOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing RUN_DIR.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's and Ray's logs.")] = False,
+) -> None:
+    """Multi-tenant federated training with user-level DP (Flower simulation, one node per tenant)."""
+    from shared_model.runconfig import RunConfig
+    from simulations.rundir import check_out_dir
+    from simulations.simulate import simulate as run
+
+    if data is not None and federation is not None:
+        raise FedrecError("give either --data or --federation, not both")
+    check_out_dir(out, overwrite=overwrite)
+    cfg = RunConfig(
+        num_server_rounds=rounds,
+        dp=not no_dp,
+        epsilon=epsilon,
+        delta=delta,
+        caps=caps,
+        local_epochs=local_epochs,
+        batch_users=batch_users,
+        lr=lr,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+    )
+    prepare = None
+    if federation is None:
+        from simulations.prepare import PrepareConfig, prepare_federation
+
+        prepared = load_prepared(data or "synthetic", columns, seed, min_rating, synth_users, synth_items)
+
+        def prepare(fed_dir: Path) -> None:
+            prepare_federation(
+                prepared,
+                fed_dir,
+                PrepareConfig(tenants=tenants, partition=partition, k_anonymity=k_anonymity, seed=seed),
+            )
+
+    metrics = run(
+        cfg,
+        out,
+        federation=federation,
+        prepare=prepare,
+        overwrite=overwrite,
+        verbose=verbose,
+        log=lambda line: err_console.print(f"[dim]{line}[/dim]"),
+    )
+    print_run_summary(out, metrics)
+
+
+def print_run_summary(out: Path, metrics: dict[str, Any]) -> None:
+    """Per-tenant privacy table and the global metrics next to the baselines."""
+    privacy = json.loads((out / "privacy.json").read_text(encoding="utf-8"))
+    if privacy.get("dp"):
+        title = (
+            f"privacy spend per tenant — unit: {privacy['unit']}, δ={privacy['delta']:g}, "
+            f"accountant: {privacy['accountant']}, rounds: {privacy['rounds']}"
+        )
+    else:
+        title = f"tenants — no DP (--no-dp), rounds: {privacy['rounds']}"
+    out_console.print(title, soft_wrap=True, highlight=False)
+    t = Table()
+    for col in ("tenant", "users", "rounds trained", "ε", "cap", "status"):
+        t.add_column(col, justify="left" if col in ("tenant", "status") else "right")
+    for name, info in privacy["tenants"].items():
+        eps = "—" if info["epsilon"] is None else f"{info['epsilon']:.3f}"
+        cap = "—" if info["cap"] is None else f"{info['cap']:g}"
+        t.add_row(name, str(info["users"]), str(info["rounds_trained"]), eps, cap, info["status"])
+    out_console.print(t)
+    rows = {"federated mlp (this run)": metrics, **metrics.get("baselines", {})}
+    print_metrics_table(f"test metrics — {metrics['dataset'].get('source', '')}", rows)
+    out_console.print(f"{metrics['seconds']:.1f} s; run files in {out}")
+
+
 # ------------------------------------------------------------------ recommend
 @app.command()
 def recommend(
@@ -226,6 +333,16 @@ def recommend(
     for r in rows:
         t.add_row(str(r["rank"]), str(r["item"]), f"{r['score']:.3f}", str(r["title"]))
     out_console.print(t)
+
+
+def _register_plugins() -> None:
+    """Commands that live in their own modules (each exposes ``register(app)``)."""
+    from simulations import cli_prepare
+
+    cli_prepare.register(app)
+
+
+_register_plugins()
 
 
 def main() -> None:

@@ -1,0 +1,273 @@
+"""What a tenant does in a round, as plain functions (the ClientApp handlers only wrap these).
+
+* :func:`resolve_tenant` — where this node's tenant folder, key and state dir are: ``node_config``
+  (``tenant-dir``, ``key-file``, ``state-dir`` on a real SuperNode) or ``partition-id`` → ``fed-dir``
+  (simulation). The rest of the code path is the same.
+* :func:`tenant_train` — decrypt the partition in memory, check the budget **before** training, train
+  with user-level DP-SGD, charge the budget and append the ledger entry **before** the update is
+  released, return only shared parameters and whitelisted figures.
+* :func:`tenant_evaluate` — running sums of the ranking metrics (the server divides once).
+
+Privacy notes: with DP on, the Poisson sampling and the noise are seeded from ``os.urandom`` — a seed
+derived from the (public) run config would let the coordinator recompute and subtract the noise.
+Opacus' ``secure_mode`` is unavailable (torchcsprng does not support torch 2.x); the ledger says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.train import LocalTrainConfig, RoundStats, StepPlan, plan_round, train_round
+from client.vault import TenantData, load_tenant_cached
+from privacy.accounting import calibrate_noise, check_delta
+from privacy.budget import TenantBudget
+from privacy.ledger import Ledger
+from shared_model.codec import Weights, load_weights, parameter_weights
+from shared_model.errors import FedrecError
+from shared_model.evaluate import evaluate
+from shared_model.model import HistoryMLP, ModelConfig
+from shared_model.runconfig import RunConfig
+from shared_model.training import ModelScorer, SamplingConfig
+
+PLAN_FILE = "dp_plan.json"
+LEDGER_FILE = "ledger.jsonl"
+
+
+@dataclass(frozen=True)
+class TenantPaths:
+    tenant_id: str
+    tenant_dir: Path
+    key_file: Path
+    state_dir: Path
+
+
+def resolve_tenant(node_config: Mapping[str, Any], cfg: RunConfig) -> TenantPaths:
+    """Locate this node's tenant: node_config on a SuperNode, partition-id → fed-dir in simulation."""
+    if "tenant-dir" in node_config:
+        missing = [k for k in ("key-file", "state-dir") if k not in node_config]
+        if missing:
+            raise FedrecError(f"node-config has tenant-dir but lacks {', '.join(missing)}")
+        tenant_dir = Path(str(node_config["tenant-dir"]))
+        return TenantPaths(
+            tenant_id=tenant_dir.name,
+            tenant_dir=tenant_dir,
+            key_file=Path(str(node_config["key-file"])),
+            state_dir=Path(str(node_config["state-dir"])) / cfg.run_name,
+        )
+    if "partition-id" not in node_config:
+        raise FedrecError(
+            "node-config needs tenant-dir, key-file and state-dir (or partition-id in simulation)"
+        )
+    if not cfg.fed_dir:
+        raise FedrecError("run-config fed-dir is required in simulation (the folder `fedrec prepare` wrote)")
+    tenant = f"tenant-{int(node_config['partition-id'])}"
+    fed = Path(cfg.fed_dir)
+    return TenantPaths(
+        tenant_id=tenant,
+        tenant_dir=fed / tenant,
+        key_file=fed / "keys" / f"{tenant}.key",
+        state_dir=fed / tenant / "state" / cfg.run_name,
+    )
+
+
+def local_config(cfg: RunConfig) -> LocalTrainConfig:
+    return LocalTrainConfig(
+        dp=cfg.dp,
+        local_epochs=cfg.local_epochs,
+        batch_users=cfg.batch_users,
+        lr=cfg.lr,
+        max_grad_norm=cfg.max_grad_norm,
+        sampling=SamplingConfig(max_history=cfg.max_history, targets=cfg.targets, negatives=cfg.negatives),
+    )
+
+
+def _public_seed(cfg: RunConfig, tenant: str, round_: int) -> int:
+    """Reproducible seed for non-private runs (never used for DP noise or sampling)."""
+    return (cfg.seed * 1_000_003 + zlib.crc32(tenant.encode()) * 101 + round_) % (2**63)
+
+
+def noise_plan(paths: TenantPaths, budget: TenantBudget, plan: StepPlan, cfg: RunConfig) -> float:
+    """σ calibrated once for the whole run (rounds × steps at rate q under the cap), then persisted.
+
+    A restarted node reuses the stored σ, so the plan — and the ledger — stay consistent.
+    """
+    path = paths.state_dir / PLAN_FILE
+    if path.exists():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored["sample_rate"] == plan.sample_rate and stored["steps"] == plan.steps:
+            return float(stored["noise_multiplier"])
+    rounds_left = max(1, cfg.num_server_rounds - len(budget.rounds))
+    sigma = calibrate_noise(
+        target_epsilon=budget.cap,
+        delta=cfg.delta,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps * rounds_left,
+        accountant=cfg.accountant,  # type: ignore[arg-type]
+        history_before=budget.history,
+    )
+    paths.state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps(
+            {
+                "noise_multiplier": sigma,
+                "sample_rate": plan.sample_rate,
+                "steps": plan.steps,
+                "planned_rounds": cfg.num_server_rounds,
+                "cap": budget.cap,
+                "delta": cfg.delta,
+                "accountant": cfg.accountant,
+            }
+        ),
+        encoding="utf-8",
+    )
+    os.replace(tmp, path)
+    return sigma
+
+
+@dataclass
+class TrainOutcome:
+    """What a tenant releases after a round (nothing per user)."""
+
+    tenant_id: str
+    status: str  # "ok" | "capped"
+    users: int
+    weights: Weights | None = None  # shared parameters (None when capped)
+    epsilon: float | None = None  # cumulative ε after this round (None without DP)
+    cap: float | None = None
+    noise_multiplier: float = 0.0
+    sample_rate: float = 0.0
+    steps: int = 0
+    stats: RoundStats | None = None
+    ledger_entry: dict[str, Any] | None = None
+    message: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_data(paths: TenantPaths) -> TenantData:
+    return load_tenant_cached(paths.tenant_dir, paths.key_file, expected_tenant=paths.tenant_id)
+
+
+def tenant_train(
+    weights: Weights, model_cfg: ModelConfig, cfg: RunConfig, paths: TenantPaths, round_: int
+) -> TrainOutcome:
+    """One round of local training for this tenant (see module docstring for the order of steps)."""
+    split = load_data(paths).split
+    n = split.n_users
+    local = local_config(cfg)
+    plan = plan_round(n, local)
+    model = HistoryMLP(model_cfg)
+    load_weights(model, weights)
+    if not cfg.dp:
+        stats = train_round(
+            model, split, local, noise_multiplier=0.0, seed=_public_seed(cfg, paths.tenant_id, round_)
+        )
+        return TrainOutcome(
+            paths.tenant_id,
+            "ok",
+            n,
+            parameter_weights(model),
+            steps=plan.steps,
+            sample_rate=plan.sample_rate,
+            stats=stats,
+        )
+
+    check_delta(delta=cfg.delta, n_users=n)
+    budget = TenantBudget(
+        paths.state_dir,
+        tenant_id=paths.tenant_id,
+        cap=cfg.cap_for(paths.tenant_id),
+        delta=cfg.delta,
+        accountant=cfg.accountant,
+    )
+    sigma = noise_plan(paths, budget, plan, cfg)
+    q, steps = plan.sample_rate, plan.steps
+
+    def refuse(message: str) -> TrainOutcome:
+        return TrainOutcome(
+            paths.tenant_id,
+            "capped",
+            n,
+            epsilon=budget.spent(),
+            cap=budget.cap,
+            noise_multiplier=sigma,
+            sample_rate=q,
+            steps=steps,
+            message=message,
+        )
+
+    if round_ in budget.rounds:
+        # A re-sent round (e.g. after a crash) was charged already: never charge twice, never re-release.
+        return refuse(f"round {round_} was already charged")
+    if not budget.can_train(noise_multiplier=sigma, sample_rate=q, steps=steps):
+        after = budget.preview(noise_multiplier=sigma, sample_rate=q, steps=steps)
+        return refuse(f"training round {round_} would reach ε={after:.3f} > cap {budget.cap:g}")
+    stats = train_round(model, split, local, noise_multiplier=sigma, seed=secrets.randbits(63))
+    # Charge and log BEFORE the update leaves the tenant.
+    eps = budget.charge(round=round_, noise_multiplier=sigma, sample_rate=q, steps=steps)
+    entry = Ledger(paths.state_dir / LEDGER_FILE).append(
+        {
+            "round": round_,
+            "tenant": paths.tenant_id,
+            "unit": "user",
+            "users": n,
+            "sample_rate": q,
+            "noise_multiplier": sigma,
+            "max_grad_norm": local.max_grad_norm,
+            "steps": steps,
+            "delta": cfg.delta,
+            "accountant": cfg.accountant,
+            "epsilon": eps,
+            "cap": budget.cap,
+            "poisson": True,
+            "secure_mode": False,
+            "status": "ok",
+        }
+    )
+    return TrainOutcome(
+        paths.tenant_id,
+        "ok",
+        n,
+        parameter_weights(model),
+        epsilon=eps,
+        cap=budget.cap,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=steps,
+        stats=stats,
+        ledger_entry=entry,
+    )
+
+
+def tenant_evaluate(
+    weights: Weights, model_cfg: ModelConfig, cfg: RunConfig, paths: TenantPaths, which: str
+) -> dict[str, Any]:
+    """Mergeable ranking sums of the global model on this tenant's ``which`` ∈ {val, test} items."""
+    if which not in ("val", "test"):
+        raise FedrecError(f"evaluation split must be 'val' or 'test', got {which!r}")
+    data = load_data(paths)
+    model = HistoryMLP(model_cfg)
+    load_weights(model, weights)
+    scorer = ModelScorer(model, local_config(cfg).sampling)
+    # Genres for intra-list diversity come from the model's own (public) buffer.
+    from shared_model.data import Catalog
+
+    genres = model.genres[: model_cfg.n_items].numpy()
+    catalog = Catalog(
+        item_ids=tuple(str(i) for i in range(model_cfg.n_items)),
+        titles=("",) * model_cfg.n_items,
+        genre_names=tuple(f"g{j}" for j in range(genres.shape[1])),
+        genres=genres,
+        years=np.zeros(model_cfg.n_items, dtype=np.int32),
+    )
+    result = evaluate(scorer, data.split, catalog, which=which, seed=cfg.seed)
+    return result.to_record()
