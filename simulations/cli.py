@@ -305,6 +305,9 @@ def recommend(
     ],
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="How many items to return.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    explain_: Annotated[
+        bool, typer.Option("--explain", help="Name the history items behind each item.")
+    ] = False,
 ) -> None:
     """Top-K for a history with the global model (no user table needed: any user, a new one too)."""
     from shared_model.artifacts import load_model
@@ -318,28 +321,50 @@ def recommend(
     if unknown:
         shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
         raise FedrecError(f"unknown item id(s) in --history: {shown} (not in the model's catalogue)")
-    result = rec.recommend([known], k=k)[0]
+    from shared_model.recommend import now_context
+
+    ctx = now_context()
+    result = rec.recommend([known], k=k, context=ctx)[0]
     cat = rec.catalog
+    because: list[str] = [""] * len(result.items)
+    if explain_:
+        from shared_model.explain import explain
+
+        n_feats = len(rec.model.cfg.user_cardinalities)
+        reasons = explain(
+            rec.model, known[-rec.loaded.sampling.max_eval_history :], result.items, ctx, n_feats
+        )
+        because = [", ".join(cat.titles[x.item] for x in rs) for rs in reasons]
     rows = [
-        {"rank": r + 1, "item": cat.item_ids[i], "score": float(s), "title": cat.titles[i]}
+        {
+            "rank": r + 1,
+            "item": cat.item_ids[i],
+            "score": float(s),
+            "title": cat.titles[i],
+            "because": because[r],
+        }
         for r, (i, s) in enumerate(zip(result.items, result.scores, strict=True))
     ]
     if as_json:
         out_console.print_json(json.dumps({"items": rows, "model": rec.loaded.run_id}))
         return
     t = Table(title=f"top-{k} for a history of {len(known)} item(s) — model {rec.loaded.run_id}")
-    for col in ("rank", "item", "score", "title"):
+    cols = ("rank", "item", "score", "title", *(("because you watched",) if explain_ else ()))
+    for col in cols:
         t.add_column(col, justify="right" if col in ("rank", "score") else "left")
     for r in rows:
-        t.add_row(str(r["rank"]), str(r["item"]), f"{r['score']:.3f}", str(r["title"]))
+        cells = [str(r["rank"]), str(r["item"]), f"{r['score']:.3f}", str(r["title"])]
+        t.add_row(*cells, *((str(r["because"]),) if explain_ else ()))
     out_console.print(t)
 
 
 def _register_plugins() -> None:
     """Commands that live in their own modules (each exposes ``register(app)``)."""
+    from server import cli_serve
     from simulations import cli_prepare
 
     cli_prepare.register(app)
+    cli_serve.register(app)
 
 
 _register_plugins()
