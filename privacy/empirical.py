@@ -1,0 +1,217 @@
+"""Empirical lower bounds on ε from a membership-inference experiment (pure statistics, no I/O).
+
+An audit inserts ``m`` canaries, each included in training independently with probability ½, scores
+each canary from the final model, and asks: how large must ε be for an (ε, δ)-DP mechanism to let
+an attacker guess this well? Two published methods, implemented here from their statements:
+
+* **One run** (Steinke, Nasr, Jagielski 2023, "Privacy Auditing with One (1) Training Run",
+  Theorem 3.1 and its δ > 0 extension). The auditor guesses "in" for the ``k_in`` highest scores,
+  "out" for the ``k_out`` lowest and abstains on the rest: ``r = k_in + k_out`` guesses, ``v``
+  correct. If the mechanism is (ε, δ)-DP in each canary, then for every v
+
+      P[V ≥ v] ≤ f(v) + 2·m·δ · max_{1≤i≤v} (f(v−i) − f(v)) / i,   f(t) = P[Binomial(r, p_ε) ≥ t],
+
+  with ``p_ε = e^ε / (1 + e^ε)`` (the accuracy of ε-randomized response). ε is rejected at level β
+  when that p-value is ≤ β; the lower bound is the largest rejected ε (the p-value grows with ε).
+  Perfect guesses with δ = 0 give the closed form ``ε = logit(β^(1/r))``.
+* **Clopper–Pearson** (Jagielski et al. 2020; Nasr et al. 2021): exact binomial upper bounds on the
+  false-positive and false-negative rates of a threshold attack, then
+  ``ε ≥ max(log((1 − δ − FNR⁺)/FPR⁺), log((1 − δ − FPR⁺)/FNR⁺))``. Valid when every trial is an
+  independent training run; across the canaries of one run it is a heuristic (the one-run theorem
+  is what licenses many canaries per run).
+
+Several canary sets trained independently (``--runs``) are one mechanism in which each canary only
+touches its own run, so the one-run theorem applies to their union with ``m = Σ m_run``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from privacy.errors import PrivacyError
+
+_EPS_MAX = 60.0  # above this p_ε = 1 in double precision: the search stops here
+_BISECT_STEPS = 60
+
+
+def rr_accuracy(epsilon: float) -> float:
+    """p_ε = e^ε / (1 + e^ε): the best guessing accuracy ε-DP allows for one included/excluded bit."""
+    return 1.0 / (1.0 + math.exp(-epsilon))
+
+
+def p_value_one_run(*, m: int, r: int, v: int, epsilon: float, delta: float) -> float:
+    """Upper bound on P[≥ v correct of r guesses] for an (ε, δ)-DP mechanism with m canaries."""
+    _check_counts(m=m, r=r, v=v)
+    if not epsilon >= 0 or not 0 <= delta < 1:
+        raise PrivacyError(f"need ε ≥ 0 and 0 ≤ δ < 1, got ε={epsilon!r}, δ={delta!r}")
+    p = rr_accuracy(epsilon)
+    # f(t) = P[B ≥ t] = sf(t − 1) for t = 0 … v, in one vectorised call
+    f = stats.binom.sf(np.arange(v + 1) - 1, r, p)
+    f_v = float(f[v])
+    if delta == 0 or v == 0:
+        return min(1.0, f_v)
+    i = np.arange(1, v + 1)
+    worst = float(np.max((f[v - i] - f_v) / i))
+    return min(1.0, f_v + 2.0 * m * delta * worst)
+
+
+def epsilon_lower_bound_one_run(*, m: int, r: int, v: int, delta: float, confidence: float = 0.95) -> float:
+    """Largest ε that ``v`` correct of ``r`` guesses reject at level ``1 − confidence`` (0 if none)."""
+    beta = _beta(confidence)
+    _check_counts(m=m, r=r, v=v)
+
+    def rejected(eps: float) -> bool:
+        return p_value_one_run(m=m, r=r, v=v, epsilon=eps, delta=delta) <= beta
+
+    if r == 0 or not rejected(0.0):
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while rejected(hi):
+        lo, hi = hi, 2.0 * hi
+        if hi > _EPS_MAX:
+            return _EPS_MAX
+    for _ in range(_BISECT_STEPS):
+        mid = 0.5 * (lo + hi)
+        if rejected(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass(frozen=True)
+class OneRunResult:
+    """The best guess set of a one-run audit and its ε lower bound."""
+
+    m: int  # canaries
+    k_in: int  # guessed "in": the k_in highest scores
+    k_out: int  # guessed "out": the k_out lowest scores
+    correct: int  # v
+    epsilon_lb: float  # at ``confidence``, Bonferroni-corrected over the guess sets tried
+    confidence: float
+    delta: float
+    candidates: int  # guess sets tried (the correction factor)
+
+    @property
+    def guesses(self) -> int:
+        return self.k_in + self.k_out
+
+
+def default_guess_counts(m: int) -> list[int]:
+    """Guesses per side tried: 1/16, 1/8, 1/4 and 1/2 of m (at least 1; distinct)."""
+    return sorted({max(1, m // d) for d in (16, 8, 4, 2)})
+
+
+def one_run_audit(
+    scores: Sequence[float] | np.ndarray,
+    included: Sequence[bool] | np.ndarray,
+    *,
+    delta: float,
+    confidence: float = 0.95,
+    guesses_per_side: Sequence[int] | None = None,
+) -> OneRunResult:
+    """Guess "in" for the top k scores and "out" for the bottom k, for each k tried; keep the best bound.
+
+    Each k is tested at level ``(1 − confidence) / len(ks)`` (Bonferroni), so choosing the best k after
+    seeing the scores keeps the stated confidence. Higher score = more likely a member.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    inc = np.asarray(included, dtype=bool)
+    if s.ndim != 1 or s.shape != inc.shape:
+        raise PrivacyError(
+            f"scores and included must be 1-D of the same length, got {s.shape} and {inc.shape}"
+        )
+    if not np.all(np.isfinite(s)):
+        raise PrivacyError("membership scores must be finite numbers")
+    m = len(s)
+    if m < 2:
+        raise PrivacyError(f"a one-run audit needs at least 2 canaries, got {m}")
+    ks = sorted(set(guesses_per_side)) if guesses_per_side is not None else default_guess_counts(m)
+    if not ks or ks[0] < 1 or 2 * ks[-1] > m:
+        raise PrivacyError(f"guesses per side must be in [1, m/2] = [1, {m // 2}], got {ks}")
+    beta = _beta(confidence) / len(ks)
+    corrected = 1.0 - beta
+    order = np.argsort(-s, kind="stable")  # highest score first
+    best: OneRunResult | None = None
+    for k in ks:
+        v = int(inc[order[:k]].sum() + (~inc[order[m - k :]]).sum())
+        eps = epsilon_lower_bound_one_run(m=m, r=2 * k, v=v, delta=delta, confidence=corrected)
+        result = OneRunResult(m, k, k, v, eps, confidence, delta, len(ks))
+        if best is None or eps > best.epsilon_lb:
+            best = result
+    assert best is not None
+    return best
+
+
+# ---------------------------------------------------------------- Clopper–Pearson (multi-run)
+
+
+def clopper_pearson(successes: int, trials: int, *, alpha: float) -> tuple[float, float]:
+    """Exact two-sided (1 − alpha) interval for a binomial proportion (each side alpha/2)."""
+    if trials < 0 or not 0 <= successes <= trials:
+        raise PrivacyError(f"need 0 ≤ successes ≤ trials, got {successes} of {trials}")
+    if not 0 < alpha < 1:
+        raise PrivacyError(f"alpha must be in (0, 1), got {alpha!r}")
+    if trials == 0:
+        return 0.0, 1.0
+    lo = 0.0 if successes == 0 else float(stats.beta.ppf(alpha / 2, successes, trials - successes + 1))
+    hi = (
+        1.0
+        if successes == trials
+        else float(stats.beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
+    )
+    return lo, hi
+
+
+def epsilon_lower_bound_clopper_pearson(
+    *, tp: int, fp: int, tn: int, fn: int, delta: float, confidence: float = 0.95
+) -> float:
+    """ε lower bound of a threshold attack from Clopper–Pearson upper bounds on FPR and FNR.
+
+    Both rates are bounded together at ``confidence`` (each one-sided at ``1 − β/2``).
+    """
+    beta = _beta(confidence)
+    if min(tp, fp, tn, fn) < 0:
+        raise PrivacyError(f"confusion counts must be ≥ 0, got tp={tp} fp={fp} tn={tn} fn={fn}")
+    # one-sided upper bounds at level β/2 each = the upper end of a two-sided interval at alpha = β
+    fpr_hi = clopper_pearson(fp, fp + tn, alpha=beta)[1]
+    fnr_hi = clopper_pearson(fn, fn + tp, alpha=beta)[1]
+    bounds = [0.0]
+    for a, b in ((fnr_hi, fpr_hi), (fpr_hi, fnr_hi)):
+        if b > 0 and 1 - delta - a > 0:
+            bounds.append(math.log((1 - delta - a) / b))
+    return max(bounds)
+
+
+def threshold_confusion(
+    scores: Sequence[float] | np.ndarray, included: Sequence[bool] | np.ndarray, threshold: float
+) -> tuple[int, int, int, int]:
+    """(tp, fp, tn, fn) of guessing "in" when score > threshold."""
+    s = np.asarray(scores, dtype=np.float64)
+    inc = np.asarray(included, dtype=bool)
+    guess = s > threshold
+    return (
+        int((guess & inc).sum()),
+        int((guess & ~inc).sum()),
+        int((~guess & ~inc).sum()),
+        int((~guess & inc).sum()),
+    )
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def _beta(confidence: float) -> float:
+    if not 0 < confidence < 1:
+        raise PrivacyError(f"confidence must be in (0, 1), got {confidence!r}")
+    return 1.0 - confidence
+
+
+def _check_counts(*, m: int, r: int, v: int) -> None:
+    if not 0 <= v <= r <= m:
+        raise PrivacyError(f"need 0 ≤ correct ≤ guesses ≤ canaries, got v={v}, r={r}, m={m}")
