@@ -212,7 +212,13 @@ def test_streamed_body_over_the_limit_is_413(client: httpx.Client) -> None:
 
 
 def json_values() -> st.SearchStrategy[object]:
-    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=80)
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=80)
+    )
     return st.recursive(
         scalars,
         lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=8), c, max_size=4),
@@ -232,7 +238,7 @@ def test_fuzz_over_the_openapi_schema_finds_no_5xx(client: httpx.Client, data: s
         "exclude": st.lists(ids, max_size=30),
         "k": st.integers(min_value=-5, max_value=1100),
         "explain": st.booleans(),
-        "diversity": st.floats(min_value=-0.5, max_value=1.5, allow_nan=False),
+        "diversity": st.floats(min_value=-0.5, max_value=1.5, allow_nan=False, allow_infinity=False),
     }
     assert set(props) == set(plausible), "the fuzzer must cover every request field"
     fields = {name: plausible[name] | json_values() for name in props}
@@ -451,3 +457,17 @@ def test_cli_sighup_reloads_and_sigterm_stops_cleanly(model_dir: Path, tmp_path:
     # uvicorn re-raises the signal it caught once the graceful shutdown is done.
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "Shutting down" in out and "Traceback" not in out
+
+
+def test_non_standard_json_numbers_get_4xx_not_5xx(client: httpx.Client) -> None:
+    """Python's JSON parser accepts Infinity/NaN literals; the API must still answer 4xx."""
+    for raw in (
+        b"Infinity",
+        b"NaN",
+        b'{"history": ["1"], "k": Infinity}',
+        b'{"history": ["1"], "diversity": NaN}',
+        b'{"history": ["1"], "diversity": -Infinity}',
+        b"\xff\xfe",
+    ):
+        r = client.post("/v1/recommend", content=raw, headers={"content-type": "application/json"})
+        assert 400 <= r.status_code < 500, (raw, r.status_code, r.text)
