@@ -102,9 +102,14 @@ class OneRunResult:
         return self.k_in + self.k_out
 
 
-def default_guess_counts(m: int) -> list[int]:
-    """Guesses per side tried: 1/16, 1/8, 1/4 and 1/2 of m (at least 1; distinct)."""
-    return sorted({max(1, m // d) for d in (16, 8, 4, 2)})
+def default_guess_sets(m: int) -> list[tuple[int, int]]:
+    """(k_in, k_out) pairs tried: k = m/16, m/8, m/4, m/2 guesses "in", with as many or no "out" guesses.
+
+    One-sided sets matter: an included canary the sampler never picked looks excluded, so the lowest
+    scores are noisier evidence than the highest.
+    """
+    ks = sorted({max(1, m // d) for d in (16, 8, 4, 2)})
+    return [(k, k) for k in ks] + [(k, 0) for k in ks]
 
 
 def one_run_audit(
@@ -113,12 +118,12 @@ def one_run_audit(
     *,
     delta: float,
     confidence: float = 0.95,
-    guesses_per_side: Sequence[int] | None = None,
+    guess_sets: Sequence[tuple[int, int]] | None = None,
 ) -> OneRunResult:
-    """Guess "in" for the top k scores and "out" for the bottom k, for each k tried; keep the best bound.
+    """Guess "in" for the ``k_in`` top scores and "out" for the ``k_out`` bottom ones; keep the best bound.
 
-    Each k is tested at level ``(1 − confidence) / len(ks)`` (Bonferroni), so choosing the best k after
-    seeing the scores keeps the stated confidence. Higher score = more likely a member.
+    Each guess set is tested at level ``(1 − confidence) / len(guess_sets)`` (Bonferroni), so choosing
+    the best set after seeing the scores keeps the stated confidence. Higher score = more likely in.
     """
     s = np.asarray(scores, dtype=np.float64)
     inc = np.asarray(included, dtype=bool)
@@ -131,17 +136,20 @@ def one_run_audit(
     m = len(s)
     if m < 2:
         raise PrivacyError(f"a one-run audit needs at least 2 canaries, got {m}")
-    ks = sorted(set(guesses_per_side)) if guesses_per_side is not None else default_guess_counts(m)
-    if not ks or ks[0] < 1 or 2 * ks[-1] > m:
-        raise PrivacyError(f"guesses per side must be in [1, m/2] = [1, {m // 2}], got {ks}")
-    beta = _beta(confidence) / len(ks)
-    corrected = 1.0 - beta
+    sets = list(dict.fromkeys(guess_sets)) if guess_sets is not None else default_guess_sets(m)
+    if not sets or any(ki < 0 or ko < 0 or ki + ko < 1 or ki + ko > m for ki, ko in sets):
+        raise PrivacyError(f"each guess set needs k_in, k_out ≥ 0 and 1 ≤ k_in + k_out ≤ m = {m}, got {sets}")
+    corrected = 1.0 - _beta(confidence) / len(sets)
     order = np.argsort(-s, kind="stable")  # highest score first
     best: OneRunResult | None = None
-    for k in ks:
-        v = int(inc[order[:k]].sum() + (~inc[order[m - k :]]).sum())
-        eps = epsilon_lower_bound_one_run(m=m, r=2 * k, v=v, delta=delta, confidence=corrected)
-        result = OneRunResult(m, k, k, v, eps, confidence, delta, len(ks))
+    for k_in, k_out in sets:
+        v = (
+            int(inc[order[:k_in]].sum() + (~inc[order[m - k_out :]]).sum())
+            if k_out
+            else int(inc[order[:k_in]].sum())
+        )
+        eps = epsilon_lower_bound_one_run(m=m, r=k_in + k_out, v=v, delta=delta, confidence=corrected)
+        result = OneRunResult(m, k_in, k_out, v, eps, confidence, delta, len(sets))
         if best is None or eps > best.epsilon_lb:
             best = result
     assert best is not None
