@@ -7,7 +7,7 @@ Tenant folder (written by ``fedrec prepare``)::
     FED_DIR/keys/tenant-<i>.key         the tenant's master key (or a keys dir the operator chooses)
 
 The manifest carries an HMAC-SHA256 (``mac``) under a key derived from the tenant's master key
-(HKDF, info ``fedrec/v1/manifest-mac``), so an edited manifest is detected, and it records the
+(privacy.crypto.derive_key, purpose "manifest-mac"), so an edited manifest is detected, and it records the
 random id of the vault file it describes, so an older ``partition.enc`` put back in place
 (rollback) or one copied from another folder is refused before anything is decrypted.
 
@@ -20,7 +20,6 @@ or kept, and plaintext is never written anywhere.
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 import tempfile
@@ -31,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives import constant_time, hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
 
-from privacy.crypto import KeyInfo, decrypt_file, read_key_file, vault_file_id
+from privacy.crypto import KeyInfo, decrypt_file, derive_key, read_key_file, vault_file_id
 from privacy.errors import VaultError
 from shared_model.data import SPLIT_SCHEMA_VERSION, UserSplit
 
@@ -104,8 +103,7 @@ def tenant_paths(fed_dir: Path, partition_id: int, keys_dir: Path | None = None)
 
 
 def _manifest_key(key: KeyInfo) -> bytes:
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedrec/v1/manifest-mac")
-    return hkdf.derive(key.key)
+    return derive_key(key.key, "manifest-mac")
 
 
 def _canonical(manifest: dict[str, Any]) -> bytes:
@@ -116,7 +114,9 @@ def _canonical(manifest: dict[str, Any]) -> bytes:
 
 def manifest_mac(manifest: dict[str, Any], key: KeyInfo) -> str:
     """HMAC-SHA256 (hex) of the manifest without its ``mac`` field, under the tenant's manifest key."""
-    return hmac.new(_manifest_key(key), _canonical(manifest), "sha256").hexdigest()
+    mac = crypto_hmac.HMAC(_manifest_key(key), hashes.SHA256())
+    mac.update(_canonical(manifest))
+    return mac.finalize().hex()
 
 
 def seal_manifest(manifest: dict[str, Any], key: KeyInfo) -> dict[str, Any]:
@@ -187,7 +187,7 @@ def read_manifest(tenant_dir: Path, key: KeyInfo) -> dict[str, Any]:
         expected = manifest_mac(manifest, key)
     except ValueError:  # NaN/inf smuggled in: not something prepare writes
         raise VaultError(f"{where} is corrupted: it holds non-finite numbers.") from None
-    if not isinstance(mac, str) or not hmac.compare_digest(mac, expected):
+    if not isinstance(mac, str) or not constant_time.bytes_eq(mac.encode(), expected.encode()):
         raise VaultError(
             f"{where} failed authentication: it was edited, corrupted or belongs to another key."
         )

@@ -56,7 +56,7 @@ TAG_BYTES = 16  # 128-bit GCM tag
 MAGIC = b"FRVAULT\x00"
 FORMAT_VERSION = 1
 MAX_CHUNK_SIZE = 1 << 30  # AES-GCM allows ~64 GiB per message; 1 GiB keeps memory use sane
-PURPOSES = ("partition-encryption", "pseudonym-hmac")
+PURPOSES = ("partition-encryption", "pseudonym-hmac", "manifest-mac")
 
 FILE_ID_BYTES = 16
 _HEADER = struct.Struct(">8sH16s16sQIQ")  # magic, version, key id, file id, chunk count, chunk size, length
