@@ -86,6 +86,7 @@ def _plots(outcome: AuditOutcome, run: RunFiles) -> dict[str, bytes]:
             if cap is not None:
                 ax.axhline(cap, color=color, linestyle="--", linewidth=1, label=f"{t} cap {cap:g}")
         ax.set_xlabel("round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("cumulative ε")
         ax.set_title("ε per round: recorded vs replayed from the ledger, with caps")
         ax.legend(fontsize=7, ncol=2)
@@ -115,7 +116,7 @@ def _plots(outcome: AuditOutcome, run: RunFiles) -> dict[str, bytes]:
         ax.set_xticks(range(len(names)), names)
         ax.set_ylabel("ε")
         ax.set_title("claimed vs recomputed vs empirical ε per tenant")
-        ax.legend(fontsize=7, ncol=3)
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
         ax.grid(alpha=0.3, axis="y")
         save("epsilon_compare.png", fig)
 
