@@ -4,8 +4,12 @@
 * Poisson sampling over the tenant's users with Opacus' ``UniformWithReplacementSampler`` at rate
   ``q = 1 / ceil(n_users / batch_users)`` (the rate Opacus derives from the loader; the accountant
   assumes exactly this sampling).
-* Flat per-user clipping to ``max_grad_norm`` with ghost clipping (``grad_sample_mode="ghost"``: two
-  backward passes, no per-sample gradient materialised), Gaussian noise ``σ·C`` on every coordinate.
+* Flat per-user clipping to ``max_grad_norm``. Default ``clipping="fast"``: one backward pass, per-user
+  norms and the clipped sum from each layer's activations and output gradients (``client/fastdp.py``).
+  ``clipping="ghost"``: Opacus' ghost clipping (``grad_sample_mode="ghost"``, two backward passes), kept
+  for comparison. Both give the same clipped sum (tests check it against a slow per-user loop).
+* Noise, scaling and the optimizer step are Opacus' ``DPOptimizerFastGradientClipping`` in both cases:
+  Gaussian noise ``σ·C`` on every coordinate of the clipped sum, divided by the expected batch size.
 * An empty Poisson batch still takes a noise-only step: the accountant counts every step as noised.
 * ``secure_mode`` is off: Opacus' secure RNG needs torchcsprng, which does not support torch 2.x, so
   the noise comes from torch's default (non-cryptographic) generator. Ledgers record this.
@@ -19,18 +23,24 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.fastdp import FastClipper
 from shared_model.data import UserSplit
 from shared_model.model import HistoryMLP
 from shared_model.training import SamplingConfig, make_user_batch, per_user_loss
+
+#: Per-user clipping implementations (same clipped sum; "fast" is ~1 backward pass, "ghost" two).
+CLIPPING_MODES = ("fast", "ghost")
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,7 @@ class LocalTrainConfig:
     max_grad_norm: float = 1.0  # per-user L2 clipping bound C
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     device: str = "cpu"
+    clipping: str = "fast"  # "fast": one-backward clipping (client/fastdp.py); "ghost": Opacus ghost
 
     def __post_init__(self) -> None:
         if self.local_epochs <= 0:
@@ -52,6 +63,8 @@ class LocalTrainConfig:
             raise ValueError(f"batch_users must be >= 1, got {self.batch_users}")
         if self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.clipping not in CLIPPING_MODES:
+            raise ValueError(f"clipping must be one of {', '.join(CLIPPING_MODES)}, got {self.clipping!r}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,63 @@ def make_private(
     return dp_model, dp_opt
 
 
+@dataclass
+class PrivateTrainer:
+    """What a DP training loop needs: the module to call, Opacus' DP optimizer, the clipping backward."""
+
+    module: torch.nn.Module  # call forward on this one
+    optimizer: DPOptimizerFastGradientClipping  # Opacus: noise σ·C, scale by 1/expected batch, step
+    backward: Callable[[torch.Tensor], None]  # (B,) per-user losses → p.grad = Σ_b clip_C(∇ loss_b)
+    close: Callable[[], None]  # remove hooks; the plain model is usable again afterwards
+
+
+def make_private_trainer(
+    model: HistoryMLP, cfg: LocalTrainConfig, plan: StepPlan, *, noise_multiplier: float, seed: int
+) -> PrivateTrainer:
+    """DP training for ``cfg.clipping``; noise always from Opacus' optimizer, seeded by ``seed``."""
+    if cfg.clipping == "ghost":
+        dp_model, dp_opt = make_private(model, cfg, plan, noise_multiplier, seed)
+        assert isinstance(dp_opt, DPOptimizerFastGradientClipping)
+
+        def close_ghost() -> None:
+            dp_model.to_standard_module()  # type: ignore[operator]
+            _drop_summed_grads(model)
+
+        return PrivateTrainer(
+            module=dp_model,
+            optimizer=dp_opt,
+            backward=lambda loss: clipped_backward(dp_model, dp_opt, loss),
+            close=close_ghost,
+        )
+    clipper = FastClipper(model, max_grad_norm=cfg.max_grad_norm)
+    opt = DPOptimizerFastGradientClipping(
+        torch.optim.Adam(model.parameters(), lr=cfg.lr),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        # What PrivacyEngine.make_private derives for Poisson sampling: int(n_users · q).
+        expected_batch_size=int(plan.n_users * plan.sample_rate),
+        loss_reduction="mean",
+        secure_mode=False,
+    )
+    torch.manual_seed(seed)  # noise stream of this round (torch default generator; not secure_mode)
+
+    def backward(loss: torch.Tensor) -> None:
+        clipper.clipped_backward(loss)
+
+    def close() -> None:
+        clipper.remove()
+        _drop_summed_grads(model)
+
+    return PrivateTrainer(module=model, optimizer=opt, backward=backward, close=close)
+
+
+def _drop_summed_grads(model: torch.nn.Module) -> None:
+    """Remove the attribute Opacus' optimizer hangs on each parameter (the module is reused afterwards)."""
+    for p in model.parameters():
+        if hasattr(p, "summed_grad"):
+            del p.summed_grad
+
+
 def clipped_backward(
     dp_model: torch.nn.Module, dp_opt: torch.optim.Optimizer, batch_loss: torch.Tensor
 ) -> None:
@@ -160,21 +230,23 @@ def train_round(
     losses: list[float] = []
     seen = empty = 0
     if cfg.dp:
-        dp_model, dp_opt = make_private(model, cfg, plan, noise_multiplier, seed)
-        for users in sampler:
-            dp_opt.zero_grad(set_to_none=True)
-            if len(users) == 0:
-                empty += 1
-                _noise_only_step(dp_opt)
-                continue
-            batch = make_user_batch(split, np.asarray(users), cfg.sampling, rng).to(cfg.device)
-            loss = per_user_loss(dp_model, batch)  # (B,)
-            clipped_backward(dp_model, dp_opt, loss)
-            dp_opt.step()
-            losses.append(float(loss.detach().mean()))
-            seen += len(users)
-        # Remove Opacus' hooks and per-parameter attributes: the caller reuses the plain module.
-        dp_model.to_standard_module()  # type: ignore[operator]
+        trainer = make_private_trainer(model, cfg, plan, noise_multiplier=noise_multiplier, seed=seed)
+        try:
+            for users in sampler:
+                trainer.optimizer.zero_grad(set_to_none=True)
+                if len(users) == 0:
+                    empty += 1
+                    _noise_only_step(trainer.optimizer)
+                    continue
+                batch = make_user_batch(split, np.asarray(users), cfg.sampling, rng).to(cfg.device)
+                loss = per_user_loss(trainer.module, batch)  # (B,)
+                trainer.backward(loss)
+                trainer.optimizer.step()
+                losses.append(float(loss.detach().mean()))
+                seen += len(users)
+        finally:
+            # Remove hooks and per-parameter attributes: the caller reuses the plain module.
+            trainer.close()
     else:
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         for users in sampler:
