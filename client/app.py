@@ -1,24 +1,50 @@
 """The Flower ClientApp: decode the message, call a plain function in ``client.task``, encode the reply.
 
+One ClientApp serves both aggregation paths (see README, Architecture):
+
+* plain (Message API): ``train`` replies with ``arrays`` (the shared parameters), ``metrics`` and
+  ``status``;
+* SecAgg+ (``secagg`` in the run config): Flower's ``secaggplus_mod`` drives its four stages and, in
+  the one that carries the model, calls the same ``train`` handler with a legacy ``fitins`` message;
+  the handler answers in the legacy ``fitres`` format (via ``flwr.compat``) with the *delta* and its
+  weight, which the mod quantizes, masks and strips before anything leaves the node. The plain-text
+  part of that reply is the status and budget figures only.
+
 Reply whitelist (tests inspect it): ``arrays`` holds shared parameters only; ``metrics`` holds the
 scalar keys in :data:`TRAIN_METRIC_KEYS`; ``status`` holds the tenant id, its status, a message and
-the new ledger entry (budget figures only, no user data).
+the ledger entries the server has not recorded yet (budget figures only, no user data).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+from flwr.compat.common import recorddict_compat as compat
 
-from client.task import resolve_tenant, tenant_evaluate, tenant_train
-from shared_model.codec import arrays_of, as_int, config_of, to_record
+from client.faults import adversary_kind, corrupt, maybe_crash, maybe_drop
+from client.task import (
+    TenantPaths,
+    TrainOutcome,
+    ledger_since,
+    load_data,
+    resolve_tenant,
+    secure_update,
+    tenant_evaluate,
+    tenant_train,
+)
+from shared_model.codec import Weights, arrays_of, as_int, config_of, to_record
+from shared_model.errors import FedrecError
 from shared_model.model import ModelConfig
 from shared_model.runconfig import RunConfig
-
-app = ClientApp()
 
 #: Every metric a tenant may send after training (aggregate figures, nothing per user).
 TRAIN_METRIC_KEYS = (
@@ -34,19 +60,40 @@ TRAIN_METRIC_KEYS = (
 )
 
 
-def _model_cfg(msg: Message) -> ModelConfig:
-    return ModelConfig.from_json(json.loads(str(config_of(msg.content, "config")["model-config"])))
+def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Route SecAgg+ protocol messages through Flower's ``secaggplus_mod``; others pass untouched."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        from flwr.client.mod import secaggplus_mod
+
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    cfg = RunConfig.from_mapping(context.run_config)
-    paths = resolve_tenant(context.node_config, cfg)
-    round_ = as_int(config_of(msg.content, "config")["round"])
-    out = tenant_train(arrays_of(msg.content), _model_cfg(msg), cfg, paths, round_)
+app = ClientApp(mods=[secagg_when_asked])
+
+
+def _model_cfg(config: Mapping[str, Any]) -> ModelConfig:
+    return ModelConfig.from_json(json.loads(str(config["model-config"])))
+
+
+def _run_round(
+    weights: Weights, model_cfg: ModelConfig, cfg: RunConfig, paths: TenantPaths, context: Context, rnd: int
+) -> tuple[TrainOutcome, int]:
+    """Train (faults included in simulation); returns the outcome and the user count to report."""
+    maybe_drop(cfg, context.node_config, paths.tenant_id, rnd)
+    out = tenant_train(weights, model_cfg, cfg, paths, rnd)
+    maybe_crash(cfg, context.node_config, paths.tenant_id, rnd)  # charged, update not yet sent
+    users = out.users if out.status == "ok" else 0
+    kind = adversary_kind(cfg, context.node_config, paths.tenant_id)
+    if kind and out.weights is not None:
+        out.weights, users = corrupt(kind, out.weights, weights, users)
+    return out, users
+
+
+def _figures(out: TrainOutcome, users: int) -> dict[str, int | float]:
     stats = out.stats
-    metrics: dict[str, int | float] = {
-        "num-examples": out.users if out.status == "ok" else 0,
+    return {
+        "num-examples": users,
         "users": out.users,
         "epsilon": out.epsilon if out.epsilon is not None else -1.0,
         "cap": out.cap if out.cap is not None else -1.0,
@@ -56,17 +103,32 @@ def train(msg: Message, context: Context) -> Message:
         "loss": stats.mean_loss if stats and math.isfinite(stats.mean_loss) else -1.0,
         "seconds": stats.seconds if stats else 0.0,
     }
+
+
+def _status(out: TrainOutcome, paths: TenantPaths, head: str, message: str = "") -> dict[str, Any]:
+    return {
+        "tenant": out.tenant_id,
+        "status": out.status,
+        "message": message or out.message,
+        "ledger-entries": json.dumps(ledger_since(paths, head)),
+    }
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = RunConfig.from_mapping(context.run_config)
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return _train_masked(msg, context, cfg)  # reached only through secaggplus_mod, which masks it
+    if cfg.secagg:
+        raise FedrecError("this run uses SecAgg+: refusing to send an unmasked update")
+    paths = resolve_tenant(context.node_config, cfg)
+    conf = config_of(msg.content, "config")
+    weights = arrays_of(msg.content)
+    out, users = _run_round(weights, _model_cfg(conf), cfg, paths, context, as_int(conf["round"]))
     content = RecordDict(
         {
-            "metrics": MetricRecord(dict(metrics)),
-            "status": ConfigRecord(
-                {
-                    "tenant": out.tenant_id,
-                    "status": out.status,
-                    "message": out.message,
-                    "ledger-entry": json.dumps(out.ledger_entry) if out.ledger_entry else "",
-                }
-            ),
+            "metrics": MetricRecord(dict(_figures(out, users))),
+            "status": ConfigRecord(_status(out, paths, str(conf.get("ledger-head", "")))),
         }
     )
     if out.weights is not None:
@@ -74,12 +136,40 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _train_masked(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """The SecAgg+ 'collect masked vectors' stage: reply in the legacy FitRes format for the mod."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    conf = fitins.config
+    keys = json.loads(str(conf["keys"]))
+    weights = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
+    param_keys = json.loads(str(conf["param-keys"]))
+    paths = resolve_tenant(context.node_config, cfg)
+    out, users = _run_round(weights, _model_cfg(conf), cfg, paths, context, int(conf["round"]))
+    protocol = context.state.config_records[RECORD_KEY_STATE]
+    upd = secure_update(
+        out.weights,
+        {k: weights[k] for k in param_keys},
+        users=users,
+        max_users=load_data(paths).split.n_users,
+        max_norm=cfg.max_update_norm,
+        clipping_range=float(protocol["clipping_range"]),  # type: ignore[arg-type]
+        max_weight=float(protocol["max_weight"]),  # type: ignore[arg-type]
+    )
+    status = _status(out, paths, str(conf["ledger-head"]))
+    if upd.problem:
+        status["status"], status["message"] = "rejected", upd.problem
+    metrics: dict[str, Any] = {**_figures(out, upd.weight), **status}
+    delta = [np.ascontiguousarray(upd.delta[k]) for k in param_keys]
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), upd.weight, metrics)
+    return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_mapping(context.run_config)
     paths = resolve_tenant(context.node_config, cfg)
-    which = str(config_of(msg.content, "config")["which"])
-    sums = tenant_evaluate(arrays_of(msg.content), _model_cfg(msg), cfg, paths, which)
+    conf = config_of(msg.content, "config")
+    sums = tenant_evaluate(arrays_of(msg.content), _model_cfg(conf), cfg, paths, str(conf["which"]))
     content = RecordDict(
         {"sums": MetricRecord(sums), "status": ConfigRecord({"tenant": paths.tenant_id, "status": "ok"})}
     )

@@ -6,6 +6,9 @@
 * :func:`tenant_train` — decrypt the partition in memory, check the budget **before** training, train
   with user-level DP-SGD, charge the budget and append the ledger entry **before** the update is
   released, return only shared parameters and whitelisted figures.
+* :func:`secure_update` — under SecAgg+: the delta to mask and its weight, after the same checks the
+  server runs on a visible update (a failing update is replaced by zeros with weight 0 and reported);
+* :func:`ledger_since` — the ledger entries after the head the server recorded (budget figures only);
 * :func:`tenant_evaluate` — running sums of the ranking metrics (the server divides once).
 
 Privacy notes: with DP on, the Poisson sampling and the noise are seeded from ``os.urandom`` — a seed
@@ -30,8 +33,8 @@ from client.train import LocalTrainConfig, RoundStats, StepPlan, plan_round, tra
 from client.vault import TenantData, load_tenant_cached
 from privacy.accounting import calibrate_noise, check_delta
 from privacy.budget import TenantBudget
-from privacy.ledger import Ledger
-from shared_model.codec import Weights, load_weights, parameter_weights
+from privacy.ledger import GENESIS, Ledger
+from shared_model.codec import Weights, load_weights, parameter_weights, update_problem
 from shared_model.errors import FedrecError
 from shared_model.evaluate import evaluate
 from shared_model.model import HistoryMLP, ModelConfig
@@ -139,7 +142,7 @@ class TrainOutcome:
     """What a tenant releases after a round (nothing per user)."""
 
     tenant_id: str
-    status: str  # "ok" | "capped"
+    status: str  # "ok" | "capped" | "already-charged" (a re-sent round: no update, no new charge)
     users: int
     weights: Weights | None = None  # shared parameters (None when capped)
     epsilon: float | None = None  # cumulative ε after this round (None without DP)
@@ -192,10 +195,10 @@ def tenant_train(
     sigma = noise_plan(paths, budget, plan, cfg)
     q, steps = plan.sample_rate, plan.steps
 
-    def refuse(message: str) -> TrainOutcome:
+    def refuse(message: str, status: str = "capped") -> TrainOutcome:
         return TrainOutcome(
             paths.tenant_id,
-            "capped",
+            status,
             n,
             epsilon=budget.spent(),
             cap=budget.cap,
@@ -207,7 +210,7 @@ def tenant_train(
 
     if round_ in budget.rounds:
         # A re-sent round (e.g. after a crash) was charged already: never charge twice, never re-release.
-        return refuse(f"round {round_} was already charged")
+        return refuse(f"round {round_} was already charged", "already-charged")
     if not budget.can_train(noise_multiplier=sigma, sample_rate=q, steps=steps):
         after = budget.preview(noise_multiplier=sigma, sample_rate=q, steps=steps)
         return refuse(f"training round {round_} would reach ε={after:.3f} > cap {budget.cap:g}")
@@ -246,6 +249,64 @@ def tenant_train(
         stats=stats,
         ledger_entry=entry,
     )
+
+
+def ledger_since(paths: TenantPaths, head: str) -> list[dict[str, Any]]:
+    """The entries of this tenant's ledger after ``head`` (all of them when ``head`` is unknown).
+
+    The server sends the head it recorded; a tenant that was charged for a round whose reply never
+    arrived (a crash, a killed server) hands over that entry with the next reply, so the server's copy
+    catches up instead of breaking the chain.
+    """
+    path = paths.state_dir / LEDGER_FILE
+    entries = Ledger(path).entries() if path.exists() else []
+    if head and head != GENESIS:
+        for i, entry in enumerate(entries):
+            if entry.get("hash") == head:
+                return entries[i + 1 :]
+    return entries
+
+
+@dataclass(frozen=True)
+class SecureUpdate:
+    """What a tenant hands to SecAgg+ for masking: a delta and its weight (users), or zeros and why."""
+
+    delta: Weights
+    weight: int
+    problem: str | None
+
+
+def secure_update(
+    update: Weights | None,
+    reference: Weights,
+    *,
+    users: int,
+    max_users: int,
+    max_norm: float,
+    clipping_range: float,
+    max_weight: float,
+) -> SecureUpdate:
+    """Check the local ``update`` as the server would, then return Δ = update − reference for masking.
+
+    ``reference`` holds the global shared parameters this round started from. SecAgg+ multiplies Δ by
+    weight/max_weight and clips every coordinate into ±clipping_range before quantizing — silently.
+    Nothing is clipped when ‖Δ‖₂ ≤ clipping_range and weight ≤ max_weight (|Δ_i| ≤ ‖Δ‖₂); an update
+    that would be is refused here instead (zeros, weight 0: it adds nothing to the sum, and the tenant
+    reports why in clear text next to its budget figures). ``update`` None (capped): zeros, weight 0.
+    """
+    zeros = {k: np.zeros_like(v) for k, v in reference.items()}
+    if update is None:
+        return SecureUpdate(zeros, 0, None)
+    problem = update_problem(update, reference, users, max_users=max_users, max_norm=max_norm)
+    if problem is None and users > max_weight:
+        problem = f"user count {users} exceeds SecAgg+ max weight {max_weight:g} (would be clamped)"
+    if problem is None:
+        delta = {k: (update[k] - reference[k]).astype(np.float32) for k in reference}
+        peak = max(float(np.abs(d).max()) for d in delta.values()) * users / max_weight
+        if peak <= clipping_range:
+            return SecureUpdate(delta, users, None)
+        problem = f"update would be clamped to ±{clipping_range:g} by SecAgg+ (peak {peak:.4g})"
+    return SecureUpdate(zeros, 0, problem)
 
 
 def tenant_evaluate(

@@ -12,9 +12,10 @@ number of users trained and budget figures.
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from privacy.ledger import read_entries, verify_chain
+from server.aggregation import aggregate, fedavg
+from server.secagg import SecureAggregator
 from shared_model.artifacts import save_model, write_json_atomic
 from shared_model.codec import (
     Weights,
@@ -33,6 +37,7 @@ from shared_model.codec import (
     metrics_of,
     state_weights,
     to_record,
+    update_problem,
 )
 from shared_model.data import Catalog
 from shared_model.errors import FedrecError
@@ -42,6 +47,8 @@ from shared_model.runconfig import RunConfig
 from shared_model.training import SamplingConfig
 
 Log = Callable[[str], None]
+RESUME_FILE = "resume.pt"
+__all__ = ["fedavg", "run_federation", "validate_update"]
 
 
 # ------------------------------------------------------------------ inputs
@@ -82,37 +89,28 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-# ------------------------------------------------------------------ validation + aggregation
+# ------------------------------------------------------------------ validation
 def validate_update(
-    weights: Weights, reference: Weights, users: int, max_users: int | None = None
+    weights: Weights,
+    reference: Weights,
+    users: int,
+    max_users: int | None = None,
+    *,
+    max_norm: float | None = None,
 ) -> str | None:
-    """Why an update must be rejected, or None. Exact keys, shapes and dtypes; finite; users > 0."""
-    if set(weights) != set(reference):
-        extra, missing = sorted(set(weights) - set(reference)), sorted(set(reference) - set(weights))
-        return f"keys differ from the shared parameters (extra {extra[:3]}, missing {missing[:3]})"
-    for k, ref in reference.items():
-        w = weights[k]
-        if w.shape != ref.shape:
-            return f"{k}: shape {w.shape} != {ref.shape}"
-        if w.dtype != ref.dtype:
-            return f"{k}: dtype {w.dtype} != {ref.dtype}"
-        if not np.isfinite(w).all():
-            return f"{k}: non-finite values"
-    if users <= 0 or (max_users is not None and users > max_users):
-        return f"user count {users} out of range"
-    return None
+    """Why an update must be rejected, or None: exact keys, shapes and dtypes; finite; the L2 norm of
+    ``weights − reference`` within ``max_norm``; 0 < users ≤ ``max_users`` (the tenant's manifest)."""
+    return update_problem(weights, reference, users, max_users=max_users, max_norm=max_norm)
 
 
-def fedavg(updates: list[tuple[Weights, int]]) -> Weights:
-    """Σ_t n_t·w_t / Σ_t n_t over the accepted updates (n_t = users trained)."""
-    total = float(sum(n for _, n in updates))
-    keys = updates[0][0].keys()
-    out: Weights = {}
-    for k in keys:
-        acc = np.zeros(updates[0][0][k].shape, dtype=np.float64)
-        for w, n in updates:
-            acc += w[k].astype(np.float64) * n
-        out[k] = (acc / total).astype(np.float32)
+def manifest_users(cfg: RunConfig) -> dict[str, int]:
+    """Users per tenant from the public manifests (simulation); empty where the server has none."""
+    out: dict[str, int] = {}
+    for tenant in federation_tenants(cfg):
+        path = Path(cfg.fed_dir) / tenant / "manifest.json"
+        if path.is_file():
+            counts = json.loads(path.read_text(encoding="utf-8")).get("counts", {})
+            out[tenant] = int(counts.get("users", 0))
     return out
 
 
@@ -168,133 +166,380 @@ def _short(reason: str, limit: int = 300) -> str:
 
 
 # ------------------------------------------------------------------ the run
+class _Round:
+    """The bookkeeping of one round: the rounds.jsonl row, accepted updates, per-tenant state."""
+
+    def __init__(self, fed: _Federation, rnd: int) -> None:
+        self.fed, self.rnd = fed, rnd
+        self.row: dict[str, Any] = {"round": rnd, "tenants": {}, "failures": []}
+        self.accepted: list[tuple[Weights, int]] = []
+        self.contributors: list[str] = []
+
+    def failure(self, nid: int | None, reason: str) -> None:
+        item: dict[str, Any] = {"reason": _short(reason)}
+        if nid is not None:
+            item["node"] = nid
+            if nid in self.fed.node_tenant:
+                item["tenant"] = self.fed.node_tenant[nid]
+        self.row["failures"].append(item)
+
+    def report(self, nid: int, st: Mapping[str, Any], met: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Record a tenant's clear-text status, budget figures and ledger entries."""
+        fed = self.fed
+        tenant = str(st["tenant"])
+        sent_head = fed.sent_heads.get(nid, "")
+        fed.node_tenant[nid] = tenant
+        ts = fed.status.setdefault(tenant, TenantStatus())
+        ts.users = as_int(met["users"])
+        eps, cap = as_float(met["epsilon"]), as_float(met["cap"])
+        if eps >= 0:
+            ts.epsilon = eps
+        ts.cap = cap if cap >= 0 else ts.cap
+        info: dict[str, Any] = {"status": str(st["status"]), "users": ts.users, "epsilon": ts.epsilon}
+        problem = fed.record_ledger(tenant, ts, json.loads(str(st["ledger-entries"]) or "[]"), sent_head)
+        if problem:
+            info["ledger_problem"] = problem
+        info["ledger_head"] = ts.ledger_head
+        if str(st["message"]):
+            info["message"] = str(st["message"])
+        if str(st["status"]) == "capped":
+            ts.status = "capped"
+        if ts.epsilon is not None:
+            ts.history.append((self.rnd, ts.epsilon))
+        self.row["tenants"][tenant] = info
+        return tenant, info
+
+    def reject(self, info: dict[str, Any], reason: str) -> None:
+        info["status"] = "rejected"
+        info["reason"] = reason
+        info["aggregated"] = False
+
+
+class _Federation:
+    """State of a run across rounds (restored from RUN_DIR on resume)."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, out: Path, log: Log) -> None:
+        self.grid, self.cfg, self.out, self.log = grid, cfg, out, log
+        self.catalog = load_catalog(cfg)
+        self.tenants = federation_tenants(cfg)
+        self.max_users = manifest_users(cfg)
+        self.mcfg = model_config(self.catalog, cfg)
+        self.model_json = json.dumps(self.mcfg.to_json())
+        torch.manual_seed(cfg.seed)
+        self.model = HistoryMLP(self.mcfg, self.catalog.genres if self.mcfg.n_genres else None)
+        self.global_w = state_weights(self.model)
+        self.param_keys = [k for k, _ in self.model.named_parameters()]
+        self.status: dict[str, TenantStatus] = {}
+        self.node_tenant: dict[int, str] = {}  # learned from replies (node ids change across restarts)
+        self.sent_heads: dict[int, str] = {}  # the ledger head sent to each node this round
+        self.method, self.cut = cfg.aggregation_method()
+        self.nodes: list[int] = []
+        self.secure: SecureAggregator | None = None
+
+    # ---------------------------------------------------------- ledgers
+    def head_for(self, nid: int) -> str:
+        """The ledger head the server holds for the node's tenant ("" = unknown: send everything)."""
+        tenant = self.node_tenant.get(nid)
+        head = self.status[tenant].ledger_head if tenant in self.status else ""
+        self.sent_heads[nid] = head
+        return head
+
+    def record_ledger(
+        self, tenant: str, ts: TenantStatus, entries: list[dict[str, Any]], sent_head: str
+    ) -> str | None:
+        """Append the tenant's new entries to the server's copy; a problem if they do not continue it.
+
+        With no head sent (first contact, or after a restart) the tenant sends its whole ledger, which
+        must extend the server's copy; the entries the copy lacks (rounds charged whose reply never
+        arrived) are appended. A round charged is thus recorded even when its update was lost.
+        """
+        path = self.out / "ledger" / f"{tenant}.jsonl"
+        copy, _ = read_entries(path)
+        if not sent_head:
+            have = [e.get("hash") for e in copy]
+            if [e.get("hash") for e in entries[: len(have)]] != have:
+                return "the tenant's ledger does not extend the server's copy; nothing appended"
+            new = entries[len(have) :]
+        else:
+            new = entries
+            if new and new[0].get("prev_hash") != ts.ledger_head:
+                return "entries do not continue the chain the server recorded; nothing appended"
+        if new:
+            problems = verify_chain([*copy, *new])
+            if problems:
+                return f"ledger copy would not verify ({problems[0].message}); nothing appended"
+            with open(path, "a", encoding="utf-8") as f:
+                for entry in new:
+                    f.write(json.dumps(entry, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            ts.ledger_head = str(new[-1]["hash"])
+        return None
+
+    # ---------------------------------------------------------- resume
+    def restore(self) -> int:
+        """Load the last complete round from RUN_DIR; returns it (0: start over, keeping the ledgers)."""
+        ck = self.out / "checkpoint" / RESUME_FILE
+        done = 0
+        if ck.is_file():
+            state = torch.load(ck, map_location="cpu", weights_only=True)
+            done = int(state["round"])
+            self.global_w = {k: v.numpy().copy() for k, v in state["weights"].items()}
+            for t, d in json.loads(state["status"]).items():
+                self.status[t] = TenantStatus(**{**d, "history": [tuple(x) for x in d["history"]]})
+        rows_path = self.out / "rounds.jsonl"
+        if rows_path.exists():
+            kept = []
+            for line in rows_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line torn by the kill
+                if int(row["round"]) <= done:
+                    kept.append(line)
+            _write_lines_atomic(rows_path, kept)
+        for path in sorted((self.out / "ledger").glob("*.jsonl")):
+            entries, problems = read_entries(path)
+            if problems:  # keep the complete lines before a torn one
+                entries = entries[: problems[0].line - 1]
+                _write_lines_atomic(path, [json.dumps(e, sort_keys=True) for e in entries])
+            ts = self.status.setdefault(path.stem, TenantStatus())
+            ts.ledger_head = str(entries[-1]["hash"]) if entries else "0" * 64
+        return done
+
+    def checkpoint(self, rnd: int) -> None:
+        """Global model after round ``rnd``: ``resume.pt`` (one atomic file: the commit point for
+        ``--resume``) plus ``model.pt``/``model.json`` for serving."""
+        _checkpoint(self.out, self.model, self.global_w, self.catalog, self.cfg, rnd)
+        ck = self.out / "checkpoint"
+        state = {
+            "round": rnd,
+            "weights": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.global_w.items()},
+            "status": json.dumps({t: asdict(s) for t, s in self.status.items()}),
+        }
+        tmp = ck / f".{RESUME_FILE}.tmp"
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, ck / RESUME_FILE)
+
+    # ---------------------------------------------------------- rounds
+    def plain_round(self, rd: _Round) -> None:
+        """Every tenant's update in the clear: validate each, aggregate the accepted ones."""
+        cfg, rnd = self.cfg, rd.rnd
+        reference = {k: self.global_w[k] for k in self.param_keys}
+        messages = []
+        for nid in self.nodes:
+            config = ConfigRecord(
+                {"round": rnd, "model-config": self.model_json, "ledger-head": self.head_for(nid)}
+            )
+            content = RecordDict({"arrays": to_record(self.global_w), "config": config})
+            messages.append(
+                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=nid, group_id=str(rnd))
+            )
+        replies = self.grid.send_and_receive(messages, timeout=cfg.round_timeout)
+        seen = set()
+        for rep in replies:
+            nid = rep.metadata.src_node_id
+            seen.add(nid)
+            if rep.has_error():
+                rd.failure(nid, rep.error.reason or "")
+                continue
+            met = metrics_of(rep.content, "metrics")
+            tenant, info = rd.report(nid, config_of(rep.content, "status"), met)
+            if info["status"] != "ok":
+                continue
+            users = as_int(met["num-examples"])
+            try:
+                weights = arrays_of(rep.content)
+            except (KeyError, TypeError, ValueError) as e:
+                rd.reject(info, f"unreadable update ({e})")
+                continue
+            problem = validate_update(
+                weights, reference, users, self.max_users.get(tenant), max_norm=cfg.max_update_norm
+            )
+            if problem:
+                rd.reject(info, problem)
+                continue
+            info["aggregated"] = True
+            rd.accepted.append((weights, users))
+            rd.contributors.append(tenant)
+        for nid in sorted(set(self.nodes) - seen):
+            rd.failure(nid, f"no reply within {cfg.round_timeout:g} s")
+        if len(rd.accepted) >= max(1, cfg.min_tenants):
+            new = aggregate(rd.accepted, self.method, self.cut)
+            self.apply(rd, {k: new[k] - reference[k] for k in self.param_keys})
+        else:
+            self.unchanged(rd, f"only {len(rd.accepted)} valid update(s)")
+
+    def secure_round(self, rd: _Round) -> None:
+        """SecAgg+: the server sees each tenant's status in the clear and only the sum of the deltas."""
+        assert self.secure is not None
+        res = self.secure.run_round(
+            rd.rnd,
+            self.global_w,
+            self.param_keys,
+            lambda nid: {"model-config": self.model_json, "ledger-head": self.head_for(nid)},
+        )
+        rd.row["secagg"] = {**self.secure.describe(), "reported": len(res.reports)}
+        weights = 0
+        for nid, rep in sorted(res.reports.items()):
+            _tenant, info = rd.report(nid, rep, rep)
+            weight = as_int(rep["num-examples"])
+            if info["status"] == "rejected":
+                info["reason"] = info.pop("message", "")  # refused by the tenant before masking
+                info["aggregated"] = False
+            elif info["status"] == "ok" and weight > 0:
+                info["aggregated"] = not res.halted
+                rd.contributors.append(_tenant)
+                weights += weight
+        for nid in sorted(set(self.nodes) - set(res.reports)):
+            rd.failure(nid, "dropped out of SecAgg+ (no masked update; masks recovered from shares)")
+        for failed_node, reason in res.failures:
+            rd.failure(failed_node, reason)
+        if res.halted or res.mean_delta is None:
+            self.unchanged(rd, res.halted or "SecAgg+ returned no sum")
+            return
+        if weights <= 0 or len(rd.contributors) < max(1, self.cfg.min_tenants):
+            self.unchanged(rd, f"only {len(rd.contributors)} tenant(s) contributed to the sum")
+            return
+        mean = {k: v.astype(np.float32) for k, v in res.mean_delta.items()}
+        zeros = {k: np.zeros_like(self.global_w[k]) for k in self.param_keys}
+        problem = update_problem(mean, zeros, 1, max_norm=self.cfg.max_update_norm)
+        if problem:
+            rd.row["sum_rejected"] = problem
+            self.unchanged(rd, f"the SecAgg+ sum fails validation: {problem}")
+            return
+        self.apply(rd, mean)
+
+    def apply(self, rd: _Round, delta: Weights) -> None:
+        for k in self.param_keys:
+            self.global_w[k] = (self.global_w[k] + delta[k]).astype(np.float32)
+        rd.row["aggregated"] = len(rd.contributors)
+        for t in rd.contributors:
+            self.status[t].rounds_trained += 1
+            if self.status[t].status != "capped":
+                self.status[t].status = "ok"
+
+    def unchanged(self, rd: _Round, why: str) -> None:
+        rd.row["aggregated"] = 0
+        rd.row["unchanged"] = why
+        for info in rd.row["tenants"].values():
+            if info.get("aggregated"):
+                info["aggregated"] = False
+        rd.contributors.clear()
+        self.log(f"round {rd.rnd}: {why}; the global model is unchanged")
+
+
 def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str, Any]:
-    """Run all rounds and write RUN_DIR (``cfg.run_dir``). Returns the final metrics."""
+    """Run all rounds and write RUN_DIR (``cfg.run_dir``). Returns the final metrics.
+
+    With ``cfg.resume`` the run continues after the last checkpointed round of ``cfg.run_dir``.
+    """
     if not cfg.run_dir:
         raise FedrecError("run-config run-dir is required (where the server writes the run's files)")
     t0 = time.perf_counter()
     out = Path(cfg.run_dir)
     (out / "ledger").mkdir(parents=True, exist_ok=True)
-    catalog = load_catalog(cfg)
-    tenants = federation_tenants(cfg)
-    mcfg = model_config(catalog, cfg)
-    model_json = json.dumps(mcfg.to_json())
-    torch.manual_seed(cfg.seed)
-    model = HistoryMLP(mcfg, catalog.genres if mcfg.n_genres else None)
-    global_w = state_weights(model)
-    param_keys = [k for k, _ in model.named_parameters()]
-    expected = cfg.num_tenants or len(tenants) or 1
-    nodes = wait_for_nodes(grid, expected, cfg.node_wait_timeout)
-    log(
-        f"{len(nodes)} tenant node(s) connected; {cfg.num_server_rounds} round(s), "
-        f"dp={'on' if cfg.dp else 'off'}"
-    )
-
-    status: dict[str, TenantStatus] = {}
-    rounds_path = out / "rounds.jsonl"
-    for rnd in range(1, cfg.num_server_rounds + 1):
-        r0 = time.perf_counter()
-        replies = grid.send_and_receive(
-            _messages(
-                nodes, MessageType.TRAIN, global_w, {"round": rnd, "model-config": model_json}, str(rnd)
-            ),
+    fed = _Federation(grid, cfg, out, log)
+    done = fed.restore() if cfg.resume else 0
+    expected = cfg.num_tenants or len(fed.tenants) or 1
+    fed.nodes = wait_for_nodes(grid, expected, cfg.node_wait_timeout)
+    if cfg.secagg:
+        max_weight = cfg.secagg_max_weight or float(max(fed.max_users.values(), default=0))
+        if max_weight <= 0:
+            raise FedrecError("secagg needs secagg-max-weight (the largest tenant's user count)")
+        fed.secure = SecureAggregator(
+            grid,
+            fed.nodes,
+            clipping_range=cfg.max_update_norm,
+            max_weight=max_weight,
             timeout=cfg.round_timeout,
+            num_rounds=cfg.num_server_rounds,
         )
-        accepted: list[tuple[Weights, int]] = []
-        row: dict[str, Any] = {"round": rnd, "tenants": {}, "failures": []}
-        seen_nodes = set()
-        for rep in replies:
-            nid = rep.metadata.src_node_id
-            seen_nodes.add(nid)
-            if rep.has_error():
-                row["failures"].append({"node": nid, "reason": _short(rep.error.reason or "")})
-                continue
-            st = config_of(rep.content, "status")
-            met = metrics_of(rep.content, "metrics")
-            tenant = str(st["tenant"])
-            ts = status.setdefault(tenant, TenantStatus())
-            ts.users = as_int(met["users"])
-            eps, cap = as_float(met["epsilon"]), as_float(met["cap"])
-            ts.epsilon = eps if eps >= 0 else None
-            ts.cap = cap if cap >= 0 else None
-            entry_json = str(st["ledger-entry"])
-            info: dict[str, Any] = {"status": str(st["status"]), "users": ts.users, "epsilon": ts.epsilon}
-            if entry_json:
-                entry = json.loads(entry_json)
-                if entry.get("prev_hash") != ts.ledger_head:
-                    info["ledger_problem"] = "entry does not continue the chain the server recorded"
-                with open(out / "ledger" / f"{tenant}.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(entry, sort_keys=True) + "\n")
-                ts.ledger_head = str(entry["hash"])
-            info["ledger_head"] = ts.ledger_head
-            if str(st["message"]):
-                info["message"] = str(st["message"])
-            if str(st["status"]) == "ok":
-                weights = arrays_of(rep.content)
-                n_examples = as_int(met["num-examples"])
-                problem = validate_update(weights, {k: global_w[k] for k in param_keys}, n_examples)
-                if problem:
-                    info["status"] = "rejected"
-                    info["reason"] = problem
-                else:
-                    accepted.append((weights, n_examples))
-                    ts.rounds_trained += 1
-                    ts.status = "ok"
-            else:
-                ts.status = str(st["status"])
-            if ts.epsilon is not None:
-                ts.history.append((rnd, ts.epsilon))
-            row["tenants"][tenant] = info
-        for nid in sorted(set(nodes) - seen_nodes):
-            row["failures"].append({"node": nid, "reason": f"no reply within {cfg.round_timeout:g} s"})
-        if len(accepted) >= max(1, cfg.min_tenants):
-            global_w.update(fedavg(accepted))
-            row["aggregated"] = len(accepted)
+    log(
+        f"{len(fed.nodes)} tenant node(s) connected; {cfg.num_server_rounds} round(s), "
+        f"dp={'on' if cfg.dp else 'off'}, secagg={'on' if cfg.secagg else 'off'}, "
+        f"aggregation={cfg.aggregation}" + (f"; resuming after round {done}" if cfg.resume else "")
+    )
+    rounds_path = out / "rounds.jsonl"
+    for rnd in range(done + 1, cfg.num_server_rounds + 1):
+        r0 = time.perf_counter()
+        rd = _Round(fed, rnd)
+        if cfg.resume and rnd == done + 1:
+            rd.row["resumed_from"] = done
+        faults = cfg.planned_faults(fed.tenants, rnd)
+        if faults:
+            rd.row["faults"] = faults
+        if fed.secure is not None:
+            fed.secure_round(rd)
         else:
-            row["aggregated"] = 0
-            log(f"round {rnd}: only {len(accepted)} valid update(s); the global model is unchanged")
+            fed.plain_round(rd)
+        row = rd.row
         if rnd % max(1, cfg.eval_every) == 0 or rnd == cfg.num_server_rounds:
             val, errs = federated_eval(
-                grid, nodes, global_w, model_json, "val", cfg.round_timeout, f"val-{rnd}"
+                grid, fed.nodes, fed.global_w, fed.model_json, "val", cfg.round_timeout, f"val-{rnd}"
             )
             row["val"] = val.get("full", {})
             row["failures"] += [{"reason": e, "phase": "val"} for e in errs]
         row["seconds"] = round(time.perf_counter() - r0, 3)
         with open(rounds_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        _checkpoint(out, model, global_w, catalog, cfg, rnd)
-        eps_now = [t.epsilon for t in status.values() if t.epsilon is not None]
-        capped = sum(1 for t in status.values() if t.status == "capped")
+            f.flush()
+            os.fsync(f.fileno())
+        fed.checkpoint(rnd)
+        eps_now = [t.epsilon for t in fed.status.values() if t.epsilon is not None]
+        capped = sum(1 for t in fed.status.values() if t.status == "capped")
+        rejected = sum(1 for i in row["tenants"].values() if i["status"] == "rejected")
         val_hr = row.get("val", {}).get("hr@10")
         log(
             f"round {rnd}/{cfg.num_server_rounds}: "
             + (f"val HR@10 {val_hr:.4f}  " if val_hr is not None else "")
             + (f"max ε {max(eps_now):.3f}  " if eps_now else "")
-            + f"updates {len(accepted)}  capped {capped}  failures {len(row['failures'])}  "
-            + f"({row['seconds']:.1f} s)"
+            + f"aggregated {row['aggregated']}  rejected {rejected}  capped {capped}  "
+            + f"failures {len(row['failures'])}  ({row['seconds']:.1f} s)"
         )
 
-    test, errs = federated_eval(grid, nodes, global_w, model_json, "test", cfg.round_timeout, "test")
+    test, errs = federated_eval(
+        grid, fed.nodes, fed.global_w, fed.model_json, "test", cfg.round_timeout, "test"
+    )
     if not test:
         raise FedrecError("final test evaluation got no result from any tenant: " + "; ".join(errs[:3]))
     metrics: dict[str, Any] = dict(test)
     metrics["dataset"] = {
         "source": "federation",
-        "users": sum(t.users for t in status.values()),
-        "items": catalog.n_items,
+        "users": sum(t.users for t in fed.status.values()),
+        "items": fed.catalog.n_items,
     }
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     write_json_atomic(out / "metrics.json", metrics)
-    write_json_atomic(out / "privacy.json", privacy_report(cfg, status))
+    report = privacy_report(cfg, fed.status)
+    if fed.secure is not None:
+        report["secagg"] = fed.secure.describe()
+    write_json_atomic(out / "privacy.json", report)
     write_json_atomic(out / "config.json", {"command": "simulate", "run_config": cfg.to_mapping()})
-    _load(model, global_w)
+    _load(fed.model, fed.global_w)
     save_model(
-        out, model, catalog, _sampling(cfg), run_id=cfg.run_name, extra={"run_config": cfg.to_mapping()}
+        out,
+        fed.model,
+        fed.catalog,
+        _sampling(cfg),
+        run_id=cfg.run_name,
+        extra={"run_config": cfg.to_mapping()},
     )
     from server.plots import plot_run
 
     plot_run(out)
     return metrics
+
+
+def _write_lines_atomic(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def privacy_report(cfg: RunConfig, status: dict[str, TenantStatus]) -> dict[str, Any]:

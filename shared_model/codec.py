@@ -70,3 +70,40 @@ def as_float(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"expected a number, got {type(value).__name__}")
     return float(value)
+
+
+def update_problem(
+    update: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    users: int,
+    *,
+    max_users: int | None = None,
+    max_norm: float | None = None,
+) -> str | None:
+    """Why a tenant's update must not be aggregated, or None.
+
+    The same checks run on the server (each visible update) and on a tenant before SecAgg+ masks it:
+    exactly the declared keys; exact shapes and dtypes (a broadcastable shape is still refused);
+    finite values; ‖update − reference‖₂ ≤ ``max_norm``; 0 < ``users`` ≤ ``max_users``.
+    """
+    if set(update) != set(reference):
+        extra, missing = sorted(set(update) - set(reference)), sorted(set(reference) - set(update))
+        return f"keys differ from the shared parameters (extra {extra[:3]}, missing {missing[:3]})"
+    sq = 0.0
+    for k, ref in reference.items():
+        w = update[k]
+        if not isinstance(w, np.ndarray):
+            return f"{k}: not an array ({type(w).__name__})"
+        if w.shape != ref.shape:
+            return f"{k}: shape {w.shape} != {ref.shape}"
+        if w.dtype != ref.dtype:
+            return f"{k}: dtype {w.dtype} != {ref.dtype}"
+        if not np.isfinite(w).all():
+            return f"{k}: non-finite values"
+        sq += float(np.square(w.astype(np.float64) - ref.astype(np.float64)).sum())
+    if max_norm is not None and not np.sqrt(sq) <= max_norm:
+        return f"update L2 norm {np.sqrt(sq):.4g} exceeds the bound {max_norm:g}"
+    if users <= 0 or (max_users is not None and users > max_users):
+        bound = f" (1..{max_users})" if max_users is not None else " (must be > 0)"
+        return f"user count {users} out of range{bound}"
+    return None

@@ -8,6 +8,8 @@ come from ``node_config`` (deployment) or ``partition-id`` + ``fed-dir`` (simula
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -42,6 +44,16 @@ class RunConfig:
     negatives: int = 4  # sampled negatives per positive
     eval_every: int = 1  # validation every N rounds (test always at the end)
     seed: int = 0  # model init, sampling and noise seeds derive from this
+    # --- secure aggregation, validation, robust aggregation (server/secagg.py, server/aggregation.py)
+    secagg: bool = False  # SecAgg+: the server only ever sees the masked sum of the tenants' deltas
+    max_update_norm: float = 20.0  # L2 bound on one tenant's delta per round (also SecAgg+'s ±range)
+    secagg_max_weight: float = 0.0  # largest tenant user count under SecAgg+ (0: from the manifests)
+    aggregation: str = "fedavg"  # fedavg | median | trimmed:<fraction cut at each end, < 0.5>
+    resume: bool = False  # continue run-dir from its checkpoint (rounds after the last complete one)
+    # --- simulated faults (acted on only by simulated nodes, i.e. with partition-id; client/faults.py)
+    fault_dropout: float = 0.0  # probability that a tenant misses a round (drawn from seed/tenant/round)
+    fault_crash: str = ""  # "tenant-1@3,…": that tenant's client process dies mid-round (after charging)
+    fault_adversary: str = ""  # "tenant-0:nan|inf|scale=F|signflip|shape|dtype|keys|users=N,…"
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -52,8 +64,22 @@ class RunConfig:
             raise FedrecError(f"δ must be in (0, 1), got {self.delta}")
         if self.accountant not in ("prv", "rdp"):
             raise FedrecError(f"accountant must be 'prv' or 'rdp', got {self.accountant!r}")
+        if not self.max_update_norm > 0:
+            raise FedrecError(f"max-update-norm must be > 0, got {self.max_update_norm}")
+        if self.secagg_max_weight < 0:
+            raise FedrecError(f"secagg-max-weight must be >= 0, got {self.secagg_max_weight}")
+        if not 0 <= self.fault_dropout < 1:
+            raise FedrecError(f"fault-dropout must be in [0, 1), got {self.fault_dropout}")
         self.hidden_sizes()  # validates
         self.cap_overrides()  # validates
+        method, _cut = self.aggregation_method()  # validates
+        self.crash_rounds()  # validates
+        self.adversaries()  # validates
+        if self.secagg and method != "fedavg":
+            raise FedrecError(
+                f"aggregation {self.aggregation!r} needs every tenant's update in the clear, but with "
+                "SecAgg+ the server sees only their sum; use fedavg with secagg"
+            )
 
     @classmethod
     def from_mapping(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -93,5 +119,72 @@ class RunConfig:
             out[tenant.strip()] = cap
         return out
 
+    def aggregation_method(self) -> tuple[str, float]:
+        """``("fedavg", 0)``, ``("median", 0)`` or ``("trimmed", β)`` with 0 < β < 0.5 cut at each end."""
+        text = str(self.aggregation).strip()
+        if text in ("fedavg", "median"):
+            return text, 0.0
+        name, sep, value = text.partition(":")
+        try:
+            beta = float(value) if name == "trimmed" and sep else float("nan")
+        except ValueError:
+            beta = float("nan")
+        if not 0 < beta < 0.5:
+            raise FedrecError(
+                f"aggregation must be fedavg, median or trimmed:B with 0 < B < 0.5, got {self.aggregation!r}"
+            )
+        return "trimmed", beta
+
     def cap_for(self, tenant: str) -> float:
         return self.cap_overrides().get(tenant, self.epsilon)
+
+    # ---------------------------------------------------------- simulated faults (public, seeded)
+    def crash_rounds(self) -> dict[str, set[int]]:
+        """``fault-crash`` as {tenant: rounds in which its client process dies mid-round}."""
+        out: dict[str, set[int]] = {}
+        for part in filter(None, (p.strip() for p in str(self.fault_crash).split(","))):
+            tenant, sep, rnd = part.partition("@")
+            if not sep or not tenant.strip() or not rnd.strip().isdigit() or int(rnd) < 1:
+                raise FedrecError(f"crash must look like 'tenant-1@3' (tenant@round >= 1), got {part!r}")
+            out.setdefault(tenant.strip(), set()).add(int(rnd))
+        return out
+
+    def adversaries(self) -> dict[str, str]:
+        """``fault-adversary`` as {tenant: kind}; kinds are listed in :data:`ADVERSARY_KINDS`."""
+        out: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in str(self.fault_adversary).split(","))):
+            tenant, sep, kind = part.partition(":")
+            kind = kind.strip()
+            if not sep or not tenant.strip() or not _ADVERSARY_RE.fullmatch(kind):
+                raise FedrecError(
+                    f"adversary must look like 'tenant-0:KIND' with KIND one of {ADVERSARY_KINDS}, "
+                    f"got {part!r}"
+                )
+            out[tenant.strip()] = kind
+        return out
+
+    def drops_out(self, tenant: str, round_: int) -> bool:
+        """Whether ``tenant`` misses ``round_`` under ``fault-dropout`` (a public, seeded draw)."""
+        if self.fault_dropout <= 0:
+            return False
+        digest = hashlib.sha256(f"dropout:{self.seed}:{tenant}:{round_}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.fault_dropout
+
+    def planned_faults(self, tenants: list[str], round_: int) -> dict[str, Any]:
+        """What the simulated faults do in ``round_`` (for rounds.jsonl); empty without faults."""
+        out: dict[str, Any] = {}
+        drops = [t for t in tenants if self.drops_out(t, round_)]
+        crashes = sorted(t for t, rounds in self.crash_rounds().items() if round_ in rounds)
+        if drops:
+            out["dropout"] = drops
+        if crashes:
+            out["crash"] = crashes
+        if self.fault_adversary:
+            out["adversary"] = self.adversaries()
+        return out
+
+
+#: Adversary kinds (simulation): corrupt the update after honest training.
+ADVERSARY_KINDS = "nan|inf|scale=F|signflip|shape|dtype|keys|users=N"
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_ADVERSARY_RE = re.compile(rf"nan|inf|signflip|shape|dtype|keys|scale={_NUM}|users=-?\d+")

@@ -80,9 +80,9 @@ def test_train_reply_carries_only_shared_parameters_and_whitelisted_metrics(fed:
     assert "genres" not in rd.array_records["arrays"]
     assert set(rd.metric_records["metrics"].keys()) == set(client_app.TRAIN_METRIC_KEYS)
     status = rd.config_records["status"]
-    assert set(status.keys()) == {"tenant", "status", "message", "ledger-entry"}
+    assert set(status.keys()) == {"tenant", "status", "message", "ledger-entries"}
     assert status["tenant"] == "tenant-0" and status["status"] == "ok"
-    entry = json.loads(str(status["ledger-entry"]))
+    (entry,) = json.loads(str(status["ledger-entries"]))  # no head sent: the whole (1-entry) ledger
     assert entry["unit"] == "user" and entry["poisson"] is True and entry["secure_mode"] is False
     # nothing in the reply names a user: compare against the tenant's pseudonyms
     from client.vault import load_tenant
@@ -117,7 +117,7 @@ def test_a_round_is_never_charged_twice(fed: Path) -> None:
     paths = resolve_tenant({"partition-id": 0}, cfg)
     first = tenant_train(weights, model.cfg, cfg, paths, 1)
     again = tenant_train(weights, model.cfg, cfg, paths, 1)
-    assert first.status == "ok" and again.status == "capped" and "already charged" in again.message
+    assert first.status == "ok" and again.status == "already-charged" and "already charged" in again.message
     assert again.weights is None and again.epsilon == first.epsilon
     entries, _ = read_entries(paths.state_dir / LEDGER_FILE)
     assert [e["round"] for e in entries] == [1]
