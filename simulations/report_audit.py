@@ -65,6 +65,7 @@ def _plots(outcome: AuditOutcome, run: RunFiles) -> dict[str, bytes]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out: dict[str, bytes] = {}
 
@@ -86,7 +87,7 @@ def _plots(outcome: AuditOutcome, run: RunFiles) -> dict[str, bytes]:
             if cap is not None:
                 ax.axhline(cap, color=color, linestyle="--", linewidth=1, label=f"{t} cap {cap:g}")
         ax.set_xlabel("round")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("cumulative ε")
         ax.set_title("ε per round: recorded vs replayed from the ledger, with caps")
         ax.legend(fontsize=7, ncol=2)
