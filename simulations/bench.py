@@ -1,0 +1,456 @@
+"""Benchmarks behind ``fedrec bench``: the DP step, a whole simulation, serving.
+
+Timings are medians over repeats; every ratio divides two figures measured in the same process run,
+interleaved (mode A, mode B, mode A, …) so that a neighbour's load on the shared cores hits both.
+Peak memory is measured separately, one fresh subprocess per configuration: ``ru_maxrss`` (the
+process' resident high-water mark) minus the resident size just before the measured work started,
+i.e. what the work added on top of imports, model and data. Benchmarks are never unit tests: the
+tests check that the code is right, these scripts say how fast it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+#: The item-table sizes of the issue: ml-100k's catalogue, a mid-size and a large shop.
+DP_STEP_SIZES = (1_682, 20_000, 100_000)
+DP_MODES = ("plain", "opacus-hooks", "opacus-ghost", "fast")
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def maxrss_bytes() -> int:
+    """Resident high-water mark of this process so far (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def median_ms(times: list[float]) -> float:
+    return statistics.median(times) * 1e3
+
+
+# ------------------------------------------------------------------------------------ data
+def synthetic_split(n_users: int, n_items: int, *, seed: int = 0) -> Any:
+    """A UserSplit with Zipf-like item popularity and 10–200 training items per user (fast to build)."""
+    from shared_model.data import USER_FEATURES, UserSplit
+
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(10, 201, size=n_users)
+    popularity = 1.0 / np.arange(1, n_items + 1) ** 0.8
+    popularity /= popularity.sum()
+    items = rng.choice(n_items, size=int(counts.sum()), p=popularity).astype(np.int32)
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    nnz = int(indptr[-1])
+    return UserSplit(
+        n_items=n_items,
+        indptr=indptr,
+        train_items=items,
+        train_ctx=np.stack([rng.integers(0, 24, nnz), rng.integers(0, 7, nnz)], 1).astype(np.int8),
+        val_item=np.full(n_users, -1, np.int32),
+        test_item=np.full(n_users, -1, np.int32),
+        val_ctx=np.full((n_users, 2), -1, np.int8),
+        test_ctx=np.full((n_users, 2), -1, np.int8),
+        user_features=rng.integers(0, 3, size=(n_users, len(USER_FEATURES))).astype(np.int32),
+    )
+
+
+# ------------------------------------------------------------------------------------ dp-step
+@dataclass(frozen=True)
+class StepSetup:
+    """One local training step as a tenant takes it (the run defaults of pyproject.toml)."""
+
+    n_items: int
+    batch_users: int = 64  # users in the step (the expected Poisson batch)
+    tenant_users: int = 2_000  # users of the tenant (sets q = batch/users)
+    dim: int = 32
+    hidden: tuple[int, ...] = (64, 32)
+    n_genres: int = 18
+    seed: int = 0
+
+
+def make_step(setup: StepSetup, mode: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(step, close)`` for one mode on a fixed batch: forward, backward (+clipping, noise), optimizer."""
+    import torch
+
+    from client.train import LocalTrainConfig, make_private_trainer, plan_round
+    from shared_model.model import HistoryMLP, ModelConfig
+    from shared_model.training import SamplingConfig, make_user_batch, per_user_loss
+
+    split = synthetic_split(setup.tenant_users, setup.n_items, seed=setup.seed)
+    rng = np.random.default_rng(setup.seed)
+    torch.manual_seed(setup.seed)
+    genres = (rng.random((setup.n_items, setup.n_genres)) < 0.1).astype(np.float32)
+    cfg = ModelConfig(
+        n_items=setup.n_items,
+        n_genres=setup.n_genres,
+        user_cardinalities=(3, 3, 3, 3),
+        dim=setup.dim,
+        hidden=setup.hidden,
+    )
+    model = HistoryMLP(cfg, genres)
+    batch = make_user_batch(split, np.arange(setup.batch_users), SamplingConfig(), rng)
+    if mode == "plain":
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+        def plain_step() -> None:
+            opt.zero_grad(set_to_none=True)
+            per_user_loss(model, batch).mean().backward()
+            opt.step()
+
+        return plain_step, lambda: None
+    if mode == "opacus-hooks":
+        return _opacus_hooks_step(model, batch, setup)
+    clipping = {"opacus-ghost": "ghost", "fast": "fast"}[mode]
+    local = LocalTrainConfig(batch_users=setup.batch_users, clipping=clipping)
+    plan = plan_round(setup.tenant_users, local)
+    trainer = make_private_trainer(model, local, plan, noise_multiplier=1.0, seed=setup.seed)
+
+    def dp_step() -> None:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.backward(per_user_loss(trainer.module, batch))
+        trainer.optimizer.step()
+
+    return dp_step, trainer.close
+
+
+def _opacus_hooks_step(
+    model: Any, batch: Any, setup: StepSetup
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Opacus' classic path: per-sample gradients materialised by hooks (B × rows × d for an embedding)."""
+    import torch
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from shared_model.training import per_user_loss
+
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loader = DataLoader(TensorDataset(torch.arange(setup.tenant_users)), batch_size=setup.batch_users)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        dp_model, dp_opt, _ = PrivacyEngine(accountant="prv").make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=True,
+            grad_sample_mode="hooks",
+        )[:3]
+
+    def step() -> None:
+        dp_opt.zero_grad(set_to_none=True)
+        per_user_loss(dp_model, batch).mean().backward()
+        dp_opt.step()
+
+    return step, lambda: dp_model.to_standard_module()
+
+
+def time_modes(
+    setup: StepSetup, modes: list[str], *, repeats: int, warmup: int = 2, slow_repeats: int = 3
+) -> dict[str, list[float]]:
+    """Seconds per step of each mode, interleaved; ``opacus-hooks`` only runs ``slow_repeats`` times."""
+    steps = {m: make_step(setup, m) for m in modes}
+    try:
+        for m in modes:
+            for _ in range(warmup if m != "opacus-hooks" else 1):
+                steps[m][0]()
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        for r in range(repeats):
+            for m in modes:
+                if m == "opacus-hooks" and r >= slow_repeats:
+                    continue
+                t = time.perf_counter()
+                steps[m][0]()
+                times[m].append(time.perf_counter() - t)
+        return times
+    finally:
+        for _, close in steps.values():
+            close()
+
+
+def step_memory(setup: StepSetup, mode: str, steps: int = 3) -> dict[str, int]:
+    """Run in a fresh process: peak RSS added by ``steps`` steps over the RSS after setup."""
+    step, close = make_step(setup, mode)
+    before = rss_bytes()
+    start_peak = maxrss_bytes()
+    for _ in range(steps):
+        step()
+    peak = maxrss_bytes()
+    close()
+    return {"rss_before": before, "peak_rss": peak, "peak_delta": max(0, peak - max(before, start_peak))}
+
+
+def _child_memory(setup: StepSetup, mode: str, threads: int) -> dict[str, int] | None:
+    """``step_memory`` in a fresh interpreter (ru_maxrss never goes down within a process)."""
+    code = (
+        "import json,sys,torch; from simulations.bench import StepSetup, step_memory; "
+        f"torch.set_num_threads({threads}); a=json.loads(sys.argv[1]); a['hidden']=tuple(a['hidden']); "
+        f"print(json.dumps(step_memory(StepSetup(**a), {mode!r})))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(asdict(setup))], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        return None
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def bench_dp_step(
+    *,
+    sizes: tuple[int, ...] = DP_STEP_SIZES,
+    modes: tuple[str, ...] = DP_MODES,
+    repeats: int = 15,
+    hooks_repeats: int = 3,
+    threads: int = 1,
+    hooks_max_items: int = 100_000,
+    memory: bool = True,
+    batch_users: int = 64,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The ``dp-step`` table: per size and mode the median step time, its ratio to plain, peak memory."""
+    import torch
+
+    torch.set_num_threads(threads)
+    result: dict[str, Any] = {
+        "benchmark": "dp-step",
+        "threads": threads,
+        "repeats": repeats,
+        "batch_users": batch_users,
+        "memory": "peak RSS added by 3 steps over the RSS after setup, fresh process per mode (ru_maxrss)",
+        "sizes": {},
+    }
+    for n in sizes:
+        setup = StepSetup(n_items=n, batch_users=batch_users)
+        run_modes = [m for m in modes if m != "opacus-hooks" or n <= hooks_max_items]
+        log(f"dp-step: {n} items, modes {', '.join(run_modes)} …")
+        times = time_modes(setup, run_modes, repeats=repeats, slow_repeats=hooks_repeats)
+        plain = median_ms(times["plain"])
+        row: dict[str, Any] = {"n_items": n, "modes": {}}
+        for m in modes:
+            if m not in run_modes:
+                row["modes"][m] = {"skipped": f"hooks mode is skipped above {hooks_max_items} items"}
+                continue
+            ms = median_ms(times[m])
+            entry: dict[str, Any] = {"ms": ms, "ratio": ms / plain, "runs": len(times[m])}
+            if memory:
+                mem = _child_memory(setup, m, threads)
+                entry["peak_delta_mb"] = mem["peak_delta"] / 2**20 if mem else None
+                entry["peak_rss_mb"] = mem["peak_rss"] / 2**20 if mem else None
+            row["modes"][m] = entry
+        row["plain_ms"] = plain
+        if "fast" in times:
+            row["dp_ms"] = row["modes"]["fast"]["ms"]
+            row["ratio"] = row["dp_ms"] / plain
+        result["sizes"][str(n)] = row
+    return result
+
+
+# ------------------------------------------------------------------------------------ simulate
+class TreeMemory:
+    """Peak of the summed RSS of this process and all its descendants (Ray's raylet, GCS, workers),
+    sampled every ``interval`` s from /proc by a daemon thread. Shared pages count once per process."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        import threading
+
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def tree_rss(root: int) -> int:
+        children: dict[int, list[int]] = {}
+        rss: dict[int, int] = {}
+        page = os.sysconf("SC_PAGE_SIZE")
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                ppid, pages = int(fields[1]), int(fields[21])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+            rss[int(entry)] = pages * page
+        total, todo = 0, [root]
+        while todo:
+            pid = todo.pop()
+            total += rss.get(pid, 0)
+            todo += children.get(pid, [])
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.tree_rss(os.getpid()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass(frozen=True)
+class SimSetup:
+    tenants: int = 10
+    users: int = 10_000  # in total, split iid over the tenants
+    items: int = 1_000
+    rounds: int = 3
+    dp: bool = True
+    epsilon: float = 8.0
+    seed: int = 0
+
+
+def prepare_synthetic_federation(setup: SimSetup, fed_dir: Any) -> float:
+    """Synthetic data → ``fedrec prepare``'s federation folder; returns seconds."""
+    from simulations.dataset import prepare_dataset
+    from simulations.prepare import PrepareConfig, prepare_federation
+    from simulations.sources import load
+
+    t = time.perf_counter()
+    raw = load("synthetic", columns=None, seed=setup.seed, synth_users=setup.users, synth_items=setup.items)
+    prepare_federation(
+        prepare_dataset(raw), fed_dir, PrepareConfig(tenants=setup.tenants, partition="iid", seed=setup.seed)
+    )
+    return time.perf_counter() - t
+
+
+def sim_run_config(setup: SimSetup, fed_dir: Any, run_dir: Any, run_name: str) -> Any:
+    from shared_model.runconfig import RunConfig
+
+    base = RunConfig(num_server_rounds=setup.rounds, dp=setup.dp, epsilon=setup.epsilon, seed=setup.seed)
+    return RunConfig.from_mapping(
+        {
+            **base.to_mapping(),
+            "fed-dir": str(fed_dir),
+            "run-dir": str(run_dir),
+            "run-name": run_name,
+            "num-tenants": setup.tenants,
+        }
+    )
+
+
+def sequential_reference(cfg: Any, tenants: int) -> dict[str, float]:
+    """The simulation's client work in one process, one thread, no Flower/Ray: every round each tenant's
+    ``tenant_train`` (decrypt via the per-process cache, budget, DP training, charge, ledger), the
+    users-weighted mean of the updates, then each tenant's ``tenant_evaluate`` on val; a final test eval."""
+    import torch
+
+    from client.task import resolve_tenant, tenant_evaluate, tenant_train
+    from server.loop import load_catalog, model_config
+    from shared_model.codec import state_weights
+    from shared_model.model import HistoryMLP
+
+    torch.set_num_threads(1)
+    catalog = load_catalog(cfg)
+    mcfg = model_config(catalog, cfg)
+    torch.manual_seed(cfg.seed)
+    global_w = state_weights(HistoryMLP(mcfg, catalog.genres if mcfg.n_genres else None))
+    paths = [resolve_tenant({"partition-id": i}, cfg) for i in range(tenants)]
+    t0 = time.perf_counter()
+    train_s = eval_s = 0.0
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        t = time.perf_counter()
+        updates = []
+        for p in paths:
+            out = tenant_train(global_w, mcfg, cfg, p, rnd)
+            if out.weights is not None:
+                updates.append((out.weights, out.users))
+        total = sum(u for _, u in updates)
+        for k in updates[0][0] if updates else ():
+            global_w[k] = np.sum([w[k] * (u / total) for w, u in updates], axis=0).astype(global_w[k].dtype)
+        train_s += time.perf_counter() - t
+        t = time.perf_counter()
+        if rnd % max(1, cfg.eval_every) == 0 or rnd == cfg.num_server_rounds:
+            for p in paths:
+                tenant_evaluate(global_w, mcfg, cfg, p, "val")
+        eval_s += time.perf_counter() - t
+    t = time.perf_counter()
+    for p in paths:
+        tenant_evaluate(global_w, mcfg, cfg, p, "test")
+    eval_s += time.perf_counter() - t
+    return {"seconds": time.perf_counter() - t0, "train_s": train_s, "eval_s": eval_s}
+
+
+def decrypt_seconds(fed_dir: Any, tenant: str = "tenant-0") -> float:
+    """One uncached decryption + parse of a tenant partition (what a cache miss costs)."""
+    from pathlib import Path
+
+    from client.vault import load_tenant
+
+    fed = Path(fed_dir)
+    t = time.perf_counter()
+    load_tenant(fed / tenant, fed / "keys" / f"{tenant}.key", expected_tenant=tenant)
+    return time.perf_counter() - t
+
+
+def bench_simulate(
+    setup: SimSetup,
+    *,
+    ray_cpus: int | None = None,
+    ray_address: str | None = None,
+    sequential: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Wall time and peak memory of a simulated run, and of the same client work run sequentially."""
+    import tempfile
+    import uuid
+    from pathlib import Path
+
+    from simulations.flower_runner import run_simulation
+    from simulations.simulate import _shutdown_ray
+
+    result: dict[str, Any] = {"benchmark": "simulate", "setup": asdict(setup)}
+    with tempfile.TemporaryDirectory(prefix="fedrec-bench-") as tmp:
+        fed_dir, run_dir = Path(tmp) / "fed", Path(tmp) / "run"
+        log(f"simulate: preparing {setup.tenants} tenants × {setup.users} users …")
+        result["prepare_s"] = prepare_synthetic_federation(setup, fed_dir)
+        result["decrypt_one_tenant_s"] = decrypt_seconds(fed_dir)
+        cfg = sim_run_config(setup, fed_dir, run_dir, f"bench-{uuid.uuid4().hex[:8]}")
+        log(f"simulate: Flower simulation, {setup.rounds} rounds …")
+        run_dir.mkdir()
+        with TreeMemory() as mem:
+            t = time.perf_counter()
+            try:
+                run_simulation(cfg.to_mapping(), setup.tenants, ray_cpus=ray_cpus, ray_address=ray_address)
+            finally:
+                _shutdown_ray()
+            result["simulated_s"] = time.perf_counter() - t
+        result["simulated_peak_tree_rss_mb"] = mem.peak / 2**20
+        rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+        result["round_s"] = [r.get("seconds") for r in rounds]
+        result["completed_rounds"] = len(rounds)
+        if sequential:
+            log("simulate: the same client work sequentially in this process …")
+            ref_cfg = sim_run_config(setup, fed_dir, Path(tmp) / "ref", f"bench-ref-{uuid.uuid4().hex[:8]}")
+            before = maxrss_bytes()
+            ref = sequential_reference(ref_cfg, setup.tenants)
+            result["sequential_s"] = ref["seconds"]
+            result["sequential_train_s"] = ref["train_s"]
+            result["sequential_eval_s"] = ref["eval_s"]
+            result["sequential_peak_rss_mb"] = maxrss_bytes() / 2**20
+            result["sequential_rss_before_mb"] = before / 2**20
+            result["overhead"] = result["simulated_s"] / ref["seconds"]
+    result["cpus"] = os.cpu_count()
+    return result
