@@ -2,8 +2,8 @@
 
 Timings are medians over repeats; every ratio divides two figures measured in the same process run,
 interleaved (mode A, mode B, mode A, …) so that a neighbour's load on the shared cores hits both.
-Peak memory is measured separately, one fresh subprocess per configuration: ``ru_maxrss`` (the
-process' resident high-water mark) minus the resident size just before the measured work started,
+Peak memory is measured separately, one fresh subprocess per configuration: the peak RSS (the
+process' resident high-water mark, VmHWM) minus the resident size just before the measured work started,
 i.e. what the work added on top of imports, model and data. Benchmarks are never unit tests: the
 tests check that the code is right, these scripts say how fast it is.
 """
@@ -36,8 +36,16 @@ def rss_bytes() -> int:
 
 
 def maxrss_bytes() -> int:
-    """Resident high-water mark of this process so far (``ru_maxrss`` is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Resident high-water mark of this process so far: ``VmHWM`` of /proc/self/status.
+
+    Not ``getrusage().ru_maxrss``: Linux carries that across fork + exec, so a child started by a big
+    parent reports the parent's peak.
+    """
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # pragma: no cover - not Linux
 
 
 def median_ms(times: list[float]) -> float:
@@ -197,7 +205,7 @@ def step_memory(setup: StepSetup, mode: str, steps: int = 3) -> dict[str, int]:
 
 
 def _child_memory(setup: StepSetup, mode: str, threads: int) -> dict[str, int] | None:
-    """``step_memory`` in a fresh interpreter (ru_maxrss never goes down within a process)."""
+    """``step_memory`` in a fresh interpreter (a peak never goes down within a process)."""
     code = (
         "import json,sys,torch; from simulations.bench import StepSetup, step_memory; "
         f"torch.set_num_threads({threads}); a=json.loads(sys.argv[1]); a['hidden']=tuple(a['hidden']); "
@@ -232,7 +240,7 @@ def bench_dp_step(
         "threads": threads,
         "repeats": repeats,
         "batch_users": batch_users,
-        "memory": "peak RSS added by 3 steps over the RSS after setup, fresh process per mode (ru_maxrss)",
+        "memory": "peak RSS added by 3 steps over the RSS after setup, fresh process per mode (VmHWM)",
         "sizes": {},
     }
     for n in sizes:
