@@ -36,6 +36,10 @@ class ModelConfig:
     use_context: bool = True  # hour/weekday embeddings on the candidate side
     item_bias: bool = True  # per-item bias on the logit
     dot_term: bool = True  # u·v added to the MLP logit
+    # Options for DP stages (docs/PRIVACY_UTILITY.md); the defaults are the original model.
+    fixed_prior: bool = False  # a fixed per-item log-prior buffer (set_prior) added to the logit
+    freeze_item_emb: bool = False  # item embeddings not trained (a DP or public init via set_item_embeddings)
+    zero_init_output: bool = False  # output layer at 0 (dot_term=False: the logit starts at the prior)
 
     def __post_init__(self) -> None:
         if self.n_items < 1:
@@ -131,6 +135,33 @@ class HistoryMLP(nn.Module):
         self.bias = nn.Embedding(cfg.n_items + 1, 1) if cfg.item_bias else None
         if self.bias is not None:
             nn.init.zeros_(self.bias.weight)
+        if cfg.zero_init_output:
+            out_layer = self.mlp[-1]
+            assert isinstance(out_layer, nn.Linear)
+            nn.init.zeros_(out_layer.weight)
+            nn.init.zeros_(out_layer.bias)
+        if cfg.freeze_item_emb:
+            self.item_emb.weight.requires_grad_(False)
+        self.prior: torch.Tensor | None
+        if cfg.fixed_prior:
+            self.register_buffer("prior", torch.zeros(cfg.n_items + 1))  # (N+1,) row n_items = padding
+        else:
+            self.prior = None
+
+    # ------------------------------------------------------------------ DP-stage inputs
+    def set_prior(self, prior: np.ndarray) -> None:
+        """Fill the fixed log-prior buffer (needs ``fixed_prior``), (n_items,)."""
+        assert self.prior is not None, "set_prior needs ModelConfig(fixed_prior=True)"
+        assert prior.shape == (self.cfg.n_items,), f"prior must be ({self.cfg.n_items},), got {prior.shape}"
+        with torch.no_grad():
+            self.prior[: self.cfg.n_items] = torch.as_tensor(prior, dtype=self.prior.dtype)
+
+    def set_item_embeddings(self, emb: np.ndarray) -> None:
+        """Initialise the item table (n_items, dim) from a DP or public representation."""
+        n, d = self.cfg.n_items, self.cfg.dim
+        assert emb.shape == (n, d), f"item embeddings must be ({n}, {d}), got {emb.shape}"
+        with torch.no_grad():
+            self.item_emb.weight[:n] = torch.as_tensor(emb, dtype=self.item_emb.weight.dtype)
 
     # ------------------------------------------------------------------ pieces
     def _user_vector(
@@ -177,6 +208,8 @@ class HistoryMLP(nn.Module):
             logit = logit + self.bias(candidates).squeeze(-1)
         if self.cfg.dot_term:
             logit = logit + (uu * v).sum(-1)
+        if self.prior is not None:
+            logit = logit + self.prior[candidates]
         return logit
 
     @torch.no_grad()
@@ -229,6 +262,8 @@ class HistoryMLP(nn.Module):
         assert isinstance(first, nn.Linear)
         h1 = v @ first.weight[:, self.cfg.dim :].T  # (N, h1)
         b = self.bias.weight[:n, 0] if self.bias is not None else torch.zeros(n, device=v.device)
+        if self.prior is not None:
+            b = b + self.prior[:n]
         return v, h1, b
 
 

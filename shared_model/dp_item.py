@@ -1,0 +1,173 @@
+"""DP-EASE: EASE fitted on a released noisy item–item Gram (``privacy.gram``), with a fixed rule for M and λ.
+
+The Gram ``G̃ = Σ_u x_u x_uᵀ + E`` (unit-norm user rows, symmetric Gaussian noise ``E`` with std ``s``
+off the diagonal) is all the server has. Two choices make EASE work on it, both by a RULE from public
+facts — the noise std (from σ, which comes from ε, δ) and the number of contributing users — never
+tuned on the tenants' validation data:
+
+* **Support (M).** Items are ranked by the noisy diagonal ``G̃_ii = Σ_u 1[i ∈ u]/n_u + noise`` and the
+  model covers the items whose noisy diagonal is at least ``diag_z`` noise stds, clipped to
+  ``[min_items, max_items]``: an item the noise swamps has no usable row anyway, and every extra item
+  adds noise to the others' solution (and O(M³) time).
+* **Ridge (λ).** The noise matrix of an M-item support has spectral norm ≈ ``2·s·√M`` (semicircle
+  edge); ``λ = max(lam_per_user · users, noise_mult · 2·s·√M)`` keeps ``G̃_M + λI`` positive definite
+  with a margin and shrinks towards the well-estimated top components. ``lam_per_user · users`` is the
+  non-private λ (≈ 2 at 1 000 users: the Gram's scale grows linearly with the users).
+
+The constants of :class:`DPEASERule` were set on *synthetic* data (validation split, a seed not used for
+the reported figures) and are applied unchanged to every data set (see docs/PRIVACY_UTILITY.md).
+
+Scores: binary history row times ``B`` inside the support; items outside it get
+``OUT_OF_SUPPORT_SCORE`` plus, when a prior is given, the prior (so a DP popularity prior orders
+them below every supported item but among themselves).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg
+
+from shared_model.baselines import OUT_OF_SUPPORT_SCORE, _binary_rows
+from shared_model.data import UserSplit
+
+
+@dataclass(frozen=True)
+class DPEASERule:
+    """The fixed rule that picks the support size M and the ridge λ from the noise and the users."""
+
+    diag_z: float = 2.0  # keep items whose noisy diagonal ≥ diag_z · (diagonal noise std)
+    min_items: int = 20  # never fewer items than this (the top of the noisy diagonal)
+    max_items: int = 2000  # compute cap: the solve is O(M³)
+    noise_mult: float = 3.0  # λ ≥ noise_mult × (spectral norm of the noise, 2·s·√M)
+    lam_per_user: float = 0.002  # non-private λ per contributing user (unit-norm rows)
+
+    def __post_init__(self) -> None:
+        if self.min_items < 1 or self.max_items < self.min_items:
+            raise ValueError(f"need 1 ≤ min_items ≤ max_items, got {self.min_items}, {self.max_items}")
+        if self.noise_mult < 0 or self.lam_per_user <= 0 or self.diag_z < 0:
+            raise ValueError("noise_mult and diag_z must be ≥ 0 and lam_per_user > 0")
+
+    def support(self, noisy_diag: np.ndarray, diag_std: float) -> np.ndarray:
+        """Item indices (ascending) of the model's support, from the noisy diagonal."""
+        n = len(noisy_diag)
+        order = np.lexsort((np.arange(n), -noisy_diag))  # largest first, ties → lower index
+        above = int((noisy_diag >= self.diag_z * diag_std).sum()) if diag_std > 0 else n
+        m = min(n, self.max_items, max(self.min_items, above))
+        return np.sort(order[:m])
+
+    def lam(self, offdiag_std: float, m: int, users: int) -> float:
+        """λ from the off-diagonal noise std, the support size and the number of users."""
+        return max(self.lam_per_user * max(users, 1), self.noise_mult * 2.0 * offdiag_std * math.sqrt(m))
+
+
+@dataclass
+class DPEASE:
+    """EASE on a released (noisy) Gram; a :class:`shared_model.evaluate.Scorer`."""
+
+    rule: DPEASERule = field(default_factory=DPEASERule)
+    weights: np.ndarray | None = field(default=None, repr=False)  # (M, M) float32
+    items: np.ndarray | None = field(default=None, repr=False)  # (M,)
+    column_of: np.ndarray | None = field(default=None, repr=False)  # (N,) column or -1
+    prior: np.ndarray | None = field(default=None, repr=False)  # (N,) for out-of-support items
+    lam_used: float = 0.0
+
+    def fit_gram(
+        self,
+        gram: np.ndarray,
+        *,
+        offdiag_std: float,
+        diag_std: float,
+        users: int,
+        prior: np.ndarray | None = None,
+        lam: float | None = None,
+        items: np.ndarray | None = None,
+    ) -> DPEASE:
+        """Fit on the (summed) released Gram; ``lam``/``items`` override the rule (tests, ablations)."""
+        n = gram.shape[0]
+        assert gram.shape == (n, n), f"gram must be square, got {gram.shape}"
+        support = self.rule.support(np.diag(gram), diag_std) if items is None else np.sort(items)
+        m = len(support)
+        lam_v = self.rule.lam(offdiag_std, m, users) if lam is None else float(lam)
+        a = gram[np.ix_(support, support)].astype(np.float64)  # (M, M)
+        a = 0.5 * (a + a.T)
+        a[np.diag_indices(m)] += lam_v
+        try:
+            p = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a), np.eye(m))  # (M, M)
+        except np.linalg.LinAlgError:  # not PD (a λ below the noise edge): the general inverse
+            p = np.linalg.inv(a)
+        b = -p / np.diag(p)[None, :]
+        b[np.diag_indices(m)] = 0.0
+        column_of = np.full(n, -1, dtype=np.int64)
+        column_of[support] = np.arange(m)
+        self.weights, self.items, self.column_of, self.lam_used = (
+            b.astype(np.float32),
+            support,
+            column_of,
+            lam_v,
+        )
+        self.prior = None if prior is None else np.asarray(prior, dtype=np.float64)
+        return self
+
+    def score(
+        self, split: UserSplit, users: np.ndarray, histories: list[np.ndarray], which: str
+    ) -> np.ndarray:
+        if self.weights is None or self.items is None or self.column_of is None:
+            raise RuntimeError("DPEASE is not fitted; call .fit_gram(...) first")
+        m = len(self.items)
+        x = _binary_rows(histories, self.column_of, m)  # (B, M)
+        inside = x @ self.weights  # (B, M)
+        out = np.full((len(histories), split.n_items), OUT_OF_SUPPORT_SCORE, dtype=np.float64)  # (B, N)
+        if self.prior is not None:
+            ranked = np.argsort(np.argsort(self.prior, kind="stable"), kind="stable") / len(self.prior)
+            out += ranked[None, :]  # keeps the prior's order outside the support, below every item inside
+        out[:, self.items] = inside
+        return out
+
+
+@dataclass
+class EigenGram:
+    """Top eigenvectors of the noisy Gram as frozen item representations (the ablation of DP-EASE).
+
+    On the rule's support, keep the components of ``G̃_M`` whose eigenvalue exceeds ``edge_mult``
+    times the noise edge ``2·s·√M`` and score ``x_h · V diag(1 − edge/λ_k) Vᵀ`` (each kept component
+    shrunk by how far it clears the edge). ``components`` is how many survive — the "only components
+    above the noise survive" figure of the issue. ``vectors`` (M, k) can initialise a model's item table.
+    """
+
+    rule: DPEASERule = field(default_factory=DPEASERule)
+    edge_mult: float = 1.0
+    vectors: np.ndarray | None = field(default=None, repr=False)  # (M, k)
+    shrink: np.ndarray | None = field(default=None, repr=False)  # (k,)
+    items: np.ndarray | None = field(default=None, repr=False)
+    column_of: np.ndarray | None = field(default=None, repr=False)
+    components: int = 0
+
+    def fit_gram(self, gram: np.ndarray, *, offdiag_std: float, diag_std: float, users: int) -> EigenGram:
+        n = gram.shape[0]
+        support = self.rule.support(np.diag(gram), diag_std)
+        m = len(support)
+        a = gram[np.ix_(support, support)]
+        vals, vecs = np.linalg.eigh(0.5 * (a + a.T))  # ascending
+        edge = self.edge_mult * 2.0 * offdiag_std * math.sqrt(m)
+        keep = vals > max(edge, 1e-12)
+        self.vectors = vecs[:, keep]
+        self.shrink = 1.0 - edge / vals[keep]
+        self.components = int(keep.sum())
+        self.items = support
+        self.column_of = np.full(n, -1, dtype=np.int64)
+        self.column_of[support] = np.arange(m)
+        return self
+
+    def score(
+        self, split: UserSplit, users: np.ndarray, histories: list[np.ndarray], which: str
+    ) -> np.ndarray:
+        if self.vectors is None or self.shrink is None or self.items is None or self.column_of is None:
+            raise RuntimeError("EigenGram is not fitted; call .fit_gram(...) first")
+        x = _binary_rows(histories, self.column_of, len(self.items))  # (B, M)
+        inside = ((x @ self.vectors) * self.shrink[None, :]) @ self.vectors.T  # (B, M)
+        out = np.full((len(histories), split.n_items), OUT_OF_SUPPORT_SCORE, dtype=np.float64)
+        out[:, self.items] = inside
+        return out
