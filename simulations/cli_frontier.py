@@ -1,0 +1,89 @@
+"""``fedrec frontier``: regenerate the privacy–utility frontier (PNG, CSV, Markdown)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from shared_model.errors import FedrecError
+
+err_console = Console(stderr=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``frontier`` to the ``fedrec`` app."""
+    app.command("frontier")(frontier)
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise FedrecError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise FedrecError(f"{name} must list integers ≥ 1, got {text!r}")
+    return values
+
+
+def _epsilons(text: str) -> tuple[float, ...]:
+    out = []
+    for part in text.split(","):
+        p = part.strip().lower()
+        if not p:
+            continue
+        try:
+            v = math.inf if p in ("inf", "∞") else float(p)
+        except ValueError:
+            raise FedrecError(f"--epsilons must be numbers or 'inf', got {part!r}") from None
+        if not v > 0 or math.isnan(v):
+            raise FedrecError(f"--epsilons must be > 0, got {part!r}")
+        out.append(v)
+    if not out:
+        raise FedrecError("--epsilons is empty")
+    return tuple(out)
+
+
+def frontier(
+    out: Annotated[Path, typer.Option("--out", help="Folder for frontier.png/.csv/.md (created).")],
+    users: Annotated[
+        str, typer.Option("--users", help="Total synthetic users per data set, comma-separated.")
+    ] = "1000,10000,100000",
+    epsilons: Annotated[
+        str, typer.Option("--epsilons", help="ε values, comma-separated ('inf' = no noise).")
+    ] = ("1,2,4,8,inf"),
+    seeds: Annotated[
+        int, typer.Option("--seeds", min=1, help="Seeds per point (the median is reported).")
+    ] = 3,
+    tenants: Annotated[int, typer.Option("--tenants", min=1, help="Tenants (iid partition).")] = 5,
+    items: Annotated[int, typer.Option("--items", min=10, help="Synthetic catalogue size.")] = 1000,
+    eval_users: Annotated[
+        int, typer.Option("--eval-users", min=100, help="Test users evaluated per run (a fixed sample).")
+    ] = 5000,
+    include_ml100k: Annotated[
+        Path | None,
+        typer.Option("--include-ml100k", help="Also the MovieLens-100K folder at PATH (read in place)."),
+    ] = None,
+    delta: Annotated[float, typer.Option("--delta", help="δ of every release.")] = 1e-5,
+) -> None:
+    """Full HR@10 vs ε of DP popularity and DP-EASE (local and distributed noise), median of seeds."""
+    from simulations.frontier import FrontierConfig, run_frontier, write_outputs
+
+    if include_ml100k is not None and not include_ml100k.exists():
+        raise FedrecError(f"--include-ml100k {include_ml100k} does not exist")
+    cfg = FrontierConfig(
+        users=_ints(users, "--users") if users.strip() else (),
+        epsilons=_epsilons(epsilons),
+        seeds=seeds,
+        tenants=tenants,
+        items=items,
+        delta=delta,
+        eval_users=eval_users,
+        ml100k=include_ml100k,
+    )
+    rows = run_frontier(cfg, log=lambda s: err_console.print(s, highlight=False))
+    for p in write_outputs(out, rows):
+        err_console.print(f"wrote {p}")
