@@ -18,6 +18,7 @@ than on many (its cost grows with the number of *distinct* segments).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -102,6 +103,13 @@ def epsilon(*, history: Iterable[Sequence[float]], delta: float, accountant: Acc
     segments = merge_history(validate_history(history))
     if not segments:
         return 0.0
+    return _epsilon_of(tuple(sorted(segments)), float(delta), kind)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_of(segments: tuple[Segment, ...], delta: float, kind: str) -> float:
+    """Memoized: the function is pure, and equally sized tenants (or repeated budget checks) ask the
+    same question many times — one PRV evaluation costs 0.1–1 s."""
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     acc = PRVAccountant() if kind == "prv" else RDPAccountant()
