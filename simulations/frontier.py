@@ -93,6 +93,7 @@ def frontier_points(
     sizes = [t.users for t in tenants]
     rows: list[dict[str, Any]] = []
     base = {
+        "tenant_users": "/".join(str(n) for n in sizes),
         "dataset": name,
         "users": split.n_users,
         "items": split.n_items,
@@ -167,19 +168,45 @@ def frontier_points(
                 if r["epsilon"] == eps and r["approach"] != "popularity"
             )
         )
-    # The automatic choice, from public facts only, per ε and mode.
-    for eps in cfg.epsilons:
-        sigma = gram.calibrate_release_sigma(target_epsilon=eps, delta=cfg.delta, accountant=cfg.accountant)  # type: ignore[arg-type]
-        for mode in cfg.modes if sigma > 0 else ("none",):
-            c = choose(
-                sizes, sigma, noise_mode="distributed" if mode == "distributed" else "local", epsilon=eps
-            )
-            picked = "dp_ease" if c.approach in ("ease", "dp_ease") else "dp_popularity"
-            src = next(
-                r for r in rows if r["epsilon"] == eps and r["mode"] == mode and r["approach"] == picked
-            )
-            add(eps, "chosen", mode, src["hr@10"], src["ndcg@10"], picked=c.approach, reason=c.reason)
     return rows
+
+
+def add_choices(
+    rows: Sequence[dict[str, Any]], *, delta: float = 1e-5, accountant: str = "prv"
+) -> list[dict[str, Any]]:
+    """``rows`` plus one ``chosen`` row per (dataset, seed, ε, mode): what ``shared_model.choose`` picks
+    from public facts (tenant sizes, σ, noise mode), with the measured HR@10 of the picked approach."""
+    out = [r for r in rows if r["approach"] != "chosen"]
+    sigmas: dict[float, float] = {}
+    keys = dict.fromkeys(
+        (r["dataset"], r["seed"], float(r["epsilon"]), r["mode"]) for r in out if r["approach"] == "dp_ease"
+    )
+    for ds, seed, eps, mode in keys:
+        if eps not in sigmas:
+            sigmas[eps] = gram.calibrate_release_sigma(target_epsilon=eps, delta=delta, accountant=accountant)  # type: ignore[arg-type]
+        same = [r for r in out if r["dataset"] == ds and r["seed"] == seed and float(r["epsilon"]) == eps]
+        sizes = [int(n) for n in str(same[0]["tenant_users"]).split("/")]
+        c = choose(
+            sizes, sigmas[eps], noise_mode="distributed" if mode == "distributed" else "local", epsilon=eps
+        )
+        picked = "dp_ease" if c.approach in ("ease", "dp_ease") else "dp_popularity"
+        src = next(r for r in same if r["mode"] == mode and r["approach"] == picked)
+        keep = (
+            "tenant_users",
+            "dataset",
+            "users",
+            "items",
+            "seed",
+            "tenants",
+            "epsilon",
+            "mode",
+            "hr@10",
+            "ndcg@10",
+        )
+        out.append(
+            {**{k: src[k] for k in keep}, "approach": "chosen", "picked": c.approach, "reason": c.reason}
+        )
+    return out
 
 
 def load_synthetic(users: int, items: int, seed: int) -> tuple[UserSplit, Catalog]:
@@ -226,7 +253,7 @@ def run_frontier(cfg: FrontierConfig, log: Callable[[str], None] = print) -> lis
                 f"({time.perf_counter() - t0:.1f}s to load)"
             )
             rows += frontier_points(name, split, catalog, cfg, seed, log)
-    return rows
+    return add_choices(rows, delta=cfg.delta, accountant=cfg.accountant)
 
 
 def median_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
