@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +156,28 @@ def test_bad_arguments() -> None:
         gram.ReleaseNoise(sigma=-1.0, pop_share=0.5)
     with pytest.raises(BudgetError):
         gram.unit_rows(np.array([0, 1]), np.array([7]), 3)
+
+
+def test_release_is_one_budget_segment_that_composes_with_dp_sgd(tmp_path: Path) -> None:
+    """Charging the release as round 0 (σ, q=1, steps=1) gives the ledger fields' ε; DP-SGD composes after."""
+    from privacy.budget import TenantBudget
+
+    sigma = gram.calibrate_release_sigma(target_epsilon=2.0, delta=1e-5)
+    budget = TenantBudget(tmp_path, tenant_id="tenant-0", cap=4.0, delta=1e-5)
+    eps = budget.charge(round=0, noise_multiplier=sigma, sample_rate=1.0, steps=1)
+    fields = gram.release_ledger_fields(
+        tenant="tenant-0",
+        users=50,
+        sigma=sigma,
+        shares=1,
+        pop_share=0.0,
+        delta=1e-5,
+        accountant="prv",
+        cap=4.0,
+    )
+    assert eps == pytest.approx(fields["epsilon"]) and eps <= 2.0
+    dp_sgd_sigma = calibrate_noise(
+        target_epsilon=4.0, delta=1e-5, sample_rate=0.1, steps=50, history_before=budget.history
+    )
+    after = budget.charge(round=1, noise_multiplier=dp_sgd_sigma, sample_rate=0.1, steps=50)
+    assert 2.0 < after <= 4.0
