@@ -6,14 +6,16 @@ parsed and drawn in :class:`shared_model.runconfig.RunConfig`, so the server can
 
 * dropout — the tenant misses the round before training (nothing charged, no reply but an error);
 * crash — the tenant's client process dies mid-round: *after* the round was charged and logged,
-  *before* the update leaves (``os._exit``: Ray reports the dead actor, the round goes on);
+  *before* the update leaves. It is an unhandled :class:`SimulatedCrash`, not ``os._exit``: Flower
+  1.42's Ray actor pool keeps routing messages to a dead actor (after one ``os._exit`` every tenant
+  failed every later round), while an exception gives the server the same view — an error reply,
+  the update lost, nothing of the node's in-memory state saved — and the round goes on. What persists
+  (budget, ledger, on disk) is exactly what a real crash leaves;
 * adversary — the honest update is corrupted before it is sent (see :func:`corrupt`).
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,11 +24,13 @@ import numpy as np
 from shared_model.codec import Weights
 from shared_model.runconfig import RunConfig
 
-CRASH_EXIT_CODE = 77
-
 
 class SimulatedDropout(RuntimeError):
     """Raised by a tenant that misses a round (the server sees an error reply, like a lost node)."""
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by a tenant whose process 'dies' after charging a round, before its update leaves."""
 
 
 def simulated(node_config: Mapping[str, Any]) -> bool:
@@ -40,8 +44,9 @@ def maybe_drop(cfg: RunConfig, node_config: Mapping[str, Any], tenant: str, roun
 
 def maybe_crash(cfg: RunConfig, node_config: Mapping[str, Any], tenant: str, round_: int) -> None:
     if simulated(node_config) and round_ in cfg.crash_rounds().get(tenant, set()):
-        print(f"{tenant}: simulated crash in round {round_} (fault-crash)", file=sys.stderr, flush=True)
-        os._exit(CRASH_EXIT_CODE)
+        raise SimulatedCrash(
+            f"{tenant} crashed mid-round {round_}, after charging it (simulated, fault-crash)"
+        )
 
 
 def adversary_kind(cfg: RunConfig, node_config: Mapping[str, Any], tenant: str) -> str | None:

@@ -393,10 +393,10 @@ class _Federation:
                 info["aggregated"] = not res.halted
                 rd.contributors.append(_tenant)
                 weights += weight
-        for nid in sorted(set(self.nodes) - set(res.reports)):
-            rd.failure(nid, "dropped out of SecAgg+ (no masked update; masks recovered from shares)")
         for failed_node, reason in res.failures:
             rd.failure(failed_node, reason)
+        if not res.halted:
+            rd.row["secagg"]["recovered_dropouts"] = len(set(self.nodes) - set(res.reports))
         if res.halted or res.mean_delta is None:
             self.unchanged(rd, res.halted or "SecAgg+ returned no sum")
             return

@@ -19,13 +19,15 @@ round loop (``server.loop``), so checkpoints, ledgers, evaluation and resume sta
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SaKey
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import ClientManager, SimpleClientManager
@@ -35,6 +37,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from shared_model.codec import Weights
 
@@ -59,7 +62,7 @@ class SecureRound:
 
     mean_delta: Weights | None  # Σ w_t·Δ_t / Σ w_t, or None when the protocol halted / no weight
     reports: dict[int, dict[str, Any]] = field(default_factory=dict)  # node → clear-text status
-    failures: list[tuple[int | None, str]] = field(default_factory=list)
+    failures: list[tuple[int, str]] = field(default_factory=list)  # (node, stage: reason)
     halted: str = ""
 
 
@@ -89,6 +92,57 @@ class _CaptureStrategy(LegacyFedAvg):
         self.results, self.failures = results, list(failures)
         self.aggregate = results[0][1].parameters if results else None
         return None, {}
+
+
+class _WatchedGrid(Grid):
+    """The run's grid, noting which node failed which SecAgg+ stage (and why) for rounds.jsonl."""
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+        self.errors: list[tuple[int, str]] = []
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        sent = list(messages)
+        stage = ""
+        if sent and RECORD_KEY_CONFIGS in sent[0].content.config_records:
+            stage = str(sent[0].content.config_records[RECORD_KEY_CONFIGS].get(SaKey.STAGE, ""))
+        replies = list(self.inner.send_and_receive(sent, timeout=timeout))
+        answered = {r.metadata.src_node_id for r in replies}
+        for r in replies:
+            if r.has_error():
+                self.errors.append((r.metadata.src_node_id, f"SecAgg+ {stage}: {_reason(r.error.reason)}"))
+        for m in sent:
+            if m.metadata.dst_node_id not in answered:
+                self.errors.append((m.metadata.dst_node_id, f"SecAgg+ {stage}: no reply within {timeout} s"))
+        return replies
 
 
 class SecureAggregator:
@@ -151,9 +205,10 @@ class SecureAggregator:
             }
 
         strategy = _CaptureStrategy(config_for)
+        grid = _WatchedGrid(self.grid)
         manager = SimpleClientManager()
         for nid in self.nodes:
-            manager.register(GridClientProxy(node_id=nid, grid=self.grid, run_id=self.grid.run.run_id))
+            manager.register(GridClientProxy(node_id=nid, grid=grid, run_id=grid.run.run_id))
         legacy = LegacyContext(
             context=Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
             config=ServerConfig(num_rounds=self.num_rounds),
@@ -167,13 +222,11 @@ class SecureAggregator:
         legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: rnd})
         # Every tenant with weight 0 (capped, refused) makes Flower divide by 0: an inf we then refuse.
         with np.errstate(divide="ignore", invalid="ignore"):
-            self.workflow(self.grid, legacy)
+            self.workflow(grid, legacy)
 
-        out = SecureRound(mean_delta=None)
+        out = SecureRound(mean_delta=None, failures=list(grid.errors))
         for proxy, res in strategy.results:
             out.reports[int(proxy.node_id)] = {**res.metrics, "num-examples": res.num_examples}
-        for failure in strategy.failures:
-            out.failures.append((None, _reason(failure)))
         if strategy.aggregate is None:
             out.halted = (
                 f"SecAgg+ halted: fewer than {self.threshold} of {len(self.nodes)} tenants "

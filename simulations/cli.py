@@ -192,7 +192,9 @@ def centralized(
 # ------------------------------------------------------------------ simulate
 @app.command()
 def simulate(
-    out: Annotated[Path, typer.Option("--out", help="RUN_DIR to write (atomically).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="RUN_DIR to write (atomically); not with --resume.")
+    ] = None,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Federated rounds.")] = 5,
     data: Annotated[
         str | None,
@@ -219,6 +221,37 @@ def simulate(
     ] = 64,
     lr: Annotated[float, typer.Option("--lr", help="Local Adam learning rate.")] = 3e-3,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Per-user clipping bound C.")] = 1.0,
+    secagg: Annotated[
+        bool,
+        typer.Option("--secagg", help="SecAgg+: the server sees only the masked sum of the tenants' deltas."),
+    ] = False,
+    aggregation: Annotated[
+        str,
+        typer.Option("--aggregation", help="fedavg | median | trimmed:B (robust rules refuse --secagg)."),
+    ] = "fedavg",
+    max_update_norm: Annotated[
+        float, typer.Option("--max-update-norm", help="L2 bound on one tenant's update per round.")
+    ] = 20.0,
+    round_timeout: Annotated[
+        float, typer.Option("--round-timeout", help="Seconds to wait for a round (each SecAgg+ stage).")
+    ] = 1800.0,
+    dropout: Annotated[
+        float, typer.Option("--dropout", help="Simulated: each tenant misses a round with probability P.")
+    ] = 0.0,
+    crash: Annotated[
+        list[str] | None,
+        typer.Option("--crash", help="Simulated: TENANT@ROUND, the tenant's process dies mid-round."),
+    ] = None,
+    adversary: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adversary", help="Simulated: TENANT:nan|inf|scale=F|signflip|shape|dtype|keys|users=N."
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Continue the interrupted run to this RUN_DIR from its checkpoint."),
+    ] = None,
     columns: ColumnsOpt = None,
     seed: SeedOpt = 0,
     min_rating: MinRatingOpt = None,
@@ -230,10 +263,28 @@ def simulate(
     """Multi-tenant federated training with user-level DP (Flower simulation, one node per tenant)."""
     from shared_model.runconfig import RunConfig
     from simulations.rundir import check_out_dir
+    from simulations.simulate import resume as resume_run
     from simulations.simulate import simulate as run
 
+    def log(line: str) -> None:
+        err_console.print(f"[dim]{line}[/dim]", highlight=False, soft_wrap=True)
+
+    if resume is not None:
+        if out is not None or data is not None or federation is not None:
+            raise FedrecError(
+                "--resume RUN_DIR takes the run's own configuration; drop --out/--data/--federation"
+            )
+        print_run_summary(resume, resume_run(resume, verbose=verbose, log=log))
+        return
+    if out is None:
+        raise FedrecError("give --out RUN_DIR (or --resume RUN_DIR to continue an interrupted run)")
     if data is not None and federation is not None:
         raise FedrecError("give either --data or --federation, not both")
+    if secagg and aggregation.strip() != "fedavg":
+        raise FedrecError(
+            f"--aggregation {aggregation} needs every update in the clear; with --secagg the server sees "
+            "only their sum (use fedavg)"
+        )
     check_out_dir(out, overwrite=overwrite)
     cfg = RunConfig(
         num_server_rounds=rounds,
@@ -246,6 +297,13 @@ def simulate(
         lr=lr,
         max_grad_norm=max_grad_norm,
         seed=seed,
+        secagg=secagg,
+        aggregation=aggregation.strip(),
+        max_update_norm=max_update_norm,
+        round_timeout=round_timeout,
+        fault_dropout=dropout,
+        fault_crash=",".join(crash or []),
+        fault_adversary=",".join(adversary or []),
     )
     prepare = None
     if federation is None:
@@ -267,13 +325,13 @@ def simulate(
         prepare=prepare,
         overwrite=overwrite,
         verbose=verbose,
-        log=lambda line: err_console.print(f"[dim]{line}[/dim]"),
+        log=log,
     )
     print_run_summary(out, metrics)
 
 
 def print_run_summary(out: Path, metrics: dict[str, Any]) -> None:
-    """Per-tenant privacy table and the global metrics next to the baselines."""
+    """Per-tenant privacy table, what the robustness machinery did, the metrics next to the baselines."""
     privacy = json.loads((out / "privacy.json").read_text(encoding="utf-8"))
     if privacy.get("dp"):
         title = (
@@ -291,8 +349,29 @@ def print_run_summary(out: Path, metrics: dict[str, Any]) -> None:
         cap = "—" if info["cap"] is None else f"{info['cap']:g}"
         t.add_row(name, str(info["users"]), str(info["rounds_trained"]), eps, cap, info["status"])
     out_console.print(t)
-    rows = {"federated mlp (this run)": metrics, **metrics.get("baselines", {})}
-    print_metrics_table(f"test metrics — {metrics['dataset'].get('source', '')}", rows)
+    rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text(encoding="utf-8").splitlines() if x]
+    rejected = sum(1 for r in rows for i in r["tenants"].values() if i["status"] == "rejected")
+    failures = sum(len(r["failures"]) for r in rows)
+    unchanged = sum(1 for r in rows if not r.get("aggregated"))
+    sa = privacy.get("secagg")
+    out_console.print(
+        (
+            f"SecAgg+: on (threshold {sa['threshold']} of {sa['num_shares']}, ±{sa['clipping_range']:g}); "
+            if sa
+            else "SecAgg+: off; "
+        )
+        + f"rejected updates: {rejected}; failed replies: {failures}; rounds without an update: {unchanged}"
+        + (
+            f"; resumed {sum(1 for r in rows if 'resumed_from' in r)}×"
+            if any("resumed_from" in r for r in rows)
+            else ""
+        )
+        + " (details per round in rounds.jsonl)",
+        soft_wrap=True,
+        highlight=False,
+    )
+    rows_m = {"federated mlp (this run)": metrics, **metrics.get("baselines", {})}
+    print_metrics_table(f"test metrics — {metrics['dataset'].get('source', '')}", rows_m)
     out_console.print(f"{metrics['seconds']:.1f} s; run files in {out}")
 
 

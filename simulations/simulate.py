@@ -6,8 +6,17 @@
 3. the Flower run (one virtual SuperNode per tenant, 1 CPU each; the ServerApp writes RUN_DIR);
 4. baselines in the same harness: popularity, and DP popularity at each tenant's cap (each tenant
    releases its user-level item vector once with the Gaussian mechanism; the server sums);
-5. RUN_DIR is written into a temp dir and renamed at the end: a failed run is never half-reported as
-   a success. Ray is shut down and temp folders removed even on Ctrl-C or failure.
+5. RUN_DIR is written into a work dir beside it, ``.<name>.partial/``, renamed at the end: a failed
+   run is never half-reported as a success. Ray is shut down even on Ctrl-C or failure.
+
+Crash-resume: the work dir has a stable name and holds ``resume.json`` (the resolved run config and
+where the federation is) from the start. A run killed or failed after its first checkpoint leaves the
+work dir — and a ``--data`` federation in its private temp folder, keys with it — in place;
+``fedrec simulate --resume RUN_DIR`` continues it from the last complete round (the tenants' budget
+state and ledgers live in the federation folder, so they persist too). A run that stops before any
+round completed is cleaned up as before. Only a completed run deletes a ``--data`` federation; for runs
+that must survive a reboot (which may clear /tmp), prepare with ``fedrec prepare`` and use
+``--federation``.
 """
 
 from __future__ import annotations
@@ -33,7 +42,9 @@ from shared_model.evaluate import evaluate
 from shared_model.runconfig import RunConfig
 from simulations.errors import DataError
 from simulations.flower_runner import run_simulation
-from simulations.rundir import atomic_dir
+from simulations.rundir import check_out_dir
+
+RESUME_MARKER = "resume.json"
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,11 @@ def baselines(fed: Federation, splits: dict[str, UserSplit], cfg: RunConfig) -> 
     return out
 
 
+def work_dir(out: Path) -> Path:
+    """Where a run to ``out`` is written until it completes (a stable name, so it can be resumed)."""
+    return out.parent / f".{out.name}.partial"
+
+
 def simulate(
     cfg: RunConfig,
     out: Path,
@@ -133,6 +149,15 @@ def simulate(
 ) -> dict[str, Any]:
     """Run a federation into ``out`` (see module docstring). ``prepare(fed_dir)`` builds a federation."""
     t0 = time.perf_counter()
+    check_out_dir(out, overwrite=overwrite)
+    work = work_dir(out)
+    if work.exists():
+        if not overwrite:
+            raise DataError(
+                f"an interrupted run to {out} is waiting in {work}; continue it with "
+                f"`fedrec simulate --resume {out}` or pass --overwrite to start over"
+            )
+        _discard(work)
     tmp_fed: Path | None = None
     try:
         if federation is None:
@@ -144,45 +169,129 @@ def simulate(
         else:
             fed_dir = federation
         fed = open_federation(fed_dir)
-        with atomic_dir(out, overwrite=overwrite) as run_tmp:
-            run_cfg = RunConfig.from_mapping(
-                {
-                    **cfg.to_mapping(),
-                    "fed-dir": str(fed_dir.resolve()),
-                    "run-dir": str(run_tmp.resolve()),
-                    "run-name": cfg.run_name if cfg.run_name != "run" else f"sim-{uuid.uuid4().hex[:10]}",
-                    "num-tenants": len(fed.tenants),
-                }
-            )
-            preflight(fed, run_cfg)
-            try:
-                run_simulation(run_cfg.to_mapping(), len(fed.tenants), verbose=verbose)
-            finally:
-                _shutdown_ray()
-            if not (run_tmp / "metrics.json").is_file():
-                raise DataError("the federated run ended without writing its metrics (see the log above)")
-            log("baselines (popularity, DP popularity) …")
-            splits = load_tenant_splits(fed)
-            metrics = json.loads((run_tmp / "metrics.json").read_text(encoding="utf-8"))
-            metrics["baselines"] = baselines(fed, splits, run_cfg)
-            union_users = sum(s.n_users for s in splits.values())
-            metrics["dataset"] = {
-                "source": json.loads((fed_dir / "federation.json").read_text(encoding="utf-8")).get(
-                    "source", ""
-                ),
-                "users": union_users,
-                "items": fed.catalog.n_items,
-                "interactions": int(
-                    sum(s.n_train + 2 * int((s.test_item >= 0).sum()) for s in splits.values())
-                ),
-                "tenants": len(fed.tenants),
+        run_cfg = RunConfig.from_mapping(
+            {
+                **cfg.to_mapping(),
+                "fed-dir": str(fed_dir.resolve()),
+                "run-dir": str(work.resolve()),
+                "run-name": cfg.run_name if cfg.run_name != "run" else f"sim-{uuid.uuid4().hex[:10]}",
+                "num-tenants": len(fed.tenants),
             }
-            metrics["seconds"] = round(time.perf_counter() - t0, 3)
-            write_json_atomic(run_tmp / "metrics.json", metrics)
-        return metrics
-    finally:
+        )
+        preflight(fed, run_cfg)
+        work.mkdir(parents=True)
+        marker = {
+            "out": str(out.resolve()),
+            "fed_dir": str(fed_dir.resolve()),
+            "temp_fed": str(tmp_fed) if tmp_fed else None,
+            "run_config": run_cfg.to_mapping(),
+        }
+        write_json_atomic(work / RESUME_MARKER, marker)
+    except BaseException:
         if tmp_fed is not None:
             shutil.rmtree(tmp_fed, ignore_errors=True)
+        raise
+    return _run_to_completion(fed, run_cfg, out, work, tmp_fed, t0, verbose=verbose, log=log)
+
+
+def resume(out: Path, *, verbose: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Continue the interrupted run to ``out`` from its last complete round."""
+    t0 = time.perf_counter()
+    work = work_dir(out)
+    marker_path = work / RESUME_MARKER
+    if not marker_path.is_file():
+        if out.is_dir() and (out / "metrics.json").is_file():
+            raise DataError(f"{out} is a completed run; there is nothing to resume")
+        raise DataError(f"nothing to resume for {out}: {marker_path} does not exist")
+    marker = json.loads(marker_path.read_text(encoding="utf-8"))
+    fed_dir = Path(marker["fed_dir"])
+    if not (fed_dir / "federation.json").is_file():
+        raise DataError(
+            f"cannot resume {out}: its federation {fed_dir} is gone (and with it the tenants' state)"
+        )
+    check_out_dir(out, overwrite=False)
+    run_cfg = RunConfig.from_mapping({**marker["run_config"], "resume": True})
+    fed = open_federation(fed_dir)
+    preflight(fed, run_cfg)
+    done = _checkpoint_round(work)
+    log(f"resuming {out} after round {done} of {run_cfg.num_server_rounds}")
+    tmp_fed = Path(marker["temp_fed"]) if marker.get("temp_fed") else None
+    return _run_to_completion(fed, run_cfg, out, work, tmp_fed, t0, verbose=verbose, log=log)
+
+
+def _checkpoint_round(work: Path) -> int:
+    path = work / "checkpoint" / "round.json"
+    return int(json.loads(path.read_text(encoding="utf-8"))["round"]) if path.is_file() else 0
+
+
+def _run_to_completion(
+    fed: Federation,
+    run_cfg: RunConfig,
+    out: Path,
+    work: Path,
+    tmp_fed: Path | None,
+    t0: float,
+    *,
+    verbose: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The Flower run, baselines, then the rename; on failure keep what a resume needs."""
+    fed_dir = fed.fed_dir
+    try:
+        try:
+            run_simulation(run_cfg.to_mapping(), len(fed.tenants), verbose=verbose)
+        finally:
+            _shutdown_ray()
+        if not (work / "metrics.json").is_file():
+            raise DataError("the federated run ended without writing its metrics (see the log above)")
+        log("baselines (popularity, DP popularity) …")
+        splits = load_tenant_splits(fed)
+        metrics = json.loads((work / "metrics.json").read_text(encoding="utf-8"))
+        metrics["baselines"] = baselines(fed, splits, run_cfg)
+        union_users = sum(s.n_users for s in splits.values())
+        metrics["dataset"] = {
+            "source": json.loads((fed_dir / "federation.json").read_text(encoding="utf-8")).get("source", ""),
+            "users": union_users,
+            "items": fed.catalog.n_items,
+            "interactions": int(sum(s.n_train + 2 * int((s.test_item >= 0).sum()) for s in splits.values())),
+            "tenants": len(fed.tenants),
+        }
+        metrics["seconds"] = round(time.perf_counter() - t0, 3)
+        write_json_atomic(work / "metrics.json", metrics)
+    except BaseException as e:
+        done = _checkpoint_round(work)
+        if done == 0:
+            _discard(work)
+            raise
+        if isinstance(e, Exception):
+            raise DataError(
+                f"the run stopped after round {done} ({type(e).__name__}: {_first_line(e)}); "
+                f"continue it with `fedrec simulate --resume {out}`"
+            ) from e
+        log(f"interrupted after round {done}; continue with `fedrec simulate --resume {out}`")
+        raise
+    (work / RESUME_MARKER).unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    if tmp_fed is not None:
+        shutil.rmtree(tmp_fed, ignore_errors=True)
+    return metrics
+
+
+def _discard(work: Path) -> None:
+    """Remove a work dir and the private temp federation it points to (if any)."""
+    marker = work / RESUME_MARKER
+    if marker.is_file():
+        temp = json.loads(marker.read_text(encoding="utf-8")).get("temp_fed")
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[-1][:200] if text else ""
 
 
 def _shutdown_ray() -> None:
