@@ -89,6 +89,12 @@ def preflight(fed: Federation, cfg: RunConfig) -> None:
             raise DataError(f"tenant {t} has no users to train on")
         if cfg.dp:
             check_delta(delta=cfg.delta, n_users=n)
+    named = set(cfg.crash_rounds()) | set(cfg.adversaries())
+    unknown = sorted(named - set(fed.tenants))
+    if unknown:
+        raise DataError(f"--crash/--adversary name unknown tenant(s) {unknown}; tenants: {fed.tenants}")
+    if cfg.secagg and len(fed.tenants) < 2:
+        raise DataError("--secagg needs at least 2 tenants (3 or more to tolerate a dropout)")
 
 
 def load_tenant_splits(fed: Federation, keys_dir: Path | None = None) -> dict[str, UserSplit]:

@@ -165,3 +165,13 @@ def test_corrupt_kinds() -> None:
     assert "extra.weight" in corrupt("keys", upd, base, 5)[0]
     assert corrupt("users=-1", upd, base, 5)[1] == -1
     assert np.array_equal(upd["a"], np.ones((3, 2))), "the honest update is not modified in place"
+
+
+def test_preflight_refuses_faults_naming_unknown_tenants(fed: Path) -> None:
+    from simulations.errors import DataError
+    from simulations.simulate import open_federation, preflight
+
+    federation = open_federation(fed)
+    preflight(federation, RunConfig(dp=False, fault_adversary="tenant-0:nan"))
+    with pytest.raises(DataError, match="unknown tenant"):
+        preflight(federation, RunConfig(dp=False, fault_crash="tenant-99@1"))
