@@ -1,12 +1,15 @@
 """The coordinator's work, as a plain function over a Flower ``Grid``.
 
-Per round: broadcast the global weights → each tenant trains (or refuses: capped) → validate each
-visible update → FedAvg weighted by users trained → federated validation from running sums →
-``rounds.jsonl`` line, ledger copies and head hashes, atomic checkpoint. At the end: test metrics
-from sums (never an average of averages), ``privacy.json``, ``model.pt``/``model.json``, plots.
+Per round: broadcast the global weights (with the ledger head held for each tenant) → each tenant
+trains (or refuses: capped, already charged) → plain: validate each update and aggregate the accepted
+ones (fedavg | median | trimmed); SecAgg+: the tenants check and mask, the server unmasks only the
+weighted mean delta and checks it (``server.secagg``) → federated validation from running sums →
+``rounds.jsonl`` line (statuses, rejections with reasons, failures, the simulated-fault plan), ledger
+copies, then the checkpoint that ``resume`` continues from. At the end: test metrics from sums (never
+an average of averages), ``privacy.json``, ``model.pt``/``model.json``, plots.
 
-The server never sees a user id or an interaction; what it learns per tenant is the update, the
-number of users trained and budget figures.
+The server never sees a user id or an interaction; what it learns per tenant is the update (not
+under SecAgg+), the number of users trained and budget figures.
 """
 
 from __future__ import annotations
