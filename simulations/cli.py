@@ -145,12 +145,13 @@ def centralized(
     data: DataOpt = "synthetic",
     columns: ColumnsOpt = None,
     epochs: Annotated[
-        int, typer.Option("--epochs", min=1, help="Maximum epochs (early stopping on validation).")
-    ] = 120,
+        int | None,
+        typer.Option("--epochs", min=1, help="Maximum epochs, early stopping on validation [150]."),
+    ] = None,
     patience: Annotated[
-        int, typer.Option("--patience", min=1, help="Epochs without improvement before stopping.")
-    ] = 15,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 3e-3,
+        int | None, typer.Option("--patience", min=1, help="Epochs without improvement before stopping [40].")
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Adam learning rate [3e-3].")] = None,
     seed: SeedOpt = 0,
     min_rating: MinRatingOpt = None,
     synth_users: SynthUsersOpt = None,
@@ -165,7 +166,8 @@ def centralized(
 
     check_out_dir(out, overwrite=overwrite)
     prepared = load_prepared(data, columns, seed, min_rating, synth_users, synth_items)
-    cfg = CentralizedConfig(epochs=epochs, patience=patience, lr=lr, seed=seed)
+    given = {"epochs": epochs, "patience": patience, "lr": lr}
+    cfg = CentralizedConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
     resolved = {"data": data, "columns": columns, "min_rating": min_rating, "seed": seed}
     with Progress(
         TextColumn("[bold]epoch"),
@@ -175,7 +177,7 @@ def centralized(
         TimeElapsedColumn(),
         console=err_console,
     ) as progress:
-        task = progress.add_task("train", total=epochs, info="")
+        task = progress.add_task("train", total=cfg.epochs, info="")
 
         def on_epoch(epoch: int, loss: float, ndcg: float, improved: bool) -> None:
             star = "*" if improved else " "
@@ -440,10 +442,14 @@ def recommend(
 def _register_plugins() -> None:
     """Commands that live in their own modules (each exposes ``register(app)``)."""
     from server import cli_serve
-    from simulations import cli_prepare
+    from simulations import cli_audit, cli_bench, cli_deploy, cli_frontier, cli_prepare
 
     cli_prepare.register(app)
     cli_serve.register(app)
+    cli_audit.register(app)
+    cli_bench.register(app)
+    cli_frontier.register(app)
+    cli_deploy.register(app)
 
 
 _register_plugins()
