@@ -129,9 +129,17 @@ def bench_malformed(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- matrix
 def bench_matrix(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from shared_model.artifacts import load_model
     from shared_model.runconfig import RunConfig
 
+    def params(run: Path) -> np.ndarray:
+        model = load_model(run).model
+        return np.concatenate([p.detach().numpy().ravel() for _, p in model.named_parameters()])
+
     root = Path(tempfile.mkdtemp(prefix="bench-matrix-"))
+    clean: np.ndarray | None = None  # the clean fedavg model: what "not moved" means
     for adversary in ("", "tenant-0:scale=1e6", "tenant-0:signflip"):
         for aggregation in ("fedavg", "median", "trimmed:0.2"):
             run = root / f"{aggregation}-{adversary or 'clean'}".replace(":", "_")
@@ -151,6 +159,10 @@ def bench_matrix(args: argparse.Namespace) -> None:
             metrics = loopback_run(cfg, args.tenants)
             rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
             rejected = sum(1 for r in rows for i in r["tenants"].values() if i["status"] == "rejected")
+            w = params(run)
+            if clean is None:
+                clean = w
+            drift = float(np.linalg.norm(w - clean))
             emit(
                 args.out,
                 {
@@ -160,6 +172,7 @@ def bench_matrix(args: argparse.Namespace) -> None:
                     "hr@10": metrics["full"]["hr@10"],
                     "ndcg@10": metrics["full"]["ndcg@10"],
                     "rejected_updates": rejected,
+                    "l2_from_clean_fedavg_model": round(drift, 4),
                     "rounds": args.rounds,
                     "seconds": round(time.perf_counter() - t0, 1),
                 },
@@ -230,9 +243,10 @@ def bench_kills(args: argparse.Namespace) -> None:
     assert clean.returncode == 0, clean.stderr[-2000:]
     duration = time.perf_counter() - t0
     emit(args.out, {"bench": "kills-clean-run", "seconds": round(duration, 1), "rounds": args.rounds})
+    horizon = 0.9 * duration  # kill moments are drawn in [2 s, horizon]; shrunk when runs get faster
     for i in range(args.n):
         out = root / f"run-{i}"
-        at = rng.uniform(2.0, duration)
+        at = rng.uniform(2.0, horizon)
         proc = subprocess.Popen(
             [*base, "--out", str(out)],
             env=env(root),
@@ -240,9 +254,11 @@ def bench_kills(args: argparse.Namespace) -> None:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        started = time.perf_counter()
         try:
             proc.wait(timeout=at)
             finished_first = True
+            horizon = min(horizon, 0.9 * (time.perf_counter() - started))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

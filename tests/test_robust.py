@@ -175,3 +175,27 @@ def test_preflight_refuses_faults_naming_unknown_tenants(fed: Path) -> None:
     preflight(federation, RunConfig(dp=False, fault_adversary="tenant-0:nan"))
     with pytest.raises(DataError, match="unknown tenant"):
         preflight(federation, RunConfig(dp=False, fault_crash="tenant-99@1"))
+
+
+def test_simulated_dropouts_are_recorded_and_the_round_goes_on(fed: Path, tmp_path: Path) -> None:
+    n = len(MALFORMED) + 1
+    cfg = RunConfig(
+        fed_dir=str(fed),
+        run_dir=str(tmp_path / "run"),
+        run_name="dropout",
+        num_server_rounds=1,
+        num_tenants=n,
+        dp=False,
+        batch_users=16,
+        fault_dropout=0.4,
+        seed=3,
+    )
+    dropped = cfg.planned_faults([f"tenant-{i}" for i in range(n)], 1).get("dropout", [])
+    assert 0 < len(dropped) < n, "the seeded draw drops some tenants, not all"
+    run_federation(LoopbackGrid(app, cfg.to_mapping(), n), cfg, log=lambda _: None)
+    row = json.loads((tmp_path / "run" / "rounds.jsonl").read_text().splitlines()[0])
+    assert row["faults"]["dropout"] == dropped
+    reasons = [f["reason"] for f in row["failures"]]
+    assert len(reasons) == len(dropped)
+    assert all(any(f"{t} dropped out of round 1" in r for r in reasons) for t in dropped)
+    assert row["aggregated"] == n - len(dropped)
