@@ -44,14 +44,7 @@ from simulations.deploy import (
     split_address,
 )
 
-# `fedrec` with `deploy` registered (register() is idempotent, so this holds once simulations/cli.py
-# registers it too): the real main(), so user errors go through its one-line, exit-2 path.
-FEDREC = [
-    sys.executable,
-    "-c",
-    "import sys; from simulations import cli, cli_deploy; cli_deploy.register(cli.app); "
-    "sys.argv[0] = 'fedrec'; cli.main()",
-]
+FEDREC = [sys.executable, "-m", "simulations.cli"]
 APP_DIR = Path(__file__).resolve().parents[1]
 
 
