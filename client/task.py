@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from client.train import LocalTrainConfig, RoundStats, StepPlan, plan_round, train_round
 from client.vault import TenantData, load_tenant_cached
@@ -90,6 +91,9 @@ def local_config(cfg: RunConfig) -> LocalTrainConfig:
         lr=cfg.lr,
         max_grad_norm=cfg.max_grad_norm,
         sampling=SamplingConfig(max_history=cfg.max_history, targets=cfg.targets, negatives=cfg.negatives),
+        device="cuda"
+        if torch.cuda.is_available()
+        else "cpu",  # GPU where available (the model moves back to CPU to reply)
     )
 
 

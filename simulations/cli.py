@@ -261,6 +261,14 @@ def simulate(
     synth_items: SynthItemsOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing RUN_DIR.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's and Ray's logs.")] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="Join this running Ray cluster (IP:PORT of its head, as `ray start --head` prints) "
+            "instead of starting a local one.",
+        ),
+    ] = None,
 ) -> None:
     """Multi-tenant federated training with user-level DP (Flower simulation, one node per tenant)."""
     from shared_model.runconfig import RunConfig
@@ -276,7 +284,7 @@ def simulate(
             raise FedrecError(
                 "--resume RUN_DIR takes the run's own configuration; drop --out/--data/--federation"
             )
-        print_run_summary(resume, resume_run(resume, verbose=verbose, log=log))
+        print_run_summary(resume, resume_run(resume, verbose=verbose, log=log, ray_address=ray_address))
         return
     if out is None:
         raise FedrecError("give --out RUN_DIR (or --resume RUN_DIR to continue an interrupted run)")
@@ -328,6 +336,7 @@ def simulate(
         overwrite=overwrite,
         verbose=verbose,
         log=log,
+        ray_address=ray_address,
     )
     print_run_summary(out, metrics)
 

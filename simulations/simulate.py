@@ -152,6 +152,7 @@ def simulate(
     overwrite: bool = False,
     verbose: bool = False,
     log: Callable[[str], None] = print,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run a federation into ``out`` (see module docstring). ``prepare(fed_dir)`` builds a federation."""
     t0 = time.perf_counter()
@@ -197,10 +198,18 @@ def simulate(
         if tmp_fed is not None:
             shutil.rmtree(tmp_fed, ignore_errors=True)
         raise
-    return _run_to_completion(fed, run_cfg, out, work, tmp_fed, t0, verbose=verbose, log=log)
+    return _run_to_completion(
+        fed, run_cfg, out, work, tmp_fed, t0, verbose=verbose, log=log, ray_address=ray_address
+    )
 
 
-def resume(out: Path, *, verbose: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+def resume(
+    out: Path,
+    *,
+    verbose: bool = False,
+    log: Callable[[str], None] = print,
+    ray_address: str | None = None,
+) -> dict[str, Any]:
     """Continue the interrupted run to ``out`` from its last complete round."""
     t0 = time.perf_counter()
     work = work_dir(out)
@@ -222,7 +231,18 @@ def resume(out: Path, *, verbose: bool = False, log: Callable[[str], None] = pri
     done = _checkpoint_round(work)
     log(f"resuming {out} after round {done} of {run_cfg.num_server_rounds}")
     tmp_fed = Path(marker["temp_fed"]) if marker.get("temp_fed") else None
-    return _run_to_completion(fed, run_cfg, out, work, tmp_fed, t0, verbose=verbose, log=log)
+    return _run_to_completion(
+        fed, run_cfg, out, work, tmp_fed, t0, verbose=verbose, log=log, ray_address=ray_address
+    )
+
+
+def gpu_fraction(n_tenants: int) -> float:
+    """Share of a GPU per virtual SuperNode: the tenants split the local GPUs; 0 without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0
+    return min(1.0, torch.cuda.device_count() / max(1, n_tenants))
 
 
 def _checkpoint_round(work: Path) -> int:
@@ -240,12 +260,19 @@ def _run_to_completion(
     *,
     verbose: bool,
     log: Callable[[str], None],
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """The Flower run, baselines, then the rename; on failure keep what a resume needs."""
     fed_dir = fed.fed_dir
     try:
         try:
-            run_simulation(run_cfg.to_mapping(), len(fed.tenants), verbose=verbose)
+            run_simulation(
+                run_cfg.to_mapping(),
+                len(fed.tenants),
+                gpus_per_client=gpu_fraction(len(fed.tenants)),
+                ray_address=ray_address,
+                verbose=verbose,
+            )
         finally:
             _shutdown_ray()
         if not (work / "metrics.json").is_file():
