@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from typer.testing import CliRunner
 
 from simulations import cli_audit
 from simulations.cli import app
+from tests.flower_env import flower_env as shared_flower_env
 
 REPO = Path(__file__).resolve().parents[1]
 FEDREC = [
@@ -37,14 +37,7 @@ if not any(c.name == "audit" for c in app.registered_commands):
 
 
 def flower_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_HOME=tempfile.mkdtemp(prefix="flwr-home-"),
-    )
-    return env
+    return shared_flower_env(Path(tempfile.mkdtemp(prefix="flwr-")))
 
 
 def simulate(out: Path, *extra: str) -> Path:

@@ -26,6 +26,7 @@ from simulations.bench import (
 )
 from simulations.cli import app
 from simulations.cli_bench import register
+from tests.flower_env import flower_env
 
 runner = CliRunner()
 
@@ -143,18 +144,6 @@ try:
 finally:
     _shutdown_ray()
 """
-
-
-def flower_env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_HOME=str(tmp / "flwr-home"),
-        COLUMNS="200",
-    )
-    return env
 
 
 def free_port() -> int:

@@ -28,6 +28,7 @@ from simulations.dataset import prepare_dataset
 from simulations.loopback import LoopbackGrid
 from simulations.prepare import PrepareConfig, prepare_federation
 from simulations.sources import load
+from tests.flower_env import flower_env
 
 TENANTS, ROUNDS = 2, 3
 
@@ -119,18 +120,6 @@ def test_resume_after_a_kill_gives_valid_ledgers_and_the_same_rounds(
 
 
 # ---------------------------------------------------------------- the real thing (slow)
-def flower_env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_HOME=str(tmp / "flwr-home"),
-        COLUMNS="200",
-    )
-    return env
-
-
 @pytest.mark.slow
 def test_kill_9_of_fedrec_simulate_then_resume(fed: Path, tmp_path: Path) -> None:
     """SecAgg+ run, SIGKILLed after round 1's checkpoint, then --resume; in round 2 one of the two

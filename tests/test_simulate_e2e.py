@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,22 +19,11 @@ from privacy.ledger import max_recompute_error, read_entries, verify_chain
 from simulations.dataset import prepare_dataset
 from simulations.prepare import PrepareConfig, prepare_federation
 from simulations.sources import load
+from tests.flower_env import flower_env
 
 pytestmark = pytest.mark.slow
 
 FEDREC = [sys.executable, "-m", "simulations.cli"]
-
-
-def flower_env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_HOME=str(tmp / "flwr-home"),
-        COLUMNS="200",
-    )
-    return env
 
 
 @pytest.fixture(scope="module")
