@@ -36,6 +36,7 @@ from privacy.accounting import calibrate_noise, check_delta
 from privacy.budget import TenantBudget
 from privacy.ledger import GENESIS, Ledger
 from shared_model.codec import Weights, load_weights, parameter_weights, update_problem
+from shared_model.data import Catalog
 from shared_model.errors import FedrecError
 from shared_model.evaluate import evaluate
 from shared_model.model import HistoryMLP, ModelConfig
@@ -324,15 +325,6 @@ def tenant_evaluate(
     load_weights(model, weights)
     scorer = ModelScorer(model, local_config(cfg).sampling)
     # Genres for intra-list diversity come from the model's own (public) buffer.
-    from shared_model.data import Catalog
-
-    genres = model.genres[: model_cfg.n_items].numpy()
-    catalog = Catalog(
-        item_ids=tuple(str(i) for i in range(model_cfg.n_items)),
-        titles=("",) * model_cfg.n_items,
-        genre_names=tuple(f"g{j}" for j in range(genres.shape[1])),
-        genres=genres,
-        years=np.zeros(model_cfg.n_items, dtype=np.int32),
-    )
+    catalog = Catalog.from_genres(model.genres[: model_cfg.n_items].numpy())
     result = evaluate(scorer, data.split, catalog, which=which, seed=cfg.seed)
     return result.to_record()

@@ -55,6 +55,19 @@ class Catalog:
     def n_items(self) -> int:
         return len(self.item_ids)
 
+    @classmethod
+    def from_genres(cls, genres: np.ndarray) -> Catalog:
+        """An id-less catalogue over ``genres`` (n_items, n_genres): what evaluation needs (item count,
+        genre vectors for intra-list diversity) when only a model is at hand."""
+        n, g = genres.shape
+        return cls(
+            item_ids=tuple(str(i) for i in range(n)),
+            titles=("",) * n,
+            genre_names=tuple(f"g{j}" for j in range(g)),
+            genres=np.asarray(genres, dtype=np.float32),
+            years=np.zeros(n, dtype=np.int32),
+        )
+
     def cardinalities(self) -> tuple[int, ...]:
         """Embedding-table sizes of the user features, in ``USER_FEATURES`` order (incl. code 0)."""
         return tuple(len(self.user_vocab.get(f, ())) + 1 for f in USER_FEATURES)
