@@ -10,6 +10,11 @@ One ClientApp serves both aggregation paths (see README, Architecture):
   weight, which the mod quantizes, masks and strips before anything leaves the node. The plain-text
   part of that reply is the status and budget figures only.
 
+Item release (``phase`` = ``item-release`` in the train config, approaches ``dp_ease``/``dp_popularity``):
+the same ``train`` handler calls ``client.task.tenant_release`` instead of training; ``arrays`` then
+holds the noisy popularity vector and/or the packed noisy Gram — a DP release, charged and logged
+before it is sent, exactly like a DP-SGD update.
+
 Reply whitelist (tests inspect it): ``arrays`` holds shared parameters only; ``metrics`` holds the
 scalar keys in :data:`TRAIN_METRIC_KEYS`; ``status`` holds the tenant id, its status, a message and
 the ledger entries the server has not recorded yet (budget figures only, no user data).
@@ -39,12 +44,18 @@ from client.task import (
     resolve_tenant,
     secure_update,
     tenant_evaluate,
+    tenant_evaluate_items,
+    tenant_release,
     tenant_train,
 )
 from shared_model.codec import Weights, arrays_of, as_int, config_of, to_record
 from shared_model.errors import FedrecError
+from shared_model.item_model import ItemModelConfig
 from shared_model.model import ModelConfig
 from shared_model.runconfig import RunConfig
+
+#: The train-config value of ``phase`` that asks for the one-shot item release instead of training.
+ITEM_RELEASE = "item-release"
 
 #: Every metric a tenant may send after training (aggregate figures, nothing per user).
 TRAIN_METRIC_KEYS = (
@@ -90,6 +101,19 @@ def _run_round(
     return out, users
 
 
+def _run_release(
+    conf: Mapping[str, Any], cfg: RunConfig, paths: TenantPaths, context: Context
+) -> tuple[TrainOutcome, int]:
+    """The item release (simulated dropouts and crashes included, as for a training round)."""
+    rnd = as_int(conf["round"])
+    maybe_drop(cfg, context.node_config, paths.tenant_id, rnd)
+    out = tenant_release(
+        cfg, paths, rnd, pop_share=float(conf["pop-share"]), shares=as_int(conf.get("shares", 1))
+    )
+    maybe_crash(cfg, context.node_config, paths.tenant_id, rnd)  # charged, release not yet sent
+    return out, (out.users if out.status == "ok" else 0)
+
+
 def _figures(out: TrainOutcome, users: int) -> dict[str, int | float]:
     stats = out.stats
     return {
@@ -123,8 +147,11 @@ def train(msg: Message, context: Context) -> Message:
         raise FedrecError("this run uses SecAgg+: refusing to send an unmasked update")
     paths = resolve_tenant(context.node_config, cfg)
     conf = config_of(msg.content, "config")
-    weights = arrays_of(msg.content)
-    out, users = _run_round(weights, _model_cfg(conf), cfg, paths, context, as_int(conf["round"]))
+    if str(conf.get("phase", "")) == ITEM_RELEASE:
+        out, users = _run_release(conf, cfg, paths, context)
+    else:
+        weights = arrays_of(msg.content)
+        out, users = _run_round(weights, _model_cfg(conf), cfg, paths, context, as_int(conf["round"]))
     content = RecordDict(
         {
             "metrics": MetricRecord(dict(_figures(out, users))),
@@ -144,8 +171,12 @@ def _train_masked(msg: Message, context: Context, cfg: RunConfig) -> Message:
     weights = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
     param_keys = json.loads(str(conf["param-keys"]))
     paths = resolve_tenant(context.node_config, cfg)
-    out, users = _run_round(weights, _model_cfg(conf), cfg, paths, context, int(conf["round"]))
     protocol = context.state.config_records[RECORD_KEY_STATE]
+    if str(conf.get("phase", "")) == ITEM_RELEASE:
+        shapes = {k: weights[k].shape for k in param_keys}
+        clip = float(protocol["clipping_range"])  # type: ignore[arg-type]
+        return _release_masked(msg, conf, cfg, paths, context, shapes, clip)
+    out, users = _run_round(weights, _model_cfg(conf), cfg, paths, context, int(conf["round"]))
     upd = secure_update(
         out.weights,
         {k: weights[k] for k in param_keys},
@@ -164,16 +195,64 @@ def _train_masked(msg: Message, context: Context, cfg: RunConfig) -> Message:
     return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
+def _release_masked(
+    msg: Message,
+    conf: Mapping[str, Any],
+    cfg: RunConfig,
+    paths: TenantPaths,
+    context: Context,
+    shapes: Mapping[str, tuple[int, ...]],
+    clipping_range: float,
+) -> Message:
+    """The item release under SecAgg+: this tenant's noise share, masked by ``secaggplus_mod``.
+
+    The release is clipped to ±``clipping_range`` AFTER its noise is added (post-processing: no
+    privacy cost, and the mod then never clamps silently); weight 1, so the server unmasks the mean
+    of the contributors' releases and multiplies it back by their count.
+    """
+    out, _users = _run_release(conf, cfg, paths, context)
+    status = _status(out, paths, str(conf["ledger-head"]))
+    rel = out.weights if out.status == "ok" else None
+    ok = rel is not None and {k: v.shape for k, v in rel.items()} == dict(shapes)
+    if out.status == "ok" and not ok:
+        status["status"], status["message"] = "rejected", "the release does not match the server's request"
+    if rel is not None and ok:
+        delta = [np.clip(rel[k], -clipping_range, clipping_range).astype(np.float32) for k in shapes]
+    else:  # zeros, weight 0: adds nothing to the sum
+        delta = [np.zeros(shape, dtype=np.float32) for shape in shapes.values()]
+    weight = 1 if ok else 0
+    metrics: dict[str, Any] = {**_figures(out, weight), **status}
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), weight, metrics)
+    return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_mapping(context.run_config)
     paths = resolve_tenant(context.node_config, cfg)
     conf = config_of(msg.content, "config")
-    sums = tenant_evaluate(arrays_of(msg.content), _model_cfg(conf), cfg, paths, str(conf["which"]))
+    model_json = json.loads(str(conf["model-config"]))
+    weights = arrays_of(msg.content)
+    if "kind" in model_json:  # a model fitted from the item release
+        genres = weights.pop("genres")
+        item_cfg = ItemModelConfig.from_json(model_json)
+        sums = tenant_evaluate_items(weights, item_cfg, genres, cfg, paths, str(conf["which"]))
+    else:
+        sums = tenant_evaluate(weights, ModelConfig.from_json(model_json), cfg, paths, str(conf["which"]))
     content = RecordDict(
         {"sums": MetricRecord(sums), "status": ConfigRecord({"tenant": paths.tenant_id, "status": "ok"})}
     )
     return Message(content=content, reply_to=msg)
 
 
-__all__ = ["TRAIN_METRIC_KEYS", "app"]
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """This tenant's user count — the figure it reports with every round anyway — for ``approach auto``."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    paths = resolve_tenant(context.node_config, cfg)
+    users = load_data(paths).split.n_users
+    content = RecordDict({"status": ConfigRecord({"tenant": paths.tenant_id, "users": users})})
+    return Message(content=content, reply_to=msg)
+
+
+__all__ = ["ITEM_RELEASE", "TRAIN_METRIC_KEYS", "app"]

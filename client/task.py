@@ -9,11 +9,16 @@
 * :func:`secure_update` — under SecAgg+: the delta to mask and its weight, after the same checks the
   server runs on a visible update (a failing update is replaced by zeros with weight 0 and reported);
 * :func:`ledger_since` — the ledger entries after the head the server recorded (budget figures only);
+* :func:`tenant_release` — the one-shot user-level DP item release (``privacy.gram``: DP popularity
+  and/or the noisy item–item Gram) for the ``dp_ease``/``dp_popularity`` approaches: budget checked,
+  charged and logged before the release leaves the tenant, exactly like a DP-SGD round;
 * :func:`tenant_evaluate` — running sums of the ranking metrics (the server divides once).
 
 Privacy notes: with DP on, the Poisson sampling and the noise are seeded from ``os.urandom`` — a seed
 derived from the (public) run config would let the coordinator recompute and subtract the noise.
 Opacus' ``secure_mode`` is unavailable (torchcsprng does not support torch 2.x); the ledger says so.
+The item release draws its noise from numpy's PCG64 seeded with 128 bits of ``secrets`` — fresh per
+release, but not a cryptographically secure generator either (the same caveat, same ledger field).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 
 from client.train import LocalTrainConfig, RoundStats, StepPlan, plan_round, train_round
 from client.vault import TenantData, load_tenant_cached
+from privacy import gram
 from privacy.accounting import calibrate_noise, check_delta
 from privacy.budget import TenantBudget
 from privacy.ledger import GENESIS, Ledger
@@ -39,6 +45,7 @@ from shared_model.codec import Weights, load_weights, parameter_weights, update_
 from shared_model.data import Catalog
 from shared_model.errors import FedrecError
 from shared_model.evaluate import evaluate
+from shared_model.item_model import ItemModelConfig, ItemReleaseModel
 from shared_model.model import HistoryMLP, ModelConfig
 from shared_model.runconfig import RunConfig
 from shared_model.training import ModelScorer, SamplingConfig
@@ -256,6 +263,104 @@ def tenant_train(
     )
 
 
+def tenant_release(
+    cfg: RunConfig, paths: TenantPaths, round_: int, *, pop_share: float, shares: int = 1
+) -> TrainOutcome:
+    """This tenant's one-shot item release (module docstring); ``weights`` holds what is published.
+
+    ``pop_share`` = 1: the DP popularity vector only; 0: the Gram only (DP-EASE). ``shares`` > 1: the
+    distributed-noise mode of SecAgg+ — this tenant adds 1/shares of the noise variance, and the
+    ledger records both the ε of the sum and the ε if its share were seen alone. Without DP the exact
+    sums are released (no noise, no charge): only for ``--no-dp`` runs.
+    """
+    data = load_data(paths)
+    split = data.split
+    n = split.n_users
+    n_items = split.n_items
+    if pop_share < 1 and n_items > gram.MAX_GRAM_ITEMS:
+        raise FedrecError(
+            f"the item–item Gram of {n_items} items is too large to release (limit {gram.MAX_GRAM_ITEMS}); "
+            "use the dp_popularity or mlp approach"
+        )
+    x = gram.unit_rows(split.indptr, split.train_items, n_items)
+
+    def published(rel: gram.ItemRelease) -> Weights:
+        out: Weights = {}
+        if rel.popularity is not None:
+            out["popularity"] = rel.popularity.astype(np.float32)
+        if rel.gram is not None:
+            out["gram"] = gram.pack_gram(rel.gram)
+        return out
+
+    if not cfg.dp:
+        exact = gram.release(x, gram.ReleaseNoise(sigma=0.0, pop_share=pop_share), np.random.default_rng(0))
+        return TrainOutcome(paths.tenant_id, "ok", n, published(exact), steps=1, sample_rate=1.0)
+
+    check_delta(delta=cfg.delta, n_users=n)
+    budget = TenantBudget(
+        paths.state_dir,
+        tenant_id=paths.tenant_id,
+        cap=cfg.cap_for(paths.tenant_id),
+        delta=cfg.delta,
+        accountant=cfg.accountant,
+    )
+    if round_ in budget.rounds:  # re-sent (a crash after charging): never charge twice, never re-release
+        return TrainOutcome(
+            paths.tenant_id, "already-charged", n, epsilon=budget.spent(), cap=budget.cap,
+            message=f"the release of round {round_} was already charged",
+        )  # fmt: skip
+    sigma = gram.calibrate_release_sigma(
+        target_epsilon=budget.cap,
+        delta=cfg.delta,
+        accountant=cfg.accountant,  # type: ignore[arg-type]
+        history_before=budget.history,
+    )
+    if not budget.can_train(noise_multiplier=sigma, sample_rate=1.0, steps=1):
+        return TrainOutcome(
+            paths.tenant_id, "capped", n, epsilon=budget.spent(), cap=budget.cap, noise_multiplier=sigma,
+            sample_rate=1.0, steps=1, message=f"no budget left for the release (cap {budget.cap:g})",
+        )  # fmt: skip
+    noise = gram.ReleaseNoise(sigma=sigma, pop_share=pop_share, shares=shares)
+    fields = gram.release_ledger_fields(
+        tenant=paths.tenant_id,
+        users=n,
+        sigma=sigma,
+        shares=shares,
+        pop_share=pop_share,
+        delta=cfg.delta,
+        accountant=cfg.accountant,  # type: ignore[arg-type]
+        cap=budget.cap,
+        history_before=budget.history,
+    )
+    # Charge and log BEFORE anything is computed that could leave the tenant.
+    eps = budget.charge(round=round_, noise_multiplier=sigma, sample_rate=1.0, steps=1)
+    entry = Ledger(paths.state_dir / LEDGER_FILE).append(
+        {
+            **fields,
+            "round": round_,
+            "epsilon": eps,
+            "max_grad_norm": gram.sensitivity(pop_share),  # each user's contribution has L2 norm exactly 1
+            "poisson": True,  # q = 1: every user is in the one release (the accountant's q = 1 case)
+            "status": "ok",
+        }
+    )
+    rng = np.random.default_rng(secrets.randbits(128))
+    rel = gram.release(x, noise, rng)
+    return TrainOutcome(
+        paths.tenant_id,
+        "ok",
+        n,
+        published(rel),
+        epsilon=eps,
+        cap=budget.cap,
+        noise_multiplier=sigma,
+        sample_rate=1.0,
+        steps=1,
+        ledger_entry=entry,
+        extra={"local-noise-multiplier": noise.local_sigma, "epsilon-if-alone": fields["epsilon_if_alone"]},
+    )
+
+
 def ledger_since(paths: TenantPaths, head: str) -> list[dict[str, Any]]:
     """The entries of this tenant's ledger after ``head`` (all of them when ``head`` is unknown).
 
@@ -326,5 +431,24 @@ def tenant_evaluate(
     scorer = ModelScorer(model, local_config(cfg).sampling)
     # Genres for intra-list diversity come from the model's own (public) buffer.
     catalog = Catalog.from_genres(model.genres[: model_cfg.n_items].numpy())
+    result = evaluate(scorer, data.split, catalog, which=which, seed=cfg.seed)
+    return result.to_record()
+
+
+def tenant_evaluate_items(
+    weights: Weights,
+    item_cfg: ItemModelConfig,
+    genres: np.ndarray,
+    cfg: RunConfig,
+    paths: TenantPaths,
+    which: str,
+) -> dict[str, Any]:
+    """:func:`tenant_evaluate` for a model fitted from the item release (``shared_model.item_model``)."""
+    if which not in ("val", "test"):
+        raise FedrecError(f"evaluation split must be 'val' or 'test', got {which!r}")
+    data = load_data(paths)
+    model = ItemReleaseModel.from_weights(item_cfg, dict(weights))
+    scorer = ModelScorer(model, local_config(cfg).sampling)
+    catalog = Catalog.from_genres(genres)
     result = evaluate(scorer, data.split, catalog, which=which, seed=cfg.seed)
     return result.to_record()

@@ -186,6 +186,26 @@ def release(x: sp.csr_matrix, noise: ReleaseNoise, rng: np.random.Generator) -> 
     return ItemRelease(pop, gram, int(x.shape[0]))
 
 
+#: Largest catalogue whose item–item Gram a tenant releases: n(n+1)/2 float32 entries in one message
+#: (32 MB at 4 000 items) and an O(M³) fit on the server.
+MAX_GRAM_ITEMS = 4000
+
+
+def pack_gram(g: np.ndarray) -> np.ndarray:
+    """The upper triangle (with the diagonal) of a symmetric (n, n) matrix, row-major, as float32."""
+    return np.asarray(g[np.triu_indices(g.shape[0])], dtype=np.float32)
+
+
+def unpack_gram(v: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_gram`: the symmetric (n, n) float64 matrix."""
+    if v.shape != (n * (n + 1) // 2,):
+        raise BudgetError(f"a packed Gram of {n} items has {n * (n + 1) // 2} entries, got {v.shape}")
+    g = np.zeros((n, n))
+    g[np.triu_indices(n)] = v
+    out: np.ndarray = g + np.triu(g, k=1).T
+    return out
+
+
 def server_sum(releases: list[ItemRelease]) -> ItemRelease:
     """The server's total of the tenants' releases (under SecAgg it only ever sees this sum)."""
     if not releases:

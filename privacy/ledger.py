@@ -51,7 +51,19 @@ FIELDS: dict[str, type | tuple[type, ...]] = {
     "poisson": bool,
     "secure_mode": bool,
 }
-OPTIONAL_FIELDS: dict[str, type] = {"status": str}
+#: Optional fields: the status, and what a one-shot item release (``privacy.gram``) records besides the
+#: segment itself — its mechanism, the share of the sensitivity given to popularity, the noise mode
+#: (``local`` | ``distributed`` under SecAgg+), the number of shares the noise was split into, this
+#: tenant's own noise multiplier and the ε if the server saw this tenant's share alone.
+OPTIONAL_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "status": str,
+    "mechanism": str,
+    "pop_share": (int, float),
+    "noise_mode": str,
+    "shares": int,
+    "local_noise_multiplier": (int, float),
+    "epsilon_if_alone": (int, float),
+}
 CHAIN_FIELDS = ("timestamp", "prev_hash", "hash")  # filled by Ledger.append
 STATUSES = ("ok", "capped")
 

@@ -8,6 +8,12 @@ weighted mean delta and checks it (``server.secagg``) → federated validation f
 copies, then the checkpoint that ``resume`` continues from. At the end: test metrics from sums (never
 an average of averages), ``privacy.json``, ``model.pt``/``model.json``, plots.
 
+Approaches ``dp_ease``/``dp_popularity`` (or ``auto`` resolving to one of them, ``server.release``):
+the run is ONE round in which every tenant publishes its DP item release (charged and logged first,
+like a training round); the server sums the releases (in the clear, or under SecAgg+ with the noise
+split into shares) and fits the model from the sum. Validation, test, checkpoint, ledgers and
+``model.pt`` follow the same path as the MLP's.
+
 The server never sees a user id or an interaction; what it learns per tenant is the update (not
 under SecAgg+), the number of users trained and budget figures.
 """
@@ -29,6 +35,14 @@ from flwr.serverapp import Grid
 
 from privacy.ledger import read_entries, verify_chain
 from server.aggregation import aggregate, fedavg
+from server.release import (
+    ApproachChoice,
+    fit_release,
+    pop_share,
+    release_problem,
+    resolve_approach,
+    shares_for,
+)
 from server.secagg import SecureAggregator
 from shared_model.artifacts import save_model, write_json_atomic
 from shared_model.codec import (
@@ -45,12 +59,14 @@ from shared_model.codec import (
 from shared_model.data import Catalog
 from shared_model.errors import FedrecError
 from shared_model.evaluate import EvalResult
+from shared_model.item_model import ItemModelConfig, ItemReleaseModel, Ranker
 from shared_model.model import HistoryMLP, ModelConfig
-from shared_model.runconfig import RunConfig
+from shared_model.runconfig import RELEASE_APPROACHES, RunConfig
 from shared_model.training import SamplingConfig
 
 Log = Callable[[str], None]
 RESUME_FILE = "resume.pt"
+ITEM_RELEASE_PHASE = "item-release"  # the train-config phase of the release (client.app.ITEM_RELEASE)
 __all__ = ["fedavg", "run_federation", "validate_update"]
 
 
@@ -114,6 +130,20 @@ def manifest_users(cfg: RunConfig) -> dict[str, int]:
         if path.is_file():
             counts = json.loads(path.read_text(encoding="utf-8")).get("counts", {})
             out[tenant] = int(counts.get("users", 0))
+    return out
+
+
+def query_users(grid: Grid, nodes: list[int], timeout: float) -> dict[str, int]:
+    """Each tenant's user count, asked by a QUERY message (deployments have no manifests here)."""
+    msgs = [
+        Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=nid, group_id="users")
+        for nid in nodes
+    ]
+    out: dict[str, int] = {}
+    for rep in grid.send_and_receive(msgs, timeout=timeout):
+        if not rep.has_error():
+            st = config_of(rep.content, "status")
+            out[str(st["tenant"])] = as_int(st["users"])
     return out
 
 
@@ -229,7 +259,7 @@ class _Federation:
         self.mcfg = model_config(self.catalog, cfg)
         self.model_json = json.dumps(self.mcfg.to_json())
         torch.manual_seed(cfg.seed)
-        self.model = HistoryMLP(self.mcfg, self.catalog.genres if self.mcfg.n_genres else None)
+        self.model: Ranker = HistoryMLP(self.mcfg, self.catalog.genres if self.mcfg.n_genres else None)
         self.global_w = state_weights(self.model)
         self.param_keys = [k for k, _ in self.model.named_parameters()]
         self.status: dict[str, TenantStatus] = {}
@@ -238,6 +268,22 @@ class _Federation:
         self.method, self.cut = cfg.aggregation_method()
         self.nodes: list[int] = []
         self.secure: SecureAggregator | None = None
+        self.choice: ApproachChoice | None = None
+        self.release_secure: SecureAggregator | None = None
+        self.release_shares = 1
+
+    def set_item_model(self, model: ItemReleaseModel) -> None:
+        """The run's model is now one fitted from the item release (checkpoint, eval and save follow)."""
+        self.model = model
+        self.global_w = model.to_weights()
+        self.model_json = json.dumps(model.cfg.to_json())
+        self.param_keys = []
+
+    def eval_weights(self) -> Weights:
+        """What the tenants evaluate: the global weights (+ the public genres for an item model)."""
+        if isinstance(self.model, ItemReleaseModel):
+            return {**self.global_w, "genres": self.catalog.genres.astype(np.float32)}
+        return self.global_w
 
     # ---------------------------------------------------------- ledgers
     def head_for(self, nid: int) -> str:
@@ -288,6 +334,11 @@ class _Federation:
             state = torch.load(ck, map_location="cpu", weights_only=True)
             done = int(state["round"])
             self.global_w = {k: v.numpy().copy() for k, v in state["weights"].items()}
+            if "item-model" in state:
+                cfg_json = json.loads(state["item-model"])
+                self.set_item_model(
+                    ItemReleaseModel.from_weights(ItemModelConfig.from_json(cfg_json), self.global_w)
+                )
             for t, d in json.loads(state["status"]).items():
                 self.status[t] = TenantStatus(**{**d, "history": [tuple(x) for x in d["history"]]})
         rows_path = self.out / "rounds.jsonl"
@@ -320,6 +371,8 @@ class _Federation:
             "weights": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.global_w.items()},
             "status": json.dumps({t: asdict(s) for t, s in self.status.items()}),
         }
+        if isinstance(self.model, ItemReleaseModel):
+            state["item-model"] = json.dumps(self.model.cfg.to_json())
         tmp = ck / f".{RESUME_FILE}.tmp"
         torch.save(state, tmp)
         with open(tmp, "rb") as f:
@@ -415,6 +468,146 @@ class _Federation:
             return
         self.apply(rd, mean)
 
+    def release_round(self, rd: _Round) -> None:
+        """Every tenant publishes its DP item release in the clear; the server checks and sums them."""
+        assert self.choice is not None
+        approach, cfg = self.choice.approach, self.cfg
+        messages = []
+        for nid in self.nodes:
+            config = ConfigRecord(
+                {
+                    "phase": ITEM_RELEASE_PHASE,
+                    "round": rd.rnd,
+                    "pop-share": pop_share(approach),
+                    "shares": 1,
+                    "ledger-head": self.head_for(nid),
+                }
+            )
+            messages.append(
+                Message(
+                    content=RecordDict({"config": config}),
+                    message_type=MessageType.TRAIN,
+                    dst_node_id=nid,
+                    group_id=str(rd.rnd),
+                )
+            )
+        total: dict[str, np.ndarray] = {}
+        sigmas: list[float] = []
+        users = 0
+        seen = set()
+        for rep in self.grid.send_and_receive(messages, timeout=cfg.round_timeout):
+            nid = rep.metadata.src_node_id
+            seen.add(nid)
+            if rep.has_error():
+                rd.failure(nid, rep.error.reason or "")
+                continue
+            met = metrics_of(rep.content, "metrics")
+            tenant, info = rd.report(nid, config_of(rep.content, "status"), met)
+            if info["status"] != "ok":
+                continue
+            n = as_int(met["num-examples"])
+            try:
+                rel = arrays_of(rep.content)
+            except (KeyError, TypeError, ValueError) as e:
+                rd.reject(info, f"unreadable release ({e})")
+                continue
+            problem = release_problem(rel, approach, self.catalog.n_items, n, self.max_users.get(tenant))
+            if problem:
+                rd.reject(info, problem)
+                continue
+            info["aggregated"] = True
+            for k, v in rel.items():
+                total[k] = total[k] + v.astype(np.float64) if k in total else v.astype(np.float64)
+            sigmas.append(as_float(met["noise-multiplier"]))
+            users += n
+            rd.contributors.append(tenant)
+        for nid in sorted(set(self.nodes) - seen):
+            rd.failure(nid, f"no reply within {cfg.round_timeout:g} s")
+        self.fit_from_release(rd, total, sigmas, users, shares=1)
+
+    def secure_release_round(self, rd: _Round) -> None:
+        """SecAgg+: each tenant adds its share of the noise and masks its release; the server unmasks
+        only the sum (the mean times the contributors' count: every release has weight 1)."""
+        assert self.choice is not None and self.release_secure is not None
+        approach, n = self.choice.approach, self.catalog.n_items
+        key = "popularity" if approach == "dp_popularity" else "gram"
+        zeros = {key: np.zeros(n if key == "popularity" else n * (n + 1) // 2, dtype=np.float32)}
+        res = self.release_secure.run_round(
+            rd.rnd,
+            zeros,
+            [key],
+            lambda nid: {
+                "phase": ITEM_RELEASE_PHASE,
+                "pop-share": pop_share(approach),
+                "shares": self.release_shares,
+                "model-config": "{}",
+                "ledger-head": self.head_for(nid),
+            },
+        )
+        rd.row["secagg"] = {**self.release_secure.describe(), "reported": len(res.reports)}
+        sigmas: list[float] = []
+        users = 0
+        for nid, rep in sorted(res.reports.items()):
+            tenant, info = rd.report(nid, rep, rep)
+            if info["status"] == "rejected":
+                info["reason"] = info.pop("message", "")
+                info["aggregated"] = False
+            elif info["status"] == "ok" and as_int(rep["num-examples"]) > 0:
+                info["aggregated"] = not res.halted
+                rd.contributors.append(tenant)
+                sigmas.append(as_float(rep["noise-multiplier"]))
+                users += as_int(rep["users"])
+        for failed_node, reason in res.failures:
+            rd.failure(failed_node, reason)
+        if res.halted or res.mean_delta is None:
+            rd.contributors.clear()
+            self.fit_from_release(rd, {}, [], 0, shares=self.release_shares, why=res.halted)
+            return
+        total = {key: res.mean_delta[key].astype(np.float64) * len(rd.contributors)}
+        self.fit_from_release(rd, total, sigmas, users, shares=self.release_shares)
+
+    def fit_from_release(
+        self,
+        rd: _Round,
+        total: dict[str, np.ndarray],
+        sigmas: list[float],
+        users: int,
+        *,
+        shares: int,
+        why: str = "",
+    ) -> None:
+        """Fit the run's model from the summed release, or fail clearly when nothing was released."""
+        assert self.choice is not None
+        if not rd.contributors or len(rd.contributors) < max(1, self.cfg.min_tenants):
+            rd.row["aggregated"] = 0
+            raise FedrecError(
+                f"the item release got {len(rd.contributors)} usable release(s) "
+                f"(min-tenants {self.cfg.min_tenants}){': ' + why if why else ''}; a release is never "
+                "repeated (each is charged once), so this run has no model — see rounds.jsonl"
+            )
+        # Noise of the sum: every contributor's share of σ_t (shares = 1 with local noise).
+        sigma_sum = float(np.sqrt(sum(s * s for s in sigmas) / shares)) if self.cfg.dp and sigmas else 0.0
+        t0 = time.perf_counter()
+        model = fit_release(
+            total,
+            self.choice.approach,
+            n_items=self.catalog.n_items,
+            users=users,
+            sigma_sum=sigma_sum,
+            dp=self.cfg.dp,
+        )
+        self.set_item_model(model)
+        rd.row["aggregated"] = len(rd.contributors)
+        rd.row["release"] = {
+            "approach": self.choice.approach,
+            "model": model.cfg.to_json(),
+            "users": users,
+            "sum_noise_multiplier": round(sigma_sum, 6),
+            "fit_seconds": round(time.perf_counter() - t0, 3),
+        }
+        for t in rd.contributors:
+            self.status[t].rounds_trained += 1
+
     def apply(self, rd: _Round, delta: Weights) -> None:
         for k in self.param_keys:
             self.global_w[k] = (self.global_w[k] + delta[k]).astype(np.float32)
@@ -448,25 +641,44 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     done = fed.restore() if cfg.resume else 0
     expected = cfg.num_tenants or len(fed.tenants) or 1
     fed.nodes = wait_for_nodes(grid, expected, cfg.node_wait_timeout)
+    users_by_tenant = fed.max_users or query_users(grid, fed.nodes, cfg.round_timeout)
+    threshold = (len(fed.nodes) // 2 + 1) if cfg.secagg and len(fed.nodes) >= 2 else None
+    fed.release_shares = shares_for(cfg, threshold)
+    fed.choice = resolve_approach(cfg, users_by_tenant, fed.catalog.n_items, shares=fed.release_shares)
+    releasing = fed.choice.approach in RELEASE_APPROACHES
+    n_rounds = 1 if releasing else cfg.num_server_rounds
     if cfg.secagg:
         max_weight = cfg.secagg_max_weight or float(max(fed.max_users.values(), default=0))
         if max_weight <= 0:
             raise FedrecError("secagg needs secagg-max-weight (the largest tenant's user count)")
-        fed.secure = SecureAggregator(
-            grid,
-            fed.nodes,
-            clipping_range=cfg.max_update_norm,
-            max_weight=max_weight,
-            timeout=cfg.round_timeout,
-            num_rounds=cfg.num_server_rounds,
-        )
+        if releasing:
+            # Weight 1 per release; every entry of a tenant's release is ≤ its user count (+ noise), so
+            # ±(users + 64 noise-std margin) holds it; the tenant clips after adding noise.
+            fed.release_secure = SecureAggregator(
+                grid,
+                fed.nodes,
+                clipping_range=max_weight + 64.0,
+                max_weight=1.0,
+                timeout=cfg.round_timeout,
+                num_rounds=n_rounds,
+            )
+        else:
+            fed.secure = SecureAggregator(
+                grid,
+                fed.nodes,
+                clipping_range=cfg.max_update_norm,
+                max_weight=max_weight,
+                timeout=cfg.round_timeout,
+                num_rounds=cfg.num_server_rounds,
+            )
     log(
-        f"{len(fed.nodes)} tenant node(s) connected; {cfg.num_server_rounds} round(s), "
-        f"dp={'on' if cfg.dp else 'off'}, secagg={'on' if cfg.secagg else 'off'}, "
-        f"aggregation={cfg.aggregation}" + (f"; resuming after round {done}" if cfg.resume else "")
+        f"{len(fed.nodes)} tenant node(s) connected; approach {fed.choice.approach} ({fed.choice.reason}); "
+        f"{n_rounds} round(s), dp={'on' if cfg.dp else 'off'}, secagg={'on' if cfg.secagg else 'off'}"
+        + (f", noise {fed.choice.noise_mode}" if releasing else f", aggregation={cfg.aggregation}")
+        + (f"; resuming after round {done}" if cfg.resume else "")
     )
     rounds_path = out / "rounds.jsonl"
-    for rnd in range(done + 1, cfg.num_server_rounds + 1):
+    for rnd in range(done + 1, n_rounds + 1):
         r0 = time.perf_counter()
         rd = _Round(fed, rnd)
         if cfg.resume and rnd == done + 1:
@@ -474,14 +686,16 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
         faults = cfg.planned_faults(fed.tenants, rnd)
         if faults:
             rd.row["faults"] = faults
-        if fed.secure is not None:
+        if releasing:
+            fed.secure_release_round(rd) if fed.release_secure is not None else fed.release_round(rd)
+        elif fed.secure is not None:
             fed.secure_round(rd)
         else:
             fed.plain_round(rd)
         row = rd.row
-        if rnd % max(1, cfg.eval_every) == 0 or rnd == cfg.num_server_rounds:
+        if rnd % max(1, cfg.eval_every) == 0 or rnd == n_rounds:
             val, errs = federated_eval(
-                grid, fed.nodes, fed.global_w, fed.model_json, "val", cfg.round_timeout, f"val-{rnd}"
+                grid, fed.nodes, fed.eval_weights(), fed.model_json, "val", cfg.round_timeout, f"val-{rnd}"
             )
             row["val"] = val.get("full", {})
             row["failures"] += [{"reason": e, "phase": "val"} for e in errs]
@@ -496,7 +710,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
         rejected = sum(1 for i in row["tenants"].values() if i["status"] == "rejected")
         val_hr = row.get("val", {}).get("hr@10")
         log(
-            f"round {rnd}/{cfg.num_server_rounds}: "
+            f"round {rnd}/{n_rounds}: "
             + (f"val HR@10 {val_hr:.4f}  " if val_hr is not None else "")
             + (f"max ε {max(eps_now):.3f}  " if eps_now else "")
             + f"aggregated {row['aggregated']}  rejected {rejected}  capped {capped}  "
@@ -504,7 +718,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
         )
 
     test, errs = federated_eval(
-        grid, fed.nodes, fed.global_w, fed.model_json, "test", cfg.round_timeout, "test"
+        grid, fed.nodes, fed.eval_weights(), fed.model_json, "test", cfg.round_timeout, "test"
     )
     if not test:
         raise FedrecError("final test evaluation got no result from any tenant: " + "; ".join(errs[:3]))
@@ -516,9 +730,11 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     }
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     write_json_atomic(out / "metrics.json", metrics)
-    report = privacy_report(cfg, fed.status)
+    report = privacy_report(cfg, fed.status, fed.choice, n_rounds)
     if fed.secure is not None:
         report["secagg"] = fed.secure.describe()
+    if fed.release_secure is not None:
+        report["secagg"] = fed.release_secure.describe()
     write_json_atomic(out / "privacy.json", report)
     write_json_atomic(out / "config.json", {"command": "simulate", "run_config": cfg.to_mapping()})
     _load(fed.model, fed.global_w)
@@ -545,14 +761,31 @@ def _write_lines_atomic(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def privacy_report(cfg: RunConfig, status: dict[str, TenantStatus]) -> dict[str, Any]:
+def privacy_report(
+    cfg: RunConfig, status: dict[str, TenantStatus], choice: ApproachChoice | None = None, rounds: int = 0
+) -> dict[str, Any]:
+    releasing = choice is not None and choice.approach in RELEASE_APPROACHES
+    if not cfg.dp:
+        noise = "none"
+    elif releasing and choice is not None and choice.noise_mode == "distributed":
+        noise = (
+            "distributed: one Gaussian item release per tenant, each adding its share of the noise "
+            "under SecAgg+; the unmasked sum carries the full σ while at least the threshold of tenants "
+            "is in it and none colludes with the server (else a tenant's own share still protects its "
+            "users: epsilon_if_alone in its ledger)"
+        )
+    elif releasing:
+        noise = "local: one Gaussian item release per tenant (sensitivity 1 per user), summed by the server"
+    else:
+        noise = "local: each tenant's DP-SGD adds its own Gaussian noise"
     return {
         "unit": "user",
         "accountant": cfg.accountant if cfg.dp else None,
         "delta": cfg.delta if cfg.dp else None,
         "dp": cfg.dp,
-        "rounds": cfg.num_server_rounds,
-        "noise": "local: each tenant's DP-SGD adds its own Gaussian noise" if cfg.dp else "none",
+        "rounds": rounds or cfg.num_server_rounds,
+        "approach": choice.to_json() if choice is not None else {"name": cfg.approach},
+        "noise": noise,
         "poisson": True,
         "secure_mode": False,
         "tenants": {
@@ -573,12 +806,12 @@ def _sampling(cfg: RunConfig) -> SamplingConfig:
     return SamplingConfig(max_history=cfg.max_history, targets=cfg.targets, negatives=cfg.negatives)
 
 
-def _load(model: HistoryMLP, weights: Weights) -> None:
+def _load(model: Ranker, weights: Weights) -> None:
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
 
 
 def _checkpoint(
-    out: Path, model: HistoryMLP, weights: Weights, catalog: Catalog, cfg: RunConfig, rnd: int
+    out: Path, model: Ranker, weights: Weights, catalog: Catalog, cfg: RunConfig, rnd: int
 ) -> None:
     """Global model after round ``rnd``, written atomically (a crash loses at most one round)."""
     _load(model, weights)

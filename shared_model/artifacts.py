@@ -17,6 +17,7 @@ import torch
 
 from shared_model.data import Catalog
 from shared_model.errors import FedrecError
+from shared_model.item_model import ItemModelConfig, ItemReleaseModel, Ranker
 from shared_model.model import HistoryMLP, ModelConfig
 from shared_model.training import SamplingConfig
 
@@ -26,7 +27,7 @@ MODEL_FORMAT_VERSION = 1
 
 @dataclass
 class LoadedModel:
-    model: HistoryMLP
+    model: Ranker  # HistoryMLP (kind "mlp") or ItemReleaseModel (dp_ease | ease | dp_popularity)
     catalog: Catalog
     sampling: SamplingConfig
     run_id: str
@@ -46,7 +47,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def save_model(
     run_dir: Path,
-    model: HistoryMLP,
+    model: Ranker,
     catalog: Catalog,
     sampling: SamplingConfig,
     *,
@@ -63,6 +64,7 @@ def save_model(
         "format": MODEL_FORMAT,
         "version": MODEL_FORMAT_VERSION,
         "run_id": run_id,
+        "kind": model.cfg.kind if isinstance(model, ItemReleaseModel) else "mlp",
         "model": model.cfg.to_json(),
         "sampling": {
             "max_history": sampling.max_history,
@@ -89,13 +91,19 @@ def load_model(run_dir: Path, *, device: str = "cpu") -> LoadedModel:
     if meta.get("format") != MODEL_FORMAT or meta.get("version") != MODEL_FORMAT_VERSION:
         raise FedrecError(f"{js} is not a fedrec model file of version {MODEL_FORMAT_VERSION}")
     try:
-        cfg = ModelConfig.from_json(meta["model"])
         catalog = Catalog.from_json(meta["catalog"])
         sampling = SamplingConfig(**meta["sampling"])
-        model = HistoryMLP(cfg, catalog.genres if cfg.n_genres else None)
+        model: Ranker
+        if meta.get("kind", "mlp") == "mlp":
+            cfg = ModelConfig.from_json(meta["model"])
+            model = HistoryMLP(cfg, catalog.genres if cfg.n_genres else None)
+        else:
+            model = ItemReleaseModel(ItemModelConfig.from_json(meta["model"]))
+        if model.cfg.n_items != catalog.n_items:
+            raise ValueError(f"the model covers {model.cfg.n_items} items, the catalogue {catalog.n_items}")
         state = torch.load(pt, map_location=device, weights_only=True)
         model.load_state_dict(state)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, FedrecError) as e:
         raise FedrecError(
             f"{run_dir} holds an unreadable or inconsistent model ({type(e).__name__}: {e})"
         ) from None

@@ -15,11 +15,13 @@ the explanation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from shared_model.model import HistoryMLP
+if TYPE_CHECKING:
+    from shared_model.item_model import Ranker
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class Reason:
 
 
 def leave_one_out_contributions(
-    model: HistoryMLP,
+    model: Ranker,
     history: np.ndarray,
     items: np.ndarray,
     context: np.ndarray,
@@ -62,7 +64,7 @@ def leave_one_out_contributions(
 
 
 def explain(
-    model: HistoryMLP,
+    model: Ranker,
     history: np.ndarray,
     items: np.ndarray,
     context: np.ndarray,

@@ -22,6 +22,7 @@ from torch import nn
 
 from shared_model.artifacts import LoadedModel
 from shared_model.errors import FedrecError
+from shared_model.model import HistoryMLP
 
 #: Symmetric int8 range (−127..127: keeps zero exact and the range symmetric).
 QMAX = 127.0
@@ -76,6 +77,11 @@ def quantize_for_serving(loaded: LoadedModel) -> LoadedModel:
     int8 does not apply (see the module docstring).
     """
     model = loaded.model
+    if not isinstance(model, HistoryMLP):
+        raise FedrecError(
+            f"--int8 does not apply to a {model.cfg.kind} model: it has no MLP layer to quantize "
+            "(its scoring is one sparse-row × matrix product)"
+        )
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise FedrecError("--int8 applies to CPU serving only; this model is not on the CPU")
     layers = list(model.mlp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ class Recommender:
         self.model = loaded.model.eval()
         self.catalog = loaded.catalog
         self.index = loaded.catalog.index_of()
-        self._item_side = self.model.item_side()
+        self._item_side: Any = self.model.item_side()
         self._n_feats = len(self.model.cfg.user_cardinalities)
 
     def to_indices(self, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:

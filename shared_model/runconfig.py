@@ -16,6 +16,12 @@ from typing import Any
 
 from shared_model.errors import FedrecError
 
+#: What a run trains: DP-SGD rounds of the MLP, or one DP item release fitted by the server; ``auto``
+#: lets the server pick from public facts (``shared_model.choose``).
+APPROACHES: tuple[str, ...] = ("mlp", "dp_ease", "dp_popularity", "auto")
+#: The approaches that are one item release (``privacy.gram``) instead of training rounds.
+RELEASE_APPROACHES: tuple[str, ...] = ("dp_ease", "dp_popularity")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -44,6 +50,8 @@ class RunConfig:
     negatives: int = 4  # sampled negatives per positive
     eval_every: int = 1  # validation every N rounds (test always at the end)
     seed: int = 0  # model init, sampling and noise seeds derive from this
+    # mlp (DP-SGD rounds) | dp_ease | dp_popularity (one DP item release, docs/PRIVACY_UTILITY.md) | auto
+    approach: str = "mlp"
     # --- secure aggregation, validation, robust aggregation (server/secagg.py, server/aggregation.py)
     secagg: bool = False  # SecAgg+: the server only ever sees the masked sum of the tenants' deltas
     max_update_norm: float = 20.0  # L2 bound on one tenant's delta per round (also SecAgg+'s ±range)
@@ -64,6 +72,8 @@ class RunConfig:
             raise FedrecError(f"δ must be in (0, 1), got {self.delta}")
         if self.accountant not in ("prv", "rdp"):
             raise FedrecError(f"accountant must be 'prv' or 'rdp', got {self.accountant!r}")
+        if self.approach not in APPROACHES:
+            raise FedrecError(f"approach must be one of {', '.join(APPROACHES)}, got {self.approach!r}")
         if not self.max_update_norm > 0:
             raise FedrecError(f"max-update-norm must be > 0, got {self.max_update_norm}")
         if self.secagg_max_weight < 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 
 from shared_model.data import UserSplit
 from shared_model.model import Batch, HistoryMLP
+
+if TYPE_CHECKING:
+    from shared_model.item_model import Ranker
 
 
 @dataclass(frozen=True)
@@ -126,12 +130,12 @@ def train_epoch(
 class ModelScorer:
     """Adapts :class:`HistoryMLP` to the evaluation harness' ``Scorer`` protocol."""
 
-    def __init__(self, model: HistoryMLP, cfg: SamplingConfig, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: Ranker, cfg: SamplingConfig, device: torch.device | str = "cpu") -> None:
         self.model = model
         self.cfg = cfg
         self.device = device
         model.eval()
-        self._item_side = model.item_side()
+        self._item_side: Any = model.item_side()
 
     def score(
         self, split: UserSplit, users: np.ndarray, histories: list[np.ndarray], which: str

@@ -49,6 +49,7 @@ from privacy.empirical import (
 )
 from privacy.errors import PrivacyError
 from shared_model.errors import FedrecError
+from shared_model.runconfig import RELEASE_APPROACHES
 
 Log = Callable[[str], None]
 
@@ -159,6 +160,17 @@ def run_plan(run: RunFiles, tenant: str) -> RunPlan:
         name, _, value = part.partition("=")
         caps[name.strip()] = float(value)
     cap = caps.get(tenant, rc.get("epsilon"))
+    if _released(run):
+        # One item release (privacy.gram): q = 1, one step, every user's contribution of L2 norm 1.
+        return RunPlan(
+            delta=run.privacy.get("delta", rc.get("delta")),
+            accountant=run.privacy.get("accountant", rc.get("accountant")),
+            cap=float(cap) if cap is not None else None,
+            max_grad_norm=1.0,
+            planned_rounds=1,
+            sample_rate=1.0,
+            steps=1,
+        )
     return RunPlan(
         delta=run.privacy.get("delta", rc.get("delta")),
         accountant=run.privacy.get("accountant", rc.get("accountant")),
@@ -168,6 +180,12 @@ def run_plan(run: RunFiles, tenant: str) -> RunPlan:
         max_grad_norm=rc.get("max-grad-norm"),
         planned_rounds=rc.get("num-server-rounds"),
     )
+
+
+def _released(run: RunFiles) -> bool:
+    """Whether the run was one DP item release (approach dp_ease / dp_popularity) instead of DP-SGD."""
+    approach = run.privacy.get("approach") or {}
+    return isinstance(approach, dict) and approach.get("name") in RELEASE_APPROACHES
 
 
 # ---------------------------------------------------------------- checks
@@ -475,6 +493,11 @@ def empirical_audit(run: RunFiles, cfg: EmpiricalConfig, *, log: Log = lambda _:
     tenant = cfg.tenant or (run.tenants[0] if run.tenants else None)
     if tenant is None or tenant not in run.tenants:
         raise AuditError(f"tenant {cfg.tenant!r} is not in this run (tenants: {', '.join(run.tenants)})")
+    if _released(run):
+        raise AuditError(
+            "the canary experiment replays DP-SGD training; this run was one DP item release "
+            f"({run.privacy['approach']['name']}), whose ledger checks and ε replay are the audit"
+        )
     mech = _mechanism(run, tenant)
     delta = float(run.privacy.get("delta") or run.run_config.get("delta") or 1e-5)
     scores, included = [], []

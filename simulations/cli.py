@@ -223,6 +223,14 @@ def simulate(
     ] = 64,
     lr: Annotated[float, typer.Option("--lr", help="Local Adam learning rate.")] = 3e-3,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Per-user clipping bound C.")] = 1.0,
+    approach: Annotated[
+        str,
+        typer.Option(
+            "--approach",
+            help="auto (pick from tenant sizes and ε, docs/PRIVACY_UTILITY.md) | mlp (DP-SGD rounds) | "
+            "dp_ease | dp_popularity (one DP item release per tenant; --rounds does not apply).",
+        ),
+    ] = "auto",
     secagg: Annotated[
         bool,
         typer.Option("--secagg", help="SecAgg+: the server sees only the masked sum of the tenants' deltas."),
@@ -307,6 +315,7 @@ def simulate(
         lr=lr,
         max_grad_norm=max_grad_norm,
         seed=seed,
+        approach=approach.strip().replace("-", "_"),
         secagg=secagg,
         aggregation=aggregation.strip(),
         max_update_norm=max_update_norm,
@@ -352,6 +361,18 @@ def print_run_summary(out: Path, metrics: dict[str, Any]) -> None:
     else:
         title = f"tenants — no DP (--no-dp), rounds: {privacy['rounds']}"
     out_console.print(title, soft_wrap=True, highlight=False)
+    approach = privacy.get("approach") or {}
+    if approach.get("reason"):
+        out_console.print(
+            f"approach: {approach['name']} — {approach['reason']}"
+            + (
+                f" (noise: {approach['noise_mode']})"
+                if approach.get("noise_mode") not in (None, "none")
+                else ""
+            ),
+            soft_wrap=True,
+            highlight=False,
+        )
     t = Table()
     for col in ("tenant", "users", "rounds trained", "ε", "cap", "status"):
         t.add_column(col, justify="left" if col in ("tenant", "status") else "right")
@@ -381,7 +402,10 @@ def print_run_summary(out: Path, metrics: dict[str, Any]) -> None:
         soft_wrap=True,
         highlight=False,
     )
-    rows_m = {"federated mlp (this run)": metrics, **metrics.get("baselines", {})}
+    name = {"mlp": "federated mlp", "dp_ease": "DP-EASE" if privacy.get("dp") else "EASE"}.get(
+        approach.get("name", "mlp"), str(approach.get("name", "mlp")).replace("_", " ")
+    )
+    rows_m = {f"{name} (this run)": metrics, **metrics.get("baselines", {})}
     print_metrics_table(f"test metrics — {metrics['dataset'].get('source', '')}", rows_m)
     out_console.print(f"{metrics['seconds']:.1f} s; run files in {out}")
 

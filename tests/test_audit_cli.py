@@ -44,6 +44,8 @@ def simulate(out: Path, *extra: str) -> Path:
     cmd = [
         *FEDREC,
         "simulate",
+        "--approach",
+        "mlp",  # the canary experiment replays DP-SGD
         "--tenants",
         "2",
         "--rounds",

@@ -127,7 +127,7 @@ def test_kill_9_of_fedrec_simulate_then_resume(fed: Path, tmp_path: Path) -> Non
     cleanly within its timeout and the run go on."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--federation", str(fed)]
-    args = ["--rounds", str(ROUNDS), "--epsilon", "6", "--batch-users", "32", "--secagg"]
+    args = ["--approach", "mlp", "--rounds", str(ROUNDS), "--epsilon", "6", "--batch-users", "32", "--secagg"]
     args += ["--crash", "tenant-1@2", "--round-timeout", "120", "--out", str(out)]
     proc = subprocess.Popen(
         [*cmd, *args],

@@ -37,6 +37,8 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         [
             *FEDREC,
             "simulate",
+            "--approach",
+            "mlp",  # DP-SGD rounds (the item release has its own e2e test in test_release.py)
             "--federation",
             str(fed),
             "--rounds",
