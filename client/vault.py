@@ -21,6 +21,7 @@ or kept, and plaintext is never written anywhere.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import threading
@@ -45,7 +46,27 @@ KEYS_DIR = "keys"
 MANIFEST_FORMAT = "fedrec-tenant-manifest"
 MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KiB; refuse to parse anything huge
-CACHE_SIZE = 4  # decrypted tenants kept per process by load_tenant_cached
+
+
+def _cache_budget(default_mb: float = 512.0) -> int:
+    """``FEDREC_VAULT_CACHE_MB`` in bytes (default 512 MiB; an unreadable or infinite value → default)."""
+    try:
+        mb = float(os.environ.get("FEDREC_VAULT_CACHE_MB", default_mb))
+    except ValueError:
+        mb = default_mb
+    if not math.isfinite(mb):
+        mb = default_mb
+    return int(max(0.0, mb) * 2**20)
+
+
+#: Decrypted tenants kept per process by :func:`load_tenant_cached`: at most ``CACHE_MAX_BYTES`` of
+#: partition data (``FEDREC_VAULT_CACHE_MB``; 0 turns the cache off) and at most ``CACHE_MAX_TENANTS``
+#: tenants, least recently used evicted first. A simulation worker serves many tenants in turn (100
+#: tenants on 2 Ray workers), so a cache of a few tenants would decrypt every tenant again in every
+#: round; a 1 000-user tenant is ~0.5 MiB, so the default holds every tenant of such a run. The most
+#: recently loaded tenant always stays (it is in memory for training anyway), even if it alone is larger.
+CACHE_MAX_BYTES = _cache_budget()
+CACHE_MAX_TENANTS = 4096
 
 #: Fields of a manifest (all required, no others).
 MANIFEST_FIELDS = frozenset(
@@ -276,15 +297,30 @@ def _check_against_manifest(split: UserSplit, manifest: dict[str, Any], where: s
 
 # ------------------------------------------------------------------ per-process cache
 
-_cache: OrderedDict[tuple[object, ...], TenantData] = OrderedDict()
+_cache: OrderedDict[tuple[object, ...], tuple[TenantData, int]] = OrderedDict()
 _cache_lock = threading.Lock()
+
+
+def tenant_nbytes(data: TenantData) -> int:
+    """Bytes held by a decrypted partition: its arrays plus its pseudonyms (what the cache accounts)."""
+    split = data.split
+    arrays = sum(int(v.nbytes) for v in vars(split).values() if hasattr(v, "nbytes"))
+    return arrays + sum(len(p) + 49 for p in split.pseudonyms)  # 49: CPython's str overhead
+
+
+def cache_stats() -> dict[str, int]:
+    """How many decrypted tenants this process holds, and their bytes."""
+    with _cache_lock:
+        return {"tenants": len(_cache), "bytes": sum(size for _, size in _cache.values())}
 
 
 def load_tenant_cached(tenant_dir: Path, key_file: Path, *, expected_tenant: str | None = None) -> TenantData:
     """:func:`load_tenant`, memoized in memory per process (never on disk).
 
-    Keyed by the resolved folder and key file, the key id and the size/mtime of the partition
-    and manifest, so a rotated key or a rewritten folder is decrypted (and validated) afresh.
+    Keyed by the resolved folder and key file, the key id and the inode/size/mtime of the partition
+    and manifest, so a rotated key or a rewritten folder is decrypted (and validated) afresh; the
+    entry it replaces is dropped at once. Least recently used tenants are evicted beyond
+    ``CACHE_MAX_BYTES`` / ``CACHE_MAX_TENANTS`` (the newest entry always stays).
     """
     tenant_dir, key_file = Path(tenant_dir), Path(key_file)
     try:
@@ -292,9 +328,9 @@ def load_tenant_cached(tenant_dir: Path, key_file: Path, *, expected_tenant: str
         stats = [os.stat(tenant_dir / name) for name in (PARTITION_FILE, MANIFEST_FILE)]
     except (OSError, VaultError):
         return load_tenant(tenant_dir, key_file, expected_tenant=expected_tenant)  # raises the precise error
+    where = (str(tenant_dir.resolve()), str(key_file.resolve()))
     cache_key: tuple[object, ...] = (
-        str(tenant_dir.resolve()),
-        str(key_file.resolve()),
+        *where,
         key_id,
         expected_tenant,
         *((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats),
@@ -303,12 +339,18 @@ def load_tenant_cached(tenant_dir: Path, key_file: Path, *, expected_tenant: str
         hit = _cache.get(cache_key)
         if hit is not None:
             _cache.move_to_end(cache_key)
-            return hit
+            return hit[0]
     data = load_tenant(tenant_dir, key_file, expected_tenant=expected_tenant)
+    if CACHE_MAX_BYTES <= 0:
+        return data
     with _cache_lock:
-        _cache[cache_key] = data
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
+        for stale in [k for k in _cache if k[:2] == where and k != cache_key]:
+            del _cache[stale]  # an older version of this tenant (rotated key, rewritten folder)
+        _cache[cache_key] = (data, tenant_nbytes(data))
+        total = sum(size for _, size in _cache.values())
+        while len(_cache) > 1 and (total > CACHE_MAX_BYTES or len(_cache) > CACHE_MAX_TENANTS):
+            _, (_, size) = _cache.popitem(last=False)
+            total -= size
     return data
 
 

@@ -295,3 +295,77 @@ def test_cache_decrypts_once_and_notices_rotation(fed: Path) -> None:
 def test_repr_shows_no_data(fed: Path) -> None:
     text = repr(_load(fed, 0))
     assert text == "TenantData(tenant_id='tenant-0')"
+
+
+@pytest.fixture(scope="module")
+def six(data: PreparedData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A federation of six tenants: more than a worker of a 2-worker simulation used to keep."""
+    out = tmp_path_factory.mktemp("six") / "fed"
+    return prepare_federation(data, out, PrepareConfig(tenants=6, seed=2, chunk_size=CHUNK)).fed_dir
+
+
+def _cached(fed: Path, i: int) -> vault.TenantData:
+    return load_tenant_cached(*tenant_paths(fed, i), expected_tenant=f"tenant-{i}")
+
+
+def test_cache_keeps_every_tenant_of_a_run_within_its_budget(six: Path) -> None:
+    vault.clear_cache()
+    first = [_cached(six, i) for i in range(6)]
+    for _round in range(2):  # round-robin over all tenants, as a simulation worker sees them
+        assert all(_cached(six, i) is first[i] for i in range(6))
+    stats = vault.cache_stats()
+    assert stats["tenants"] == 6
+    assert stats["bytes"] == sum(vault.tenant_nbytes(d) for d in first)
+    assert stats["bytes"] >= sum(d.split.train_items.nbytes for d in first)
+    vault.clear_cache()
+    assert vault.cache_stats() == {"tenants": 0, "bytes": 0}
+
+
+def test_cache_evicts_least_recently_used_beyond_its_byte_budget(
+    six: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vault.clear_cache()
+    sizes = [vault.tenant_nbytes(_load(six, i)) for i in range(3)]
+    monkeypatch.setattr(vault, "CACHE_MAX_BYTES", sizes[0] + sizes[1])  # room for tenants 0 and 1
+    t0, t1 = _cached(six, 0), _cached(six, 1)
+    assert _cached(six, 0) is t0  # tenant 0 is now the most recently used
+    _cached(six, 2)  # over budget: tenant 1 (least recently used) goes
+    assert vault.cache_stats()["bytes"] <= sizes[0] + sizes[1] + sizes[2]
+    assert _cached(six, 0) is t0
+    assert _cached(six, 1) is not t1  # decrypted afresh
+    assert vault.cache_stats()["bytes"] <= vault.CACHE_MAX_BYTES or vault.cache_stats()["tenants"] == 1
+    vault.clear_cache()
+
+
+def test_cache_keeps_the_newest_tenant_even_above_budget_and_can_be_turned_off(
+    six: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vault.clear_cache()
+    monkeypatch.setattr(vault, "CACHE_MAX_BYTES", 1)
+    t0 = _cached(six, 0)
+    assert _cached(six, 0) is t0 and vault.cache_stats()["tenants"] == 1
+    _cached(six, 1)
+    assert vault.cache_stats()["tenants"] == 1 and _cached(six, 0) is not t0
+    monkeypatch.setattr(vault, "CACHE_MAX_BYTES", 0)
+    vault.clear_cache()
+    assert _cached(six, 0) is not _cached(six, 0)
+    assert vault.cache_stats()["tenants"] == 0
+
+
+def test_cache_budget_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDREC_VAULT_CACHE_MB", "64")
+    assert vault._cache_budget() == 64 * 2**20
+    monkeypatch.setenv("FEDREC_VAULT_CACHE_MB", "0")
+    assert vault._cache_budget() == 0
+    for bad in ("lots", "inf", "nan"):
+        monkeypatch.setenv("FEDREC_VAULT_CACHE_MB", bad)
+        assert vault._cache_budget() == 512 * 2**20
+
+
+def test_rotation_drops_the_stale_decrypted_copy(fed: Path) -> None:
+    paths = tenant_paths(fed, 0)
+    load_tenant_cached(*paths)
+    _cached(fed, 1)
+    rotate_tenant_key(fed, "tenant-0")
+    load_tenant_cached(*paths)
+    assert vault.cache_stats()["tenants"] == 2  # the new tenant-0 and tenant-1, not the old tenant-0
