@@ -272,42 +272,86 @@ def bench_dp_step(
 # ------------------------------------------------------------------------------------ simulate
 class TreeMemory:
     """Peak of the summed RSS of this process and all its descendants (Ray's raylet, GCS, workers),
-    sampled every ``interval`` s from /proc by a daemon thread. Shared pages count once per process."""
+    sampled every ``interval`` s from /proc by a daemon thread. Shared pages count once per process.
+
+    It also keeps the CPU seconds (user + system) each process of the tree has used, as last sampled,
+    so :meth:`cpu_by_role` can say where the cores went: this process (driver: ServerApp, Flower's
+    in-memory SuperLink and its polling threads), the client actors, and Ray's own daemons. A process
+    that lived less than one interval may be missed; one that exits between samples keeps its last
+    figure (at most ``interval`` of CPU short)."""
 
     def __init__(self, interval: float = 0.5) -> None:
         import threading
 
         self.interval = interval
         self.peak = 0
+        self.cpu_s: dict[int, tuple[str, float]] = {}  # pid → (comm, user+system CPU seconds)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def tree_rss(root: int) -> int:
+    def _scan() -> tuple[dict[int, list[int]], dict[int, tuple[str, int, float]]]:
+        """(children by parent pid, pid → (comm, rss bytes, CPU seconds)) of every process."""
         children: dict[int, list[int]] = {}
-        rss: dict[int, int] = {}
+        procs: dict[int, tuple[str, int, float]] = {}
         page = os.sysconf("SC_PAGE_SIZE")
+        ticks = os.sysconf("SC_CLK_TCK")
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
             try:
                 with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
+                    head, tail = f.read().rsplit(")", 1)
+                fields = tail.split()
                 ppid, pages = int(fields[1]), int(fields[21])
+                cpu = (int(fields[11]) + int(fields[12])) / ticks
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-            rss[int(entry)] = pages * page
-        total, todo = 0, [root]
+            procs[int(entry)] = (head.split("(", 1)[-1], pages * page, cpu)
+        return children, procs
+
+    @staticmethod
+    def _tree(root: int, children: dict[int, list[int]]) -> list[int]:
+        out, todo = [], [root]
         while todo:
             pid = todo.pop()
-            total += rss.get(pid, 0)
+            out.append(pid)
             todo += children.get(pid, [])
-        return total
+        return out
+
+    @staticmethod
+    def tree_rss(root: int) -> int:
+        children, procs = TreeMemory._scan()
+        return sum(procs[p][1] for p in TreeMemory._tree(root, children) if p in procs)
+
+    def sample(self) -> None:
+        children, procs = self._scan()
+        root = os.getpid()
+        total = 0
+        for pid in self._tree(root, children):
+            if pid in procs:
+                comm, rss, cpu = procs[pid]
+                total += rss
+                self.cpu_s[pid] = (comm, cpu)
+        self.peak = max(self.peak, total)
+
+    def cpu_by_role(self, driver_cpu_before: float = 0.0) -> dict[str, float]:
+        """CPU seconds of the tree since ``__enter__``: driver (minus ``driver_cpu_before``), client
+        actors (``ray::ClientAppActor``), other Ray processes; the driver's figure covers all its threads."""
+        roles = {"driver_cpu_s": 0.0, "client_actors_cpu_s": 0.0, "ray_other_cpu_s": 0.0}
+        for pid, (comm, cpu) in self.cpu_s.items():
+            if pid == os.getpid():
+                roles["driver_cpu_s"] += cpu - driver_cpu_before
+            elif comm.startswith("ray::ClientApp"):
+                roles["client_actors_cpu_s"] += cpu
+            else:
+                roles["ray_other_cpu_s"] += cpu
+        return roles
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.tree_rss(os.getpid()))
+            self.sample()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> TreeMemory:
@@ -317,6 +361,18 @@ class TreeMemory:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.sample()
+
+
+def process_cpu_s() -> float:
+    """User + system CPU seconds of this process so far (all threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages of the machine (how busy the shared cores were)."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 @dataclass(frozen=True)
@@ -359,18 +415,25 @@ def sim_run_config(setup: SimSetup, fed_dir: Any, run_dir: Any, run_name: str) -
     )
 
 
-def sequential_reference(cfg: Any, tenants: int) -> dict[str, float]:
+def sequential_reference(cfg: Any, tenants: int) -> dict[str, Any]:
     """The simulation's client work in one process, one thread, no Flower/Ray: every round each tenant's
     ``tenant_train`` (decrypt via the per-process cache, budget, DP training, charge, ledger), the
-    users-weighted mean of the updates, then each tenant's ``tenant_evaluate`` on val; a final test eval."""
+    users-weighted mean of the updates, then each tenant's ``tenant_evaluate`` on val; a final test eval.
+    ``round_s`` holds each round's seconds (training + val evaluation), comparable with the simulated
+    run's ``round_s``."""
     import torch
 
     from client.task import resolve_tenant, tenant_evaluate, tenant_train
+    from client.vault import clear_cache
+    from privacy.accounting import _epsilon_of
     from server.loop import load_catalog, model_config
     from shared_model.codec import state_weights
     from shared_model.model import HistoryMLP
 
     torch.set_num_threads(1)
+    # Start as cold as a fresh worker: no decrypted tenant, no memoized ε from the simulation's driver.
+    clear_cache()
+    _epsilon_of.cache_clear()
     catalog = load_catalog(cfg)
     mcfg = model_config(catalog, cfg)
     torch.manual_seed(cfg.seed)
@@ -378,7 +441,9 @@ def sequential_reference(cfg: Any, tenants: int) -> dict[str, float]:
     paths = [resolve_tenant({"partition-id": i}, cfg) for i in range(tenants)]
     t0 = time.perf_counter()
     train_s = eval_s = 0.0
+    round_s: list[float] = []
     for rnd in range(1, cfg.num_server_rounds + 1):
+        r0 = time.perf_counter()
         t = time.perf_counter()
         updates = []
         for p in paths:
@@ -394,11 +459,12 @@ def sequential_reference(cfg: Any, tenants: int) -> dict[str, float]:
             for p in paths:
                 tenant_evaluate(global_w, mcfg, cfg, p, "val")
         eval_s += time.perf_counter() - t
+        round_s.append(round(time.perf_counter() - r0, 3))
     t = time.perf_counter()
     for p in paths:
         tenant_evaluate(global_w, mcfg, cfg, p, "test")
     eval_s += time.perf_counter() - t
-    return {"seconds": time.perf_counter() - t0, "train_s": train_s, "eval_s": eval_s}
+    return {"seconds": time.perf_counter() - t0, "train_s": train_s, "eval_s": eval_s, "round_s": round_s}
 
 
 def decrypt_seconds(fed_dir: Any, tenant: str = "tenant-0") -> float:
@@ -438,6 +504,8 @@ def bench_simulate(
         cfg = sim_run_config(setup, fed_dir, run_dir, f"bench-{uuid.uuid4().hex[:8]}")
         log(f"simulate: Flower simulation, {setup.rounds} rounds …")
         run_dir.mkdir()
+        result["load_average_start"] = load_average()
+        driver_before = process_cpu_s()
         with TreeMemory() as mem:
             t = time.perf_counter()
             try:
@@ -446,6 +514,8 @@ def bench_simulate(
                 _shutdown_ray()
             result["simulated_s"] = time.perf_counter() - t
         result["simulated_peak_tree_rss_mb"] = mem.peak / 2**20
+        result["simulated_cpu"] = mem.cpu_by_role(driver_before)
+        result["load_average_after_simulation"] = load_average()
         rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
         result["round_s"] = [r.get("seconds") for r in rounds]
         result["completed_rounds"] = len(rounds)
@@ -459,6 +529,8 @@ def bench_simulate(
             result["sequential_eval_s"] = ref["eval_s"]
             result["sequential_peak_rss_mb"] = maxrss_bytes() / 2**20
             result["sequential_rss_before_mb"] = before / 2**20
+            result["sequential_round_s"] = ref["round_s"]
             result["overhead"] = result["simulated_s"] / ref["seconds"]
+            result["load_average_end"] = load_average()
     result["cpus"] = os.cpu_count()
     return result

@@ -84,6 +84,20 @@ def simulate_table(result: dict[str, Any]) -> Table:
         ("overhead = simulated ÷ sequential", _f(result.get("overhead"), "{:.2f}")),
         ("one uncached tenant decryption s", _f(result.get("decrypt_one_tenant_s"), "{:.3f}")),
     ]
+    cpu = result.get("simulated_cpu") or {}
+    for key, name in (
+        ("driver_cpu_s", "  CPU s, driver (ServerApp + in-memory SuperLink)"),
+        ("client_actors_cpu_s", "  CPU s, client actors"),
+        ("ray_other_cpu_s", "  CPU s, other Ray processes"),
+    ):
+        if key in cpu:
+            rows.append((name, _f(cpu[key])))
+    for key, name in (("round_s", "round s, simulated"), ("sequential_round_s", "round s, sequential")):
+        if result.get(key):
+            rows.append((name, " ".join(_f(x) for x in result[key])))
+    for key in ("load_average_start", "load_average_after_simulation", "load_average_end"):
+        if result.get(key):
+            rows.append((key.replace("_", " "), " ".join(f"{x:.2f}" for x in result[key])))
     for name, value in rows:
         t.add_row(name, value)
     return t

@@ -21,7 +21,9 @@ from typer.testing import CliRunner
 from simulations.bench import (
     StepSetup,
     TreeMemory,
+    load_average,
     make_step,
+    process_cpu_s,
     step_memory,
 )
 from simulations.cli import app
@@ -120,6 +122,35 @@ def test_tree_memory_counts_child_processes() -> None:
         child.wait()
 
 
+BUSY_ACTOR = """
+import sys, time
+open("/proc/self/comm", "w").write("ray::ClientAppA")  # the name Ray gives a Flower client actor
+while time.process_time() < 0.5:
+    pass
+print("done", flush=True)
+time.sleep(30)
+"""
+
+
+def test_tree_memory_attributes_cpu_to_client_actors_and_the_driver() -> None:
+    child = subprocess.Popen([sys.executable, "-c", BUSY_ACTOR], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "done"
+        mem = TreeMemory()
+        mem.sample()
+        roles = mem.cpu_by_role(driver_cpu_before=0.0)
+        assert roles["client_actors_cpu_s"] >= 0.45  # the child's 0.5 s, to the clock tick
+        assert 0.0 < roles["driver_cpu_s"] <= process_cpu_s() + 0.02  # this process is the "driver"
+        assert set(roles) == {"driver_cpu_s", "client_actors_cpu_s", "ray_other_cpu_s"}
+        assert mem.peak > 0
+        assert len(load_average()) == 3
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+
+
 FEDREC = [
     sys.executable,
     "-c",
@@ -186,6 +217,9 @@ def test_simulate_bench_reports_time_memory_and_overhead(tmp_path: Path) -> None
     assert data["completed_rounds"] == 1 and data["simulated_s"] > 0 and data["sequential_s"] > 0
     assert data["overhead"] == pytest.approx(data["simulated_s"] / data["sequential_s"])
     assert data["simulated_peak_tree_rss_mb"] > 0
+    assert len(data["round_s"]) == len(data["sequential_round_s"]) == 1
+    assert data["simulated_cpu"]["client_actors_cpu_s"] > 0
+    assert len(data["load_average_start"]) == len(data["load_average_end"]) == 3
 
 
 @pytest.mark.slow
