@@ -411,6 +411,7 @@ def sim_run_config(setup: SimSetup, fed_dir: Any, run_dir: Any, run_name: str) -
             "run-dir": str(run_dir),
             "run-name": run_name,
             "num-tenants": setup.tenants,
+            "approach": "mlp",  # the DP-SGD MLP trained every round (not the one-round item release)
         }
     )
 
