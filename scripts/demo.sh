@@ -9,7 +9,7 @@ export FLWR_HOME="${FLWR_HOME:-$PWD/runs/.flwr-home}"
 BIN=.venv/bin
 RUN=runs/demo
 
-$BIN/fedrec simulate --data synthetic --tenants 3 --partition dirichlet:1.0 --rounds 5 \
+$BIN/fedrec simulate --data synthetic --tenants 3 --partition dirichlet:1.0 \
     --epsilon 8 --delta 1e-5 --out "$RUN" --overwrite
 
 # A user who watched these five synthetic movies (original item ids of the catalogue):

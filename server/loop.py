@@ -641,7 +641,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     done = fed.restore() if cfg.resume else 0
     expected = cfg.num_tenants or len(fed.tenants) or 1
     fed.nodes = wait_for_nodes(grid, expected, cfg.node_wait_timeout)
-    users_by_tenant = fed.max_users or query_users(grid, fed.nodes, cfg.round_timeout)
+    users_by_tenant = fed.max_users
+    if not users_by_tenant and cfg.approach == "auto" and cfg.dp:  # a deployment: ask the tenants
+        users_by_tenant = query_users(grid, fed.nodes, cfg.round_timeout)
     threshold = (len(fed.nodes) // 2 + 1) if cfg.secagg and len(fed.nodes) >= 2 else None
     fed.release_shares = shares_for(cfg, threshold)
     fed.choice = resolve_approach(cfg, users_by_tenant, fed.catalog.n_items, shares=fed.release_shares)

@@ -20,7 +20,7 @@ from client.app import app
 from client.task import LEDGER_FILE, resolve_tenant, tenant_release
 from privacy import gram
 from privacy.ledger import read_entries, recompute_epsilons, verify_chain
-from server.loop import run_federation
+from server.loop import query_users, run_federation
 from server.release import release_problem, resolve_approach
 from server.serve import Engine
 from shared_model.artifacts import load_model
@@ -258,6 +258,14 @@ def test_a_release_is_never_repeated_for_the_same_run(fed: Path, tmp_path: Path)
     paths = resolve_tenant({"partition-id": 0}, RunConfig(fed_dir=str(fed), run_name="twice"))
     entries, _ = read_entries(paths.state_dir / LEDGER_FILE)
     assert len(entries) == 1, "the tenant charged and released once"
+
+
+def test_the_server_can_ask_each_tenant_its_user_count(fed: Path) -> None:
+    """Deployments have no manifests on the coordinator: approach auto asks by a QUERY message."""
+    cfg = RunConfig(fed_dir=str(fed), num_tenants=TENANTS)
+    grid = LoopbackGrid(app, cfg.to_mapping(), TENANTS)
+    counts = query_users(grid, sorted(grid.get_node_ids()), timeout=60)
+    assert counts == {f"tenant-{i}": 1000 for i in range(TENANTS)}
 
 
 def test_small_federation_falls_back_to_dp_popularity(small_fed: Path, tmp_path: Path) -> None:
