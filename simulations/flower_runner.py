@@ -34,6 +34,38 @@ def flower_env() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
+def _nodes_with_undelivered_messages(state: Any, nodes: Any) -> list[int] | None:
+    """Nodes of ``nodes`` with a message not yet handed to a client actor; None if unknowable.
+
+    Reads the in-memory LinkState's message store under its lock (one pass over the messages).
+    """
+    store = getattr(state, "message_ins_store", None)
+    lock = getattr(state, "lock", None)
+    if not isinstance(store, dict) or lock is None:
+        return None
+    with lock:
+        pending = {m.metadata.dst_node_id for m in store.values() if m.metadata.delivered_at == ""}
+    return [nid for nid in nodes if nid in pending]
+
+
+def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: Any) -> None:
+    """Flower's simulation extractor thread, without its quadratic polling.
+
+    Flower 1.42 (``vce_api.add_messages_to_queue``) calls ``state.get_message_ins(node_id, limit=1)``
+    for *every* node every 0.1 s, and each call scans (and re-validates) every stored message: with
+    100 tenants and a round's 100 messages in flight that is 10 000 checks per tick, a driver thread
+    busy all round long on a 2-core machine, holding the GIL and the LinkState lock. Here the same
+    ``get_message_ins(node_id, limit=1)`` calls (same validation, same delivery marking, same
+    one-message-per-node-per-tick order) are made only for the nodes that have an undelivered message.
+    """
+    while not f_stop.is_set():
+        nodes = _nodes_with_undelivered_messages(state, nodes_mapping.keys())
+        for node_id in nodes_mapping.keys() if nodes is None else nodes:
+            for msg in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(msg)
+        f_stop.wait(0.1)
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -73,6 +105,7 @@ def run_simulation(
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
     from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.server.superlink.fleet.vce import vce_api
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
@@ -83,6 +116,7 @@ def run_simulation(
     from server.app import app as server_app
 
     app_dir = _write_app_dir(run_config)
+    flower_extractor = None
     try:
         fused = get_fused_config_from_dir(app_dir, {})
         run = Run.create_empty(run_id=int.from_bytes(os.urandom(7), "big"))
@@ -103,6 +137,8 @@ def run_simulation(
         }
         if not verbose:
             logging.getLogger("flwr").setLevel(logging.WARNING)
+        flower_extractor = vce_api.add_messages_to_queue
+        vce_api.add_messages_to_queue = add_messages_to_queue  # run_api looks the name up when it runs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # ray: RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO notice
             _run_simulation(
@@ -119,4 +155,6 @@ def run_simulation(
                 verbose_logging=verbose,
             )
     finally:
+        if flower_extractor is not None:
+            vce_api.add_messages_to_queue = flower_extractor
         shutil.rmtree(app_dir, ignore_errors=True)
