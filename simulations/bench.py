@@ -416,7 +416,7 @@ def sim_run_config(setup: SimSetup, fed_dir: Any, run_dir: Any, run_name: str) -
     )
 
 
-def sequential_reference(cfg: Any, tenants: int) -> dict[str, Any]:
+def sequential_reference(cfg: Any, tenants: int, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The simulation's client work in one process, one thread, no Flower/Ray: every round each tenant's
     ``tenant_train`` (decrypt via the per-process cache, budget, DP training, charge, ledger), the
     users-weighted mean of the updates, then each tenant's ``tenant_evaluate`` on val; a final test eval.
@@ -461,6 +461,8 @@ def sequential_reference(cfg: Any, tenants: int) -> dict[str, Any]:
                 tenant_evaluate(global_w, mcfg, cfg, p, "val")
         eval_s += time.perf_counter() - t
         round_s.append(round(time.perf_counter() - r0, 3))
+        if log is not None:
+            log(f"sequential: round {rnd} {round_s[-1]:.1f} s (load average {load_average()})")
     t = time.perf_counter()
     for p in paths:
         tenant_evaluate(global_w, mcfg, cfg, p, "test")
@@ -524,7 +526,7 @@ def bench_simulate(
             log("simulate: the same client work sequentially in this process …")
             ref_cfg = sim_run_config(setup, fed_dir, Path(tmp) / "ref", f"bench-ref-{uuid.uuid4().hex[:8]}")
             before = maxrss_bytes()
-            ref = sequential_reference(ref_cfg, setup.tenants)
+            ref = sequential_reference(ref_cfg, setup.tenants, log)
             result["sequential_s"] = ref["seconds"]
             result["sequential_train_s"] = ref["train_s"]
             result["sequential_eval_s"] = ref["eval_s"]
