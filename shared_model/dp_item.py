@@ -9,10 +9,18 @@ tuned on the tenants' validation data:
   model covers the items whose noisy diagonal is at least ``diag_z`` noise stds, clipped to
   ``[min_items, max_items]``: an item the noise swamps has no usable row anyway, and every extra item
   adds noise to the others' solution (and O(M³) time).
-* **Ridge (λ).** The noise matrix of an M-item support has spectral norm ≈ ``2·s·√M`` (semicircle
-  edge); ``λ = max(lam_per_user · users, noise_mult · 2·s·√M)`` keeps ``G̃_M + λI`` positive definite
-  with a margin and shrinks towards the well-estimated top components. ``lam_per_user · users`` is the
-  non-private λ (≈ 2 at 1 000 users: the Gram's scale grows linearly with the users).
+* **Denoising, then the non-private ridge** (the default, ``denoise=True``). The noise matrix of an
+  M-item support has spectral norm ≈ ``edge = 2·s·√M`` (semicircle edge). ``G̃_M`` is replaced by
+  ``Σ_k (λ_k − edge)·v_k v_kᵀ`` over its eigencomponents with ``λ_k > edge`` (soft-thresholding the
+  spectrum at the noise edge: components the noise could have produced are dropped, the others
+  shrunk by the noise's reach), and EASE runs on that with the non-private ridge
+  ``λ = lam_per_user · users`` (≈ 2 at 1 000 users: the Gram's scale grows linearly with the users).
+  With no noise the edge is 0 and this is exactly EASE. Measured on synthetic *validation* items
+  (docs/PRIVACY_UTILITY.md) it beats the ridge rule below by 0.01–0.04 HR@10 at ≥ 10 000 users and
+  ties it on ml-100k and at 1 000 users.
+* **Ridge only** (``denoise=False``, the first version): ``λ = max(lam_per_user · users,
+  noise_mult · 2·s·√M)`` keeps ``G̃_M + λI`` positive definite with a margin and shrinks every
+  direction by the same, noise-sized amount.
 
 The constants of :class:`DPEASERule` were set on *synthetic* data (validation split, a seed not used for
 the reported figures) and are applied unchanged to every data set (see docs/PRIVACY_UTILITY.md).
@@ -73,6 +81,8 @@ class DPEASE:
     column_of: np.ndarray | None = field(default=None, repr=False)  # (N,) column or -1
     prior: np.ndarray | None = field(default=None, repr=False)  # (N,) for out-of-support items
     lam_used: float = 0.0
+    denoise: bool = True  # soft-threshold the noisy spectrum at the noise edge (module docstring)
+    components: int = 0  # eigencomponents kept by the denoising (0: not denoised)
 
     def fit_gram(
         self,
@@ -90,14 +100,25 @@ class DPEASE:
         assert gram.shape == (n, n), f"gram must be square, got {gram.shape}"
         support = self.rule.support(np.diag(gram), diag_std) if items is None else np.sort(items)
         m = len(support)
-        lam_v = self.rule.lam(offdiag_std, m, users) if lam is None else float(lam)
         a = gram[np.ix_(support, support)].astype(np.float64)  # (M, M)
         a = 0.5 * (a + a.T)
-        a[np.diag_indices(m)] += lam_v
-        try:
-            p = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a), np.eye(m))  # (M, M)
-        except np.linalg.LinAlgError:  # not PD (a λ below the noise edge): the general inverse
-            p = np.linalg.inv(a)
+        self.components = 0
+        if self.denoise and offdiag_std > 0 and lam is None:
+            lam_v = self.rule.lam_per_user * max(users, 1)
+            vals, vecs = np.linalg.eigh(a)  # ascending
+            edge = 2.0 * offdiag_std * math.sqrt(m)
+            keep = vals > edge
+            v = vecs[:, keep]  # (M, k)
+            # (Ĝ + λI)⁻¹ with Ĝ = V diag(λ_k − edge) Vᵀ: V diag(1/(λ_k − edge + λ) − 1/λ) Vᵀ + I/λ
+            p = (v * (1.0 / (vals[keep] - edge + lam_v) - 1.0 / lam_v)) @ v.T + np.eye(m) / lam_v
+            self.components = int(keep.sum())
+        else:
+            lam_v = self.rule.lam(offdiag_std, m, users) if lam is None else float(lam)
+            a[np.diag_indices(m)] += lam_v
+            try:
+                p = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a), np.eye(m))  # (M, M)
+            except np.linalg.LinAlgError:  # not PD (a λ below the noise edge): the general inverse
+                p = np.linalg.inv(a)
         b = -p / np.diag(p)[None, :]
         b[np.diag_indices(m)] = 0.0
         column_of = np.full(n, -1, dtype=np.int64)

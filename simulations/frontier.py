@@ -144,7 +144,9 @@ def frontier_points(
                         users=sum(sizes),
                     )
                     assert model.items is not None
-                    extra.update(m_items=len(model.items), lam=round(model.lam_used, 3))
+                    extra.update(
+                        m_items=len(model.items), lam=round(model.lam_used, 3), components=model.components
+                    )
                     scorer = model
                 t_fit = time.perf_counter() - t2
                 t3 = time.perf_counter()
@@ -161,6 +163,14 @@ def frontier_points(
                     eval_s=round(t_eval, 3),
                     **extra,
                 )
+                if approach == "dp_ease" and sigma > 0:
+                    # Ablation on the same release: the first version's ridge-only rule (no denoising).
+                    assert total.gram is not None
+                    ridge = DPEASE(cfg.rule, denoise=False).fit_gram(
+                        total.gram, offdiag_std=one.offdiag_std(), diag_std=one.diag_std(), users=sum(sizes)
+                    )
+                    hr, nd = _hr(ridge, ev, catalog, seed)
+                    add(eps, "dp_ease_ridge", mode, hr, nd, lam=round(ridge.lam_used, 3), sigma=sigma)
                 if approach == "dp_ease" and cfg.eigen and sigma > 0:
                     # The same release, post-processed differently: no extra noise, no extra budget.
                     # (Without noise nothing is truncated: EigenGram is then raw co-occurrence, skipped.)
@@ -318,6 +328,8 @@ def markdown(med: Sequence[dict[str, Any]]) -> str:
         ("dp_popularity", "local", "DP popularity"),
         ("dp_ease", "local", "DP-EASE, local noise"),
         ("dp_ease", "distributed", "DP-EASE, distributed noise (SecAgg)"),
+        ("dp_ease_ridge", "local", "DP-EASE ridge-only, local"),
+        ("dp_ease_ridge", "distributed", "DP-EASE ridge-only, distributed"),
         ("eigen_gram", "local", "EigenGram, local"),
         ("eigen_gram", "distributed", "EigenGram, distributed"),
         ("chosen", "local", "automatic choice, local"),

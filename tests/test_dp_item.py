@@ -197,3 +197,31 @@ def test_eigen_gram_keeps_components_above_the_noise_edge() -> None:
     assert 2 <= model.components < exact.components
     s = model.score(split, np.array([0]), [np.array([1, 2, 3])], "test")[0]
     assert s[4:10].min() > s[10:].max()
+
+
+def test_denoising_keeps_exactly_the_components_above_the_noise_edge() -> None:
+    g, _ = _two_block_gram()
+    s = 0.3
+    model = DPEASE().fit_gram(g, offdiag_std=s, diag_std=s * math.sqrt(2), users=400)
+    assert model.items is not None and model.weights is not None
+    m = len(model.items)
+    sub = g[np.ix_(model.items, model.items)]
+    expected = int((np.linalg.eigvalsh(0.5 * (sub + sub.T)) > 2 * s * math.sqrt(m)).sum())
+    assert model.components == expected > 0
+    assert model.lam_used == pytest.approx(0.002 * 400)  # the non-private ridge after denoising
+    # noise above every eigenvalue: nothing survives, and no item recommends another
+    drowned = DPEASE().fit_gram(g, offdiag_std=1e6, diag_std=0.0, users=400)
+    assert drowned.components == 0 and drowned.weights is not None
+    assert np.abs(drowned.weights).max() == 0.0
+    # the first version's rule stays available (ablation): ridge only, no components
+    ridge = DPEASE(denoise=False).fit_gram(g, offdiag_std=s, diag_std=s * math.sqrt(2), users=400)
+    assert ridge.components == 0 and ridge.lam_used > model.lam_used
+
+
+def _two_block_gram() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(9)
+    rows = np.zeros((400, 20))
+    for u in range(400):
+        items = rng.choice(range(0, 10) if u % 2 else range(10, 20), 4, replace=False)
+        rows[u, items] = 0.5  # unit norm: 4 items × 1/√4
+    return rows.T @ rows, rows.sum(0)

@@ -43,9 +43,10 @@ def test_frontier_command_writes_png_csv_and_markdown(tmp_path: Path) -> None:
         assert (out / name).stat().st_size > 0
     with (out / "frontier.csv").open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    # per seed: popularity ×2 ε, (dp_popularity, dp_ease) × (2 modes at ε=8, 1 at ∞), eigen_gram × 2 modes
-    # at ε=8, chosen × 3
-    assert len(rows) == 2 * (2 + 6 + 2 + 3)
+    # per seed: popularity ×2 ε, (dp_popularity, dp_ease) × (2 modes at ε=8, 1 at ∞), the ridge-only
+    # ablation and eigen_gram × 2 modes at ε=8, chosen × 3
+    assert len(rows) == 2 * (2 + 6 + 2 + 2 + 3)
+    assert {r["approach"] for r in rows if r["approach"] == "dp_ease_ridge"} == {"dp_ease_ridge"}
     chosen = [r for r in rows if r["approach"] == "chosen"]
     assert {r["picked"] for r in chosen if float(r["epsilon"]) == math.inf} == {"ease"}
     md = (out / "frontier.md").read_text(encoding="utf-8")
