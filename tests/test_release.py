@@ -260,6 +260,21 @@ def test_a_release_is_never_repeated_for_the_same_run(fed: Path, tmp_path: Path)
     assert len(entries) == 1, "the tenant charged and released once"
 
 
+def test_resuming_a_release_run_restores_the_item_model_and_releases_nothing(
+    fed: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    metrics, cfg = run(fed, out, approach="dp_ease", run_name="resume-release")
+    (out / "metrics.json").unlink()  # as if the server died after the checkpoint, before the end
+    again = RunConfig.from_mapping({**cfg.to_mapping(), "resume": True})
+    resumed = run_federation(LoopbackGrid(app, again.to_mapping(), TENANTS), again, log=lambda _: None)
+    assert resumed["full"] == metrics["full"], "the same model, restored from the checkpoint"
+    assert load_model(out).meta["kind"] == "dp_ease"
+    for t in range(TENANTS):
+        entries, _ = read_entries(out / "ledger" / f"tenant-{t}.jsonl")
+        assert len(entries) == 1, "no second release, no second charge"
+
+
 def test_the_server_can_ask_each_tenant_its_user_count(fed: Path) -> None:
     """Deployments have no manifests on the coordinator: approach auto asks by a QUERY message."""
     cfg = RunConfig(fed_dir=str(fed), num_tenants=TENANTS)
