@@ -83,9 +83,9 @@ def resolve_approach(
                 f"dp_ease releases an item–item Gram: {n_items} items is above the limit ({MAX_GRAM_ITEMS}); "
                 "use dp_popularity or mlp"
             )
-        return ApproachChoice(
-            cfg.approach, why, "none" if cfg.approach == "mlp" and cfg.dp is False else mode
-        )
+        if cfg.approach == "mlp":  # DP-SGD: each tenant adds its own noise, SecAgg+ or not
+            return ApproachChoice("mlp", why, "local" if cfg.dp else "none")
+        return ApproachChoice(cfg.approach, why, mode)
     if not cfg.dp:
         return ApproachChoice(
             "mlp",

@@ -151,6 +151,8 @@ def test_auto_picks_by_users_per_noise_and_never_releases_a_gram_without_dp() ->
     assert dist.users_per_noise == pytest.approx(local.users_per_noise * np.sqrt(3))
     assert dist.noise_mode == "distributed"
     assert resolve_approach(RunConfig(approach="auto", dp=False), {"a": 10**6}, 300).approach == "mlp"
+    mlp = resolve_approach(RunConfig(approach="mlp", secagg=True), {"a": 10, "b": 10}, 300, shares=2)
+    assert mlp.approach == "mlp" and mlp.noise_mode == "local", "DP-SGD noise is each tenant's own"
     huge = resolve_approach(cfg, {"a": 10**6}, gram.MAX_GRAM_ITEMS + 1)
     assert huge.approach == "dp_popularity" and "Gram release limit" in huge.reason
 
