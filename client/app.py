@@ -102,14 +102,17 @@ def _run_round(
 
 
 def _run_release(
-    conf: Mapping[str, Any], cfg: RunConfig, paths: TenantPaths, context: Context
+    conf: Mapping[str, Any], cfg: RunConfig, paths: TenantPaths, context: Context, shares: int = 1
 ) -> tuple[TrainOutcome, int]:
-    """The item release (simulated dropouts and crashes included, as for a training round)."""
+    """The item release (simulated dropouts and crashes included, as for a training round).
+
+    ``shares`` is decided by the tenant, never taken from the server's message: 1 in the clear (the
+    server sees this release alone), the SecAgg+ reconstruction threshold under SecAgg+ (the fewest
+    releases any sum the server can unmask holds).
+    """
     rnd = as_int(conf["round"])
     maybe_drop(cfg, context.node_config, paths.tenant_id, rnd)
-    out = tenant_release(
-        cfg, paths, rnd, pop_share=float(conf["pop-share"]), shares=as_int(conf.get("shares", 1))
-    )
+    out = tenant_release(cfg, paths, rnd, pop_share=float(conf["pop-share"]), shares=shares)
     maybe_crash(cfg, context.node_config, paths.tenant_id, rnd)  # charged, release not yet sent
     return out, (out.users if out.status == "ok" else 0)
 
@@ -210,7 +213,15 @@ def _release_masked(
     privacy cost, and the mod then never clamps silently); weight 1, so the server unmasks the mean
     of the contributors' releases and multiplies it back by their count.
     """
-    out, _users = _run_release(conf, cfg, paths, context)
+    protocol = context.state.config_records[RECORD_KEY_STATE]
+    threshold = int(protocol["threshold"])  # type: ignore[arg-type]
+    share_num = int(protocol["share_num"])  # type: ignore[arg-type]
+    if threshold < 1 or threshold * 2 <= share_num:
+        raise FedrecError(
+            f"SecAgg+ threshold {threshold} of {share_num} shares is not a strict majority: "
+            "refusing to split the release noise on it"
+        )
+    out, _users = _run_release(conf, cfg, paths, context, shares=threshold)
     status = _status(out, paths, str(conf["ledger-head"]))
     rel = out.weights if out.status == "ok" else None
     ok = rel is not None and {k: v.shape for k, v in rel.items()} == dict(shapes)

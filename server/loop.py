@@ -479,7 +479,6 @@ class _Federation:
                     "phase": ITEM_RELEASE_PHASE,
                     "round": rd.rnd,
                     "pop-share": pop_share(approach),
-                    "shares": 1,
                     "ledger-head": self.head_for(nid),
                 }
             )
@@ -539,7 +538,6 @@ class _Federation:
             lambda nid: {
                 "phase": ITEM_RELEASE_PHASE,
                 "pop-share": pop_share(approach),
-                "shares": self.release_shares,
                 "model-config": "{}",
                 "ledger-head": self.head_for(nid),
             },

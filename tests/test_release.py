@@ -277,6 +277,26 @@ def test_resuming_a_release_run_restores_the_item_model_and_releases_nothing(
         assert len(entries) == 1, "no second release, no second charge"
 
 
+def test_a_tenant_never_takes_its_noise_split_from_the_server(fed: Path) -> None:
+    """In the clear the server sees each release alone: a tenant adds its full noise whatever
+    'shares' the message claims (a curious server could otherwise ask for 1/50 of the noise)."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    cfg = RunConfig(fed_dir=str(fed), num_tenants=TENANTS, run_name="greedy-server", epsilon=8.0)
+    grid = LoopbackGrid(app, cfg.to_mapping(), TENANTS)
+    nid = sorted(grid.get_node_ids())[0]
+    config = ConfigRecord(
+        {"phase": "item-release", "round": 1, "pop-share": 1.0, "shares": 50, "ledger-head": ""}
+    )
+    msg = Message(
+        content=RecordDict({"config": config}), message_type=MessageType.TRAIN, dst_node_id=nid, group_id="1"
+    )
+    (reply,) = grid.send_and_receive([msg], timeout=120)
+    entries = json.loads(str(reply.content.config_records["status"]["ledger-entries"]))
+    assert len(entries) == 1 and entries[0]["shares"] == 1 and entries[0]["noise_mode"] == "local"
+    assert entries[0]["local_noise_multiplier"] == entries[0]["noise_multiplier"]
+
+
 def test_the_server_can_ask_each_tenant_its_user_count(fed: Path) -> None:
     """Deployments have no manifests on the coordinator: approach auto asks by a QUERY message."""
     cfg = RunConfig(fed_dir=str(fed), num_tenants=TENANTS)
