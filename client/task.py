@@ -176,6 +176,18 @@ def load_data(paths: TenantPaths) -> TenantData:
     return load_tenant_cached(paths.tenant_dir, paths.key_file, expected_tenant=paths.tenant_id)
 
 
+def tenant_budget(cfg: RunConfig, paths: TenantPaths, n_users: int) -> TenantBudget:
+    """This tenant's budget for the run (after checking δ < 1/users); state in its state dir."""
+    check_delta(delta=cfg.delta, n_users=n_users)
+    return TenantBudget(
+        paths.state_dir,
+        tenant_id=paths.tenant_id,
+        cap=cfg.cap_for(paths.tenant_id),
+        delta=cfg.delta,
+        accountant=cfg.accountant,
+    )
+
+
 def tenant_train(
     weights: Weights, model_cfg: ModelConfig, cfg: RunConfig, paths: TenantPaths, round_: int
 ) -> TrainOutcome:
@@ -200,14 +212,7 @@ def tenant_train(
             stats=stats,
         )
 
-    check_delta(delta=cfg.delta, n_users=n)
-    budget = TenantBudget(
-        paths.state_dir,
-        tenant_id=paths.tenant_id,
-        cap=cfg.cap_for(paths.tenant_id),
-        delta=cfg.delta,
-        accountant=cfg.accountant,
-    )
+    budget = tenant_budget(cfg, paths, n)
     sigma = noise_plan(paths, budget, plan, cfg)
     q, steps = plan.sample_rate, plan.steps
 
@@ -300,14 +305,7 @@ def tenant_release(
         exact = gram.release(x, gram.ReleaseNoise(sigma=0.0, pop_share=pop_share), np.random.default_rng(0))
         return TrainOutcome(paths.tenant_id, "ok", n, published(exact), steps=1, sample_rate=1.0)
 
-    check_delta(delta=cfg.delta, n_users=n)
-    budget = TenantBudget(
-        paths.state_dir,
-        tenant_id=paths.tenant_id,
-        cap=cfg.cap_for(paths.tenant_id),
-        delta=cfg.delta,
-        accountant=cfg.accountant,
-    )
+    budget = tenant_budget(cfg, paths, n)
     if round_ in budget.rounds:  # re-sent (a crash after charging): never charge twice, never re-release
         return TrainOutcome(
             paths.tenant_id, "already-charged", n, epsilon=budget.spent(), cap=budget.cap,
@@ -361,7 +359,6 @@ def tenant_release(
         sample_rate=1.0,
         steps=1,
         ledger_entry=entry,
-        extra={"local-noise-multiplier": noise.local_sigma, "epsilon-if-alone": fields["epsilon_if_alone"]},
     )
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,9 @@ from server.release import (
     release_problem,
     resolve_approach,
     shares_for,
+    sum_noise,
 )
-from server.secagg import SecureAggregator
+from server.secagg import SecureAggregator, shares_and_threshold
 from shared_model.artifacts import save_model, write_json_atomic
 from shared_model.codec import (
     Weights,
@@ -380,6 +381,34 @@ class _Federation:
         os.replace(tmp, ck / RESUME_FILE)
 
     # ---------------------------------------------------------- rounds
+    def clear_replies(
+        self, rd: _Round, messages: list[Message], what: str
+    ) -> Iterator[tuple[str, dict[str, Any], Mapping[str, Any], Weights]]:
+        """Send a round's messages; yield (tenant, info, metrics, arrays) of each readable "ok" reply.
+
+        Errors, refusals (capped, already charged), unreadable arrays and missing replies are
+        recorded in the round's row here; the caller validates what it is given.
+        """
+        seen = set()
+        for rep in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
+            nid = rep.metadata.src_node_id
+            seen.add(nid)
+            if rep.has_error():
+                rd.failure(nid, rep.error.reason or "")
+                continue
+            met = metrics_of(rep.content, "metrics")
+            tenant, info = rd.report(nid, config_of(rep.content, "status"), met)
+            if info["status"] != "ok":
+                continue
+            try:
+                arrays = arrays_of(rep.content)
+            except (KeyError, TypeError, ValueError) as e:
+                rd.reject(info, f"unreadable {what} ({e})")
+                continue
+            yield tenant, info, met, arrays
+        for nid in sorted(set(self.nodes) - seen):
+            rd.failure(nid, f"no reply within {self.cfg.round_timeout:g} s")
+
     def plain_round(self, rd: _Round) -> None:
         """Every tenant's update in the clear: validate each, aggregate the accepted ones."""
         cfg, rnd = self.cfg, rd.rnd
@@ -393,24 +422,8 @@ class _Federation:
             messages.append(
                 Message(content=content, message_type=MessageType.TRAIN, dst_node_id=nid, group_id=str(rnd))
             )
-        replies = self.grid.send_and_receive(messages, timeout=cfg.round_timeout)
-        seen = set()
-        for rep in replies:
-            nid = rep.metadata.src_node_id
-            seen.add(nid)
-            if rep.has_error():
-                rd.failure(nid, rep.error.reason or "")
-                continue
-            met = metrics_of(rep.content, "metrics")
-            tenant, info = rd.report(nid, config_of(rep.content, "status"), met)
-            if info["status"] != "ok":
-                continue
+        for tenant, info, met, weights in self.clear_replies(rd, messages, "update"):
             users = as_int(met["num-examples"])
-            try:
-                weights = arrays_of(rep.content)
-            except (KeyError, TypeError, ValueError) as e:
-                rd.reject(info, f"unreadable update ({e})")
-                continue
             problem = validate_update(
                 weights, reference, users, self.max_users.get(tenant), max_norm=cfg.max_update_norm
             )
@@ -420,8 +433,6 @@ class _Federation:
             info["aggregated"] = True
             rd.accepted.append((weights, users))
             rd.contributors.append(tenant)
-        for nid in sorted(set(self.nodes) - seen):
-            rd.failure(nid, f"no reply within {cfg.round_timeout:g} s")
         if len(rd.accepted) >= max(1, cfg.min_tenants):
             new = aggregate(rd.accepted, self.method, self.cut)
             self.apply(rd, {k: new[k] - reference[k] for k in self.param_keys})
@@ -471,7 +482,7 @@ class _Federation:
     def release_round(self, rd: _Round) -> None:
         """Every tenant publishes its DP item release in the clear; the server checks and sums them."""
         assert self.choice is not None
-        approach, cfg = self.choice.approach, self.cfg
+        approach = self.choice.approach
         messages = []
         for nid in self.nodes:
             config = ConfigRecord(
@@ -493,23 +504,8 @@ class _Federation:
         total: dict[str, np.ndarray] = {}
         sigmas: list[float] = []
         users = 0
-        seen = set()
-        for rep in self.grid.send_and_receive(messages, timeout=cfg.round_timeout):
-            nid = rep.metadata.src_node_id
-            seen.add(nid)
-            if rep.has_error():
-                rd.failure(nid, rep.error.reason or "")
-                continue
-            met = metrics_of(rep.content, "metrics")
-            tenant, info = rd.report(nid, config_of(rep.content, "status"), met)
-            if info["status"] != "ok":
-                continue
+        for tenant, info, met, rel in self.clear_replies(rd, messages, "release"):
             n = as_int(met["num-examples"])
-            try:
-                rel = arrays_of(rep.content)
-            except (KeyError, TypeError, ValueError) as e:
-                rd.reject(info, f"unreadable release ({e})")
-                continue
             problem = release_problem(rel, approach, self.catalog.n_items, n, self.max_users.get(tenant))
             if problem:
                 rd.reject(info, problem)
@@ -520,8 +516,6 @@ class _Federation:
             sigmas.append(as_float(met["noise-multiplier"]))
             users += n
             rd.contributors.append(tenant)
-        for nid in sorted(set(self.nodes) - seen):
-            rd.failure(nid, f"no reply within {cfg.round_timeout:g} s")
         self.fit_from_release(rd, total, sigmas, users, shares=1)
 
     def secure_release_round(self, rd: _Round) -> None:
@@ -584,7 +578,7 @@ class _Federation:
                 "repeated (each is charged once), so this run has no model — see rounds.jsonl"
             )
         # Noise of the sum: every contributor's share of σ_t (shares = 1 with local noise).
-        sigma_sum = float(np.sqrt(sum(s * s for s in sigmas) / shares)) if self.cfg.dp and sigmas else 0.0
+        sigma_sum = sum_noise(sigmas, shares) if self.cfg.dp else 0.0
         t0 = time.perf_counter()
         model = fit_release(
             total,
@@ -642,7 +636,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     users_by_tenant = fed.max_users
     if not users_by_tenant and cfg.approach == "auto" and cfg.dp:  # a deployment: ask the tenants
         users_by_tenant = query_users(grid, fed.nodes, cfg.round_timeout)
-    threshold = (len(fed.nodes) // 2 + 1) if cfg.secagg and len(fed.nodes) >= 2 else None
+    threshold = shares_and_threshold(len(fed.nodes))[1] if cfg.secagg and len(fed.nodes) >= 2 else None
     fed.release_shares = shares_for(cfg, threshold)
     fed.choice = resolve_approach(cfg, users_by_tenant, fed.catalog.n_items, shares=fed.release_shares)
     releasing = fed.choice.approach in RELEASE_APPROACHES
