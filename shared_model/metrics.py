@@ -230,17 +230,23 @@ class RankingSums:
         item_vecs: np.ndarray | None = None,
         *,
         n_items: int | None = None,
+        ndcg: np.ndarray | None = None,
     ) -> None:
         """Add a batch of users: their target ranks (B,), and optionally their top-K lists (B, K).
 
         With ``topk``, the lists update coverage (needs ``n_items``, or ``item_vecs`` to tell it)
-        and, with ``item_vecs`` (N, G), intra-list diversity.
+        and, with ``item_vecs`` (N, G), intra-list diversity. Users with several relevant items pass
+        the rank of their best one and their own NDCG@K values (B,) (:func:`ndcg_at_k_multi`).
         """
         ranks = np.asarray(ranks, dtype=np.float64)
         assert ranks.ndim == 1, f"ranks must be (B,), got shape {ranks.shape}"
         self.users += len(ranks)
         self.hits += float(hits_at_k(ranks, self.k).sum())
-        self.ndcg += float(ndcg_at_k(ranks, self.k).sum())
+        if ndcg is None:
+            self.ndcg += float(ndcg_at_k(ranks, self.k).sum())
+        else:
+            assert np.shape(ndcg) == ranks.shape, f"ndcg must be {ranks.shape}, got {np.shape(ndcg)}"
+            self.ndcg += float(np.sum(ndcg))
         self.rr += float(reciprocal_rank(ranks).sum())
         if topk is None:
             return

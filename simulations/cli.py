@@ -58,18 +58,38 @@ MinRatingOpt = Annotated[
 ]
 SynthUsersOpt = Annotated[int | None, typer.Option("--synth-users", help="Users of --data synthetic.")]
 SynthItemsOpt = Annotated[int | None, typer.Option("--synth-items", help="Items of --data synthetic.")]
+TestOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--test",
+        help="Given split: the TEST file for --data TRAIN ('user item item …' lines or a CSV); used as is, "
+        "metrics Recall/NDCG/HitRate@20.",
+    ),
+]
 
 
 def load_prepared(
-    src: str, columns: str | None, seed: int, min_rating: float | None, users: int | None, items: int | None
+    src: str,
+    columns: str | None,
+    seed: int,
+    min_rating: float | None,
+    users: int | None,
+    items: int | None,
+    test: str | None = None,
 ) -> PreparedData:
-    """Load + clean + split a data source, with a status spinner."""
-    from simulations.dataset import prepare_dataset
-    from simulations.sources import load
+    """Load + clean + split a data source (or a given TRAIN/TEST pair), with a status spinner."""
+    from simulations.dataset import prepare_dataset, prepare_given_split
+    from simulations.sources import load, load_given_split
 
     with err_console.status(f"loading {src} …"):
-        raw = load(src, columns=columns, seed=seed, synth_users=users, synth_items=items)
-        data = prepare_dataset(raw, min_rating=min_rating)
+        if test is not None:
+            if src == "synthetic":
+                raise FedrecError("--test TEST needs --data TRAIN (a file), not the synthetic generator")
+            train_raw, test_raw = load_given_split(src, test, columns=columns)
+            data = prepare_given_split(train_raw, test_raw, seed=seed, min_rating=min_rating)
+        else:
+            raw = load(src, columns=columns, seed=seed, synth_users=users, synth_items=items)
+            data = prepare_dataset(raw, min_rating=min_rating)
     err_console.print(
         f"[dim]{data.source}: {data.split.n_users} users, {data.catalog.n_items} items, "
         f"{data.n_interactions} interactions[/dim]"
@@ -144,6 +164,7 @@ def centralized(
     out: Annotated[Path, typer.Option("--out", help="RUN_DIR to write (atomically).")],
     data: DataOpt = "synthetic",
     columns: ColumnsOpt = None,
+    test: TestOpt = None,
     epochs: Annotated[
         int | None,
         typer.Option("--epochs", min=1, help="Maximum epochs, early stopping on validation [150]."),
@@ -165,10 +186,10 @@ def centralized(
     from simulations.rundir import check_out_dir
 
     check_out_dir(out, overwrite=overwrite)
-    prepared = load_prepared(data, columns, seed, min_rating, synth_users, synth_items)
+    prepared = load_prepared(data, columns, seed, min_rating, synth_users, synth_items, test)
     given = {"epochs": epochs, "patience": patience, "lr": lr}
     cfg = CentralizedConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
-    resolved = {"data": data, "columns": columns, "min_rating": min_rating, "seed": seed}
+    resolved = {"data": data, "test": test, "columns": columns, "min_rating": min_rating, "seed": seed}
     with Progress(
         TextColumn("[bold]epoch"),
         BarColumn(),
@@ -263,6 +284,7 @@ def simulate(
         typer.Option("--resume", help="Continue the interrupted run to this RUN_DIR from its checkpoint."),
     ] = None,
     columns: ColumnsOpt = None,
+    test: TestOpt = None,
     seed: SeedOpt = 0,
     min_rating: MinRatingOpt = None,
     synth_users: SynthUsersOpt = None,
@@ -298,6 +320,10 @@ def simulate(
         raise FedrecError("give --out RUN_DIR (or --resume RUN_DIR to continue an interrupted run)")
     if data is not None and federation is not None:
         raise FedrecError("give either --data or --federation, not both")
+    if test is not None and data is None:
+        raise FedrecError(
+            "--test TEST goes with --data TRAIN (a federation folder already holds its test sets)"
+        )
     if secagg and aggregation.strip() != "fedavg":
         raise FedrecError(
             f"--aggregation {aggregation} needs every update in the clear; with --secagg the server sees "
@@ -328,7 +354,9 @@ def simulate(
     if federation is None:
         from simulations.prepare import PrepareConfig, prepare_federation
 
-        prepared = load_prepared(data or "synthetic", columns, seed, min_rating, synth_users, synth_items)
+        prepared = load_prepared(
+            data or "synthetic", columns, seed, min_rating, synth_users, synth_items, test
+        )
 
         def prepare(fed_dir: Path) -> None:
             prepare_federation(
