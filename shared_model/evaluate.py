@@ -25,9 +25,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from shared_model.data import Catalog, UserSplit
-from shared_model.metrics import RankingSums, RecordValue, ranks_from_scores
-from shared_model.ranking import mask_items, top_k
+from fedrec.shared_model.data import Catalog, UserSplit
+from fedrec.shared_model.metrics import RankingSums, RecordValue, ranks_from_scores
+from fedrec.shared_model.ranking import mask_items, top_k
 
 WHICH = ("val", "test")
 

@@ -21,7 +21,7 @@
   ``columns="user=colA,item=colB[,rating=colC][,timestamp=colD]"``. Timestamps may be unix seconds
   or date strings; without a timestamp column the row order (0, 1, 2, …) is used.
 
-Every problem with the input raises :class:`simulations.errors.DataError` with one sentence that
+Every problem with the input raises :class:`fedrec.simulations.errors.DataError` with one sentence that
 names the file and what is wrong.
 
 Normalized form (:class:`RawDataset`): ids are strings; ``rating`` is float64 (NaN when the source
@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from simulations.errors import DataError
+from fedrec.simulations.errors import DataError
 
 __all__ = [
     "DOWNLOADS",
