@@ -6,7 +6,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install demo test lint typecheck pytest clean
+.PHONY: install demo test lint typecheck pytest wheel-check clean
 
 $(BIN)/fedrec: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -26,13 +26,18 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
+	$(BIN)/python scripts/typecheck_tree.py >/dev/null
 	$(BIN)/mypy
 
 pytest: install
 	$(BIN)/pytest -q -p no:cacheprovider --timeout=900
 
-## Everything CI runs: lint, types, the whole test suite (slow end-to-end tests included).
-test: lint typecheck pytest
+## The installed wheel in a fresh venv, run from a temp dir (no repository on sys.path).
+wheel-check: install
+	PY=$(PY) bash scripts/wheel_check.sh
+
+## Everything CI runs: lint, types, the whole test suite (slow end-to-end tests included), the wheel.
+test: lint typecheck pytest wheel-check
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build

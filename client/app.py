@@ -1,4 +1,4 @@
-"""The Flower ClientApp: decode the message, call a plain function in ``client.task``, encode the reply.
+"""The Flower ClientApp: decode the message, call a plain function in ``fedrec.client.task``, encode the reply.
 
 One ClientApp serves both aggregation paths (see README, Architecture):
 
@@ -11,7 +11,7 @@ One ClientApp serves both aggregation paths (see README, Architecture):
   part of that reply is the status and budget figures only.
 
 Item release (``phase`` = ``item-release`` in the train config, approaches ``dp_ease``/``dp_popularity``):
-the same ``train`` handler calls ``client.task.tenant_release`` instead of training; ``arrays`` then
+the same ``train`` handler calls ``fedrec.client.task.tenant_release`` instead of training; ``arrays`` then
 holds the noisy popularity vector and/or the packed noisy Gram — a DP release, charged and logged
 before it is sent, exactly like a DP-SGD update.
 
@@ -35,8 +35,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 
-from client.faults import adversary_kind, corrupt, maybe_crash, maybe_drop
-from client.task import (
+from fedrec.client.faults import adversary_kind, corrupt, maybe_crash, maybe_drop
+from fedrec.client.task import (
     TenantPaths,
     TrainOutcome,
     ledger_since,
@@ -48,11 +48,11 @@ from client.task import (
     tenant_release,
     tenant_train,
 )
-from shared_model.codec import Weights, arrays_of, as_int, config_of, to_record
-from shared_model.errors import FedrecError
-from shared_model.item_model import ItemModelConfig
-from shared_model.model import ModelConfig
-from shared_model.runconfig import RunConfig
+from fedrec.shared_model.codec import Weights, arrays_of, as_int, config_of, to_record
+from fedrec.shared_model.errors import FedrecError
+from fedrec.shared_model.item_model import ItemModelConfig
+from fedrec.shared_model.model import ModelConfig
+from fedrec.shared_model.runconfig import RunConfig
 
 #: The train-config value of ``phase`` that asks for the one-shot item release instead of training.
 ITEM_RELEASE = "item-release"

@@ -2,7 +2,7 @@
 
 They act only on *simulated* nodes (``partition-id`` in ``node_config``): a real SuperNode ignores
 them, whatever the run config says. The plan itself (who drops, crashes or lies in which round) is
-parsed and drawn in :class:`shared_model.runconfig.RunConfig`, so the server can record it per round.
+parsed and drawn in :class:`fedrec.shared_model.runconfig.RunConfig`, so the server can record it per round.
 
 * dropout — the tenant misses the round before training (nothing charged, no reply but an error);
 * crash — the tenant's client process dies mid-round: *after* the round was charged and logged,
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from shared_model.codec import Weights
-from shared_model.runconfig import RunConfig
+from fedrec.shared_model.codec import Weights
+from fedrec.shared_model.runconfig import RunConfig
 
 
 class SimulatedDropout(RuntimeError):

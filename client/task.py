@@ -9,7 +9,7 @@
 * :func:`secure_update` — under SecAgg+: the delta to mask and its weight, after the same checks the
   server runs on a visible update (a failing update is replaced by zeros with weight 0 and reported);
 * :func:`ledger_since` — the ledger entries after the head the server recorded (budget figures only);
-* :func:`tenant_release` — the one-shot user-level DP item release (``privacy.gram``: DP popularity
+* :func:`tenant_release` — the one-shot user-level DP item release (``fedrec.privacy.gram``: DP popularity
   and/or the noisy item–item Gram) for the ``dp_ease``/``dp_popularity`` approaches: budget checked,
   charged and logged before the release leaves the tenant, exactly like a DP-SGD round;
 * :func:`tenant_evaluate` — running sums of the ranking metrics (the server divides once).
@@ -35,20 +35,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.train import LocalTrainConfig, RoundStats, StepPlan, plan_round, train_round
-from client.vault import TenantData, load_tenant_cached
-from privacy import gram
-from privacy.accounting import calibrate_noise, check_delta
-from privacy.budget import TenantBudget
-from privacy.ledger import GENESIS, Ledger
-from shared_model.codec import Weights, load_weights, parameter_weights, update_problem
-from shared_model.data import Catalog
-from shared_model.errors import FedrecError
-from shared_model.evaluate import evaluate
-from shared_model.item_model import ItemModelConfig, ItemReleaseModel
-from shared_model.model import HistoryMLP, ModelConfig
-from shared_model.runconfig import RunConfig
-from shared_model.training import ModelScorer, SamplingConfig
+from fedrec.client.train import LocalTrainConfig, RoundStats, StepPlan, plan_round, train_round
+from fedrec.client.vault import TenantData, load_tenant_cached
+from fedrec.privacy import gram
+from fedrec.privacy.accounting import calibrate_noise, check_delta
+from fedrec.privacy.budget import TenantBudget
+from fedrec.privacy.ledger import GENESIS, Ledger
+from fedrec.shared_model.codec import Weights, load_weights, parameter_weights, update_problem
+from fedrec.shared_model.data import Catalog
+from fedrec.shared_model.errors import FedrecError
+from fedrec.shared_model.evaluate import evaluate
+from fedrec.shared_model.item_model import ItemModelConfig, ItemReleaseModel
+from fedrec.shared_model.model import HistoryMLP, ModelConfig
+from fedrec.shared_model.runconfig import RunConfig
+from fedrec.shared_model.training import ModelScorer, SamplingConfig
 
 PLAN_FILE = "dp_plan.json"
 #: Users scored per evaluation batch. 512 × 2 000 items made 262 MB temporaries and spent half the CPU
@@ -444,7 +444,7 @@ def tenant_evaluate_items(
     paths: TenantPaths,
     which: str,
 ) -> dict[str, Any]:
-    """:func:`tenant_evaluate` for a model fitted from the item release (``shared_model.item_model``)."""
+    """:func:`tenant_evaluate` for a model fitted from the item release (``fedrec.shared_model.item_model``)."""
     if which not in ("val", "test"):
         raise FedrecError(f"evaluation split must be 'val' or 'test', got {which!r}")
     data = load_data(paths)

@@ -34,10 +34,10 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.fastdp import FastClipper
-from shared_model.data import UserSplit
-from shared_model.model import HistoryMLP
-from shared_model.training import SamplingConfig, make_user_batch, per_user_loss
+from fedrec.client.fastdp import FastClipper
+from fedrec.shared_model.data import UserSplit
+from fedrec.shared_model.model import HistoryMLP
+from fedrec.shared_model.training import SamplingConfig, make_user_batch, per_user_loss
 
 #: Per-user clipping implementations (same clipped sum; "fast" is ~1 backward pass, "ghost" two).
 CLIPPING_MODES = ("fast", "ghost")

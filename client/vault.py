@@ -2,12 +2,12 @@
 
 Tenant folder (written by ``fedrec prepare``)::
 
-    FED_DIR/tenant-<i>/partition.enc    UserSplit.to_bytes(), chunked AES-256-GCM (privacy.crypto)
+    FED_DIR/tenant-<i>/partition.enc    UserSplit.to_bytes(), chunked AES-256-GCM (fedrec.privacy.crypto)
     FED_DIR/tenant-<i>/manifest.json    tenant id, schema, counts, reports; no identifiers; MAC'd
     FED_DIR/keys/tenant-<i>.key         the tenant's master key (or a keys dir the operator chooses)
 
 The manifest carries an HMAC-SHA256 (``mac``) under a key derived from the tenant's master key
-(privacy.crypto.derive_key, purpose "manifest-mac"), so an edited manifest is detected, and it records the
+(fedrec.privacy.crypto.derive_key, purpose "manifest-mac"), so an edited manifest is detected, and it records the
 random id of the vault file it describes, so an older ``partition.enc`` put back in place
 (rollback) or one copied from another folder is refused before anything is decrypted.
 
@@ -34,9 +34,9 @@ from typing import Any
 from cryptography.hazmat.primitives import constant_time, hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
-from privacy.crypto import KeyInfo, decrypt_file, derive_key, read_key_file, vault_file_id
-from privacy.errors import VaultError
-from shared_model.data import SPLIT_SCHEMA_VERSION, UserSplit
+from fedrec.privacy.crypto import KeyInfo, decrypt_file, derive_key, read_key_file, vault_file_id
+from fedrec.privacy.errors import VaultError
+from fedrec.shared_model.data import SPLIT_SCHEMA_VERSION, UserSplit
 
 PARTITION_FILE = "partition.enc"
 MANIFEST_FILE = "manifest.json"

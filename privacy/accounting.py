@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 
-from privacy.errors import BudgetError
+from fedrec.privacy.errors import BudgetError
 
 Accountant = Literal["prv", "rdp"]
 Segment = tuple[float, float, int]

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from cryptography.hazmat.primitives import hashes, hmac
 
-from privacy.errors import PrivacyError
+from fedrec.privacy.errors import PrivacyError
 
 SUPPRESSED = "*"
 PSEUDONYM_HEX = 32  # 128 bits of HMAC-SHA256: no collisions in practice, shorter ids in files
@@ -55,7 +55,7 @@ def pseudonymize(user_ids: Sequence[str], secret: bytes) -> list[str]:
     """HMAC-SHA256(secret, id) as 32 lowercase hex characters, one per id, in order.
 
     Without ``secret`` a pseudonym cannot be linked back to an id, even by hashing every
-    possible id; derive ``secret`` with ``privacy.crypto.derive_key(master, "pseudonym-hmac")``.
+    possible id; derive ``secret`` with ``fedrec.privacy.crypto.derive_key(master, "pseudonym-hmac")``.
     """
     if not isinstance(secret, bytes) or len(secret) < MIN_SECRET_BYTES:
         raise PrivacyError(f"The pseudonym secret must be at least {MIN_SECRET_BYTES} bytes of key material.")

@@ -7,7 +7,7 @@ ledger line and the round. What each check covers:
 ============================  ===================================================================
 ``ledger_readable``           every line is a JSON object
 ``hash_chain``                each hash matches its entry, each ``prev_hash`` the entry before
-``entry_schema``              required fields, types and ranges (``privacy.ledger.FIELDS``)
+``entry_schema``              required fields, types and ranges (``fedrec.privacy.ledger.FIELDS``)
 ``recorded_heads``            the chain's head after each round equals the head the server wrote
                               in ``rounds.jsonl`` and, at the end, ``privacy.json`` — the only way
                               to see a truncated tail or a rewrite with freshly computed hashes
@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting import epsilon, epsilon_dp_accounting
-from privacy.errors import PrivacyError
-from privacy.ledger import CAP_SLACK, GENESIS, LedgerProblem, read_entries, verify_chain
+from fedrec.privacy.accounting import epsilon, epsilon_dp_accounting
+from fedrec.privacy.errors import PrivacyError
+from fedrec.privacy.ledger import CAP_SLACK, GENESIS, LedgerProblem, read_entries, verify_chain
 
 #: |ε replayed − ε recorded| allowed with the accountant the run used (same code, same inputs).
 REPLAY_TOLERANCE = 1e-6
@@ -67,7 +67,7 @@ CHECKS: tuple[str, ...] = (
     "accountant_agreement",
 )
 
-#: Which check a ``privacy.ledger.LedgerProblem`` kind belongs to.
+#: Which check a ``fedrec.privacy.ledger.LedgerProblem`` kind belongs to.
 _KIND_TO_CHECK: dict[str, str] = {
     "bad_json": "ledger_readable",
     "not_object": "ledger_readable",
@@ -164,7 +164,7 @@ class Replay:
 
 
 def expected_plan(n_users: int, *, local_epochs: float, batch_users: int) -> tuple[float, int]:
-    """(q, steps) a tenant of ``n_users`` must use: the formula of ``client.train.plan_round``."""
+    """(q, steps) a tenant of ``n_users`` must use: the formula of ``fedrec.client.train.plan_round``."""
     if n_users < 1 or batch_users < 1 or not local_epochs > 0:
         raise PrivacyError(
             f"need users ≥ 1, batch_users ≥ 1, local_epochs > 0, got {n_users}, {batch_users}, {local_epochs}"
@@ -189,7 +189,7 @@ def check_ledger(
     """Every check of the module table for one tenant, in :data:`CHECKS` order.
 
     ``lines`` are the file line of each entry (default 1..n); ``read_problems`` the unparseable lines
-    from ``privacy.ledger.read_entries``; ``replay`` from :func:`replay_ledger` (skipped when None, e.g.
+    from ``fedrec.privacy.ledger.read_entries``; ``replay`` from :func:`replay_ledger` (skipped when None, e.g.
     when the entries are too malformed to account).
     """
     plan = plan or RunPlan()
@@ -420,7 +420,7 @@ class LedgerFile:
 
 
 def read_ledger(path: Path) -> LedgerFile:
-    """Read ``path`` with ``privacy.ledger.read_entries`` and recover each entry's file line."""
+    """Read ``path`` with ``fedrec.privacy.ledger.read_entries`` and recover each entry's file line."""
     entries, problems = read_entries(path)
     bad = {p.line for p in problems}
     lines = [n for n in range(1, len(entries) + len(problems) + 1) if n not in bad]

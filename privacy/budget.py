@@ -15,7 +15,7 @@ round it has released an update for. Rules that keep the budget honest:
 - round numbers must strictly increase, so no round is charged twice;
 - a charge that would take ε above the cap is refused and nothing is recorded.
 
-ε itself is computed by the pure :mod:`privacy.accounting`.
+ε itself is computed by the pure :mod:`fedrec.privacy.accounting`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting import Segment, check_accountant, epsilon, validate_history
-from privacy.errors import BudgetError
+from fedrec.privacy.accounting import Segment, check_accountant, epsilon, validate_history
+from fedrec.privacy.errors import BudgetError
 
 STATE_FILE = "accountant.json"
 STATE_VERSION = 1

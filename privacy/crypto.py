@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from privacy.errors import VaultError
+from fedrec.privacy.errors import VaultError
 
 KEY_BYTES = 32  # AES-256 / HMAC-SHA256 key length
 KEY_ID_BYTES = 16  # key ids are 32 hex characters

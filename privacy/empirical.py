@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from privacy.errors import PrivacyError
+from fedrec.privacy.errors import PrivacyError
 
 _EPS_MAX = 60.0  # above this p_ε = 1 in double precision: the search stops here
 _BISECT_STEPS = 60

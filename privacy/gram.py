@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from privacy.accounting import Accountant, calibrate_noise, epsilon
-from privacy.errors import BudgetError
+from fedrec.privacy.accounting import Accountant, calibrate_noise, epsilon
+from fedrec.privacy.errors import BudgetError
 
 #: Mechanism name written into the ledger entry of the release.
 MECHANISM = "gaussian:item_release(popularity,gram)/unit_rows/v1"

@@ -28,8 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting import check_accountant, epsilon
-from privacy.errors import BudgetError, LedgerError
+from fedrec.privacy.accounting import check_accountant, epsilon
+from fedrec.privacy.errors import BudgetError, LedgerError
 
 GENESIS = "0" * 64
 CAP_SLACK = 1e-9  # recorded ε may exceed the cap by float noise, no more
@@ -51,7 +51,7 @@ FIELDS: dict[str, type | tuple[type, ...]] = {
     "poisson": bool,
     "secure_mode": bool,
 }
-#: Optional fields: the status, and what a one-shot item release (``privacy.gram``) records besides the
+#: Optional fields: the status, and what a one-shot item release (``fedrec.privacy.gram``) records besides the
 #: segment itself — its mechanism, the share of the sensitivity given to popularity, the noise mode
 #: (``local`` | ``distributed`` under SecAgg+), the number of shares the noise was split into, this
 #: tenant's own noise multiplier and the ε if the server saw this tenant's share alone.

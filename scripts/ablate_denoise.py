@@ -19,11 +19,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from privacy import gram
-from shared_model.dp_item import DPEASE, EigenGram
-from shared_model.evaluate import evaluate
-from simulations.frontier import load_path, load_synthetic
-from simulations.partition import PartitionSpec, partition_users
+from fedrec.privacy import gram
+from fedrec.shared_model.dp_item import DPEASE, EigenGram
+from fedrec.shared_model.evaluate import evaluate
+from fedrec.simulations.data.partition import PartitionSpec, partition_users
+from fedrec.simulations.reports.frontier import load_path, load_synthetic
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 

@@ -4,7 +4,7 @@ Protocol (docs/DP_HEAD.md): 5 tenants (iid partition of the users, the seed), us
 δ = 1e-5, PRV accountant, local noise (each tenant noises its own release; the server sums).
 For each seed and ε, every tenant spends at most ε in total, composed across its stages:
 
-* the head variants make ONE item release per tenant (``privacy.gram``), a ``(σ_rel, q = 1, steps = 1)``
+* the head variants make ONE item release per tenant (``fedrec.privacy.gram``), a ``(σ_rel, q = 1, steps = 1)``
   segment with σ_rel calibrated ALONE to ``release_share · ε`` (the split rule, fixed a priori:
   ``--release-share 0.5``); the DP-SGD rounds are the next segment, σ_sgd calibrated with
   ``history_before = [release segment]`` so that the composed total is exactly the target ε;
@@ -25,7 +25,7 @@ Variants (HR@10 / NDCG@10, full ranking, leave-one-out TEST item):
   is the first DP-EASE rule (``denoise=False``) on the same release as ``dp_ease``.
 
 Federated part: in one process, each round every tenant trains the global model on its own users with
-``client.train.train_round`` (its own DP-SGD: Poisson sampling, per-user clipping, its own noise) and
+``fedrec.client.train.train_round`` (its own DP-SGD: Poisson sampling, per-user clipping, its own noise) and
 the server averages the parameters weighted by user counts (FedAvg). DP noise (release and DP-SGD)
 always comes from fresh OS entropy, never from ``--seeds``.
 
@@ -59,17 +59,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.train import LocalTrainConfig, plan_round, train_round
-from privacy import gram
-from privacy.accounting import calibrate_noise, epsilon
-from shared_model.baselines import DPPopularity
-from shared_model.data import Catalog, UserSplit
-from shared_model.dp_item import DPEASE, DPEASERule, EigenGram
-from shared_model.evaluate import evaluate
-from shared_model.model import HistoryMLP, ModelConfig
-from shared_model.priors import PriorScorer, log_prior
-from shared_model.training import ModelScorer, SamplingConfig
-from simulations.partition import PartitionSpec, partition_users
+from fedrec.client.train import LocalTrainConfig, plan_round, train_round
+from fedrec.privacy import gram
+from fedrec.privacy.accounting import calibrate_noise, epsilon
+from fedrec.shared_model.baselines import DPPopularity
+from fedrec.shared_model.data import Catalog, UserSplit
+from fedrec.shared_model.dp_item import DPEASE, DPEASERule, EigenGram
+from fedrec.shared_model.evaluate import evaluate
+from fedrec.shared_model.model import HistoryMLP, ModelConfig
+from fedrec.shared_model.priors import PriorScorer, log_prior
+from fedrec.shared_model.training import ModelScorer, SamplingConfig
+from fedrec.simulations.data.partition import PartitionSpec, partition_users
 
 ML100K = "/work/shared/data/ml-100k"
 DELTA = 1e-5
@@ -179,7 +179,7 @@ class BilinearHead(torch.nn.Module):
         self, split: UserSplit, users: np.ndarray, histories: list[np.ndarray], which: str
     ) -> np.ndarray:
         """Scorer protocol: (B, n_items) over the whole catalogue."""
-        from shared_model.training import pad_rows
+        from fedrec.shared_model.training import pad_rows
 
         n = self.pad
         hist = torch.from_numpy(pad_rows([h[-200:] for h in histories], n))
@@ -225,7 +225,7 @@ def head_model(n_items: int, emb: np.ndarray, prior: np.ndarray) -> HistoryMLP:
 
 
 def mlp_model(catalog: Catalog) -> HistoryMLP:
-    """The project's model on all parameters (server.loop.model_config with the RunConfig defaults)."""
+    """The project's model on all parameters (fedrec.server.loop.model_config with the RunConfig defaults)."""
     cfg = ModelConfig(
         n_items=catalog.n_items,
         n_genres=len(catalog.genre_names),
@@ -667,7 +667,7 @@ def main() -> None:
     eps_list = _eps_values(args.eps)
     args.mlp_eps = _eps_values(args.mlp_eps) if args.mlp_eps else None
     t0 = time.perf_counter()
-    from simulations.frontier import load_path, load_synthetic
+    from fedrec.simulations.reports.frontier import load_path, load_synthetic
 
     if args.data == "ml100k":
         split, catalog = load_path(Path(args.ml100k_path))

@@ -23,13 +23,13 @@ import time
 import numpy as np
 import torch
 
-from privacy import gram
-from shared_model.baselines import DPPopularity
-from shared_model.dp_item import DPEASE, DPEASERule, EigenGram
-from shared_model.evaluate import evaluate
-from simulations.dataset import prepare_dataset
-from simulations.partition import PartitionSpec, partition_users
-from simulations.sources import load, synthetic
+from fedrec.privacy import gram
+from fedrec.shared_model.baselines import DPPopularity
+from fedrec.shared_model.dp_item import DPEASE, DPEASERule, EigenGram
+from fedrec.shared_model.evaluate import evaluate
+from fedrec.simulations.data.dataset import prepare_dataset
+from fedrec.simulations.data.partition import PartitionSpec, partition_users
+from fedrec.simulations.data.sources import load, synthetic
 
 
 def main() -> None:

@@ -20,12 +20,12 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from client.vault import PARTITION_FILE, load_tenant, tenant_paths
-from privacy.crypto import decrypt_file, read_key_file
-from shared_model.data import SPLIT_SCHEMA_VERSION, UserSplit
-from simulations.dataset import prepare_dataset
-from simulations.prepare import PrepareConfig, prepare_federation
-from simulations.sources import load
+from fedrec.client.vault import PARTITION_FILE, load_tenant, tenant_paths
+from fedrec.privacy.crypto import decrypt_file, read_key_file
+from fedrec.shared_model.data import SPLIT_SCHEMA_VERSION, UserSplit
+from fedrec.simulations.data.dataset import prepare_dataset
+from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
+from fedrec.simulations.data.sources import load
 
 
 def _best(fn: Callable[[], object], repeats: int) -> float:

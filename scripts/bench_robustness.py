@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FEDREC = [sys.executable, "-m", "simulations.cli"]
+FEDREC = [sys.executable, "-m", "fedrec"]
 
 
 def emit(out: Path, record: dict[str, Any]) -> None:
@@ -55,9 +55,9 @@ def env(home: Path) -> dict[str, str]:
 
 
 def small_fed(root: Path, tenants: int, users_each: int, seed: int) -> Path:
-    from simulations.dataset import prepare_dataset
-    from simulations.prepare import PrepareConfig, prepare_federation
-    from simulations.sources import load
+    from fedrec.simulations.data.dataset import prepare_dataset
+    from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
+    from fedrec.simulations.data.sources import load
 
     data = prepare_dataset(load("synthetic", synth_users=users_each * tenants, synth_items=80, seed=seed))
     fed = root / f"fed-{tenants}x{users_each}"
@@ -66,9 +66,9 @@ def small_fed(root: Path, tenants: int, users_each: int, seed: int) -> Path:
 
 
 def loopback_run(cfg: Any, tenants: int) -> dict[str, Any]:
-    from client.app import app
-    from server.loop import run_federation
-    from simulations.loopback import LoopbackGrid
+    from fedrec.client.app import app
+    from fedrec.server.loop import run_federation
+    from fedrec.simulations.driver.loopback import LoopbackGrid
 
     return run_federation(LoopbackGrid(app, cfg.to_mapping(), tenants), cfg, log=lambda _: None)
 
@@ -80,8 +80,8 @@ KINDS = ["nan", "inf", "shape", "dtype", "keys", "scale=1e6", "users=0", "users=
 def bench_malformed(args: argparse.Namespace) -> None:
     import torch
 
-    from shared_model.artifacts import load_model
-    from shared_model.runconfig import RunConfig
+    from fedrec.shared_model.artifacts import load_model
+    from fedrec.shared_model.runconfig import RunConfig
 
     root = Path(tempfile.mkdtemp(prefix="bench-malformed-"))
     n = len(KINDS) + 1
@@ -131,8 +131,8 @@ def bench_malformed(args: argparse.Namespace) -> None:
 def bench_matrix(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from shared_model.artifacts import load_model
-    from shared_model.runconfig import RunConfig
+    from fedrec.shared_model.artifacts import load_model
+    from fedrec.shared_model.runconfig import RunConfig
 
     def params(run: Path) -> np.ndarray:
         model = load_model(run).model
@@ -213,7 +213,7 @@ def bench_secagg(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- kill -9 + resume (Ray)
 def ledger_check(run: Path, fed: Path) -> tuple[bool, int]:
     """(every ledger valid and equal to the tenant's own, rounds charged twice)."""
-    from privacy.ledger import read_entries, verify_chain
+    from fedrec.privacy.ledger import read_entries, verify_chain
 
     config = json.loads((run / "config.json").read_text())["run_config"]
     privacy = json.loads((run / "privacy.json").read_text())

@@ -20,13 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.app import app
-from server.loop import run_federation
-from shared_model.runconfig import RunConfig
-from simulations.dataset import prepare_dataset
-from simulations.loopback import LoopbackGrid
-from simulations.prepare import PrepareConfig, prepare_federation
-from simulations.sources import load
+from fedrec.client.app import app
+from fedrec.server.loop import run_federation
+from fedrec.shared_model.runconfig import RunConfig
+from fedrec.simulations.data.dataset import prepare_dataset
+from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
+from fedrec.simulations.data.sources import load
+from fedrec.simulations.driver.loopback import LoopbackGrid
 
 
 def main() -> None:

@@ -40,13 +40,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared_model.baselines import EASE, Popularity
-from shared_model.data import UserSplit
-from shared_model.evaluate import evaluate
-from shared_model.model import Batch, HistoryMLP, ModelConfig
-from shared_model.training import ModelScorer, SamplingConfig, pad_rows, user_batches
-from simulations.dataset import PreparedData, prepare_dataset
-from simulations.sources import load
+from fedrec.shared_model.baselines import EASE, Popularity
+from fedrec.shared_model.data import UserSplit
+from fedrec.shared_model.evaluate import evaluate
+from fedrec.shared_model.model import Batch, HistoryMLP, ModelConfig
+from fedrec.shared_model.training import ModelScorer, SamplingConfig, pad_rows, user_batches
+from fedrec.simulations.data.dataset import PreparedData, prepare_dataset
+from fedrec.simulations.data.sources import load
 
 
 # ---------------------------------------------------------------------------------------- sampling

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 
-from shared_model.codec import Weights
+from fedrec.shared_model.codec import Weights
 
 
 def fedavg(updates: list[tuple[Weights, int]]) -> Weights:

@@ -1,4 +1,4 @@
-"""The Flower ServerApp: parse the run config once, hand the Grid to ``server.loop.run_federation``."""
+"""The Flower ServerApp: parse the run config once, hand the Grid to ``fedrec.server.loop.run_federation``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server.loop import run_federation
-from shared_model.runconfig import RunConfig
+from fedrec.server.loop import run_federation
+from fedrec.shared_model.runconfig import RunConfig
 
 app = ServerApp()
 

@@ -1,4 +1,4 @@
-"""``fedrec serve``: registered on the main typer app by ``simulations/cli.py`` (``register(app)``)."""
+"""``fedrec serve``: registered on the main typer app by ``fedrec.simulations.cli.main`` (``register(app)``)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
 
         SIGHUP reloads the checkpoint; SIGINT/SIGTERM finish in-flight requests, then stop.
         """
-        from server.serve import run
+        from fedrec.server.serve import run
 
         logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
         run(

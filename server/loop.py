@@ -3,12 +3,12 @@
 Per round: broadcast the global weights (with the ledger head held for each tenant) → each tenant
 trains (or refuses: capped, already charged) → plain: validate each update and aggregate the accepted
 ones (fedavg | median | trimmed); SecAgg+: the tenants check and mask, the server unmasks only the
-weighted mean delta and checks it (``server.secagg``) → federated validation from running sums →
+weighted mean delta and checks it (``fedrec.server.secagg``) → federated validation from running sums →
 ``rounds.jsonl`` line (statuses, rejections with reasons, failures, the simulated-fault plan), ledger
 copies, then the checkpoint that ``resume`` continues from. At the end: test metrics from sums (never
 an average of averages), ``privacy.json``, ``model.pt``/``model.json``, plots.
 
-Approaches ``dp_ease``/``dp_popularity`` (or ``auto`` resolving to one of them, ``server.release``):
+Approaches ``dp_ease``/``dp_popularity`` (or ``auto`` resolving to one of them, ``fedrec.server.release``):
 the run is ONE round in which every tenant publishes its DP item release (charged and logged first,
 like a training round); the server sums the releases (in the clear, or under SecAgg+ with the noise
 split into shares) and fits the model from the sum. Validation, test, checkpoint, ledgers and
@@ -33,9 +33,9 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from privacy.ledger import read_entries, verify_chain
-from server.aggregation import aggregate, fedavg
-from server.release import (
+from fedrec.privacy.ledger import read_entries, verify_chain
+from fedrec.server.aggregation import aggregate, fedavg
+from fedrec.server.release import (
     ApproachChoice,
     fit_release,
     pop_share,
@@ -44,9 +44,9 @@ from server.release import (
     shares_for,
     sum_noise,
 )
-from server.secagg import SecureAggregator, shares_and_threshold
-from shared_model.artifacts import save_model, write_json_atomic
-from shared_model.codec import (
+from fedrec.server.secagg import SecureAggregator, shares_and_threshold
+from fedrec.shared_model.artifacts import save_model, write_json_atomic
+from fedrec.shared_model.codec import (
     Weights,
     arrays_of,
     as_float,
@@ -57,17 +57,17 @@ from shared_model.codec import (
     to_record,
     update_problem,
 )
-from shared_model.data import Catalog
-from shared_model.errors import FedrecError
-from shared_model.evaluate import EvalResult
-from shared_model.item_model import ItemModelConfig, ItemReleaseModel, Ranker
-from shared_model.model import HistoryMLP, ModelConfig
-from shared_model.runconfig import RELEASE_APPROACHES, RunConfig
-from shared_model.training import SamplingConfig
+from fedrec.shared_model.data import Catalog
+from fedrec.shared_model.errors import FedrecError
+from fedrec.shared_model.evaluate import EvalResult
+from fedrec.shared_model.item_model import ItemModelConfig, ItemReleaseModel, Ranker
+from fedrec.shared_model.model import HistoryMLP, ModelConfig
+from fedrec.shared_model.runconfig import RELEASE_APPROACHES, RunConfig
+from fedrec.shared_model.training import SamplingConfig
 
 Log = Callable[[str], None]
 RESUME_FILE = "resume.pt"
-ITEM_RELEASE_PHASE = "item-release"  # the train-config phase of the release (client.app.ITEM_RELEASE)
+ITEM_RELEASE_PHASE = "item-release"  # the train-config phase of the release (fedrec.client.app.ITEM_RELEASE)
 __all__ = ["fedavg", "run_federation", "validate_update"]
 
 
@@ -740,7 +740,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
         run_id=cfg.run_name,
         extra={"run_config": cfg.to_mapping()},
     )
-    from server.plots import plot_run
+    from fedrec.server.plots import plot_run
 
     plot_run(out)
     return metrics

@@ -2,12 +2,12 @@
 
 * :func:`resolve_approach` — ``auto`` → the approach the frontier says is best, from public facts only
   (each tenant's user count, the ε cap, δ, the accountant, the noise mode, the catalogue size), before
-  anything is released (``shared_model.choose``); an explicit approach is kept, with the reason.
+  anything is released (``fedrec.shared_model.choose``); an explicit approach is kept, with the reason.
 * :func:`release_problem` — the checks a tenant's release must pass before it is summed (exact keys,
   shapes, finite values, a user count within the tenant's manifest).
 * :func:`fit_release` — the server's model from the SUM of the releases: DP-EASE on the noisy Gram
-  (M and λ by the fixed rule of ``shared_model.dp_item``) or DP popularity, as an
-  :class:`~shared_model.item_model.ItemReleaseModel`. Post-processing only: no extra privacy cost.
+  (M and λ by the fixed rule of ``fedrec.shared_model.dp_item``) or DP popularity, as an
+  :class:`~fedrec.shared_model.item_model.ItemReleaseModel`. Post-processing only: no extra privacy cost.
 
 Noise of the sum: tenant ``t`` adds noise of multiplier ``σ_t/√shares`` (``shares`` = 1 with local
 noise), so the sum carries ``√(Σ_t σ_t²/shares)`` — what :func:`sum_noise` returns and what the rule
@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from privacy import gram
-from shared_model.choose import choose
-from shared_model.codec import Weights
-from shared_model.dp_item import DPEASE
-from shared_model.errors import FedrecError
-from shared_model.item_model import ItemReleaseModel
-from shared_model.runconfig import RELEASE_APPROACHES, RunConfig
+from fedrec.privacy import gram
+from fedrec.shared_model.choose import choose
+from fedrec.shared_model.codec import Weights
+from fedrec.shared_model.dp_item import DPEASE
+from fedrec.shared_model.errors import FedrecError
+from fedrec.shared_model.item_model import ItemReleaseModel
+from fedrec.shared_model.runconfig import RELEASE_APPROACHES, RunConfig
 
 MAX_GRAM_ITEMS = (
     gram.MAX_GRAM_ITEMS

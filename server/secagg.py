@@ -2,7 +2,7 @@
 
 Flower 1.42 runs SecAgg+ only through its legacy path (``SecAggPlusWorkflow`` needs a
 ``LegacyContext`` and a legacy ``Strategy``). We drive that workflow one round at a time from our own
-round loop (``server.loop``), so checkpoints, ledgers, evaluation and resume stay in one place:
+round loop (``fedrec.server.loop``), so checkpoints, ledgers, evaluation and resume stay in one place:
 
 * the legacy strategy below only builds each node's fit instructions (global weights, round, the
   ledger head the server holds for that tenant) and captures what ``aggregate_fit`` is handed —
@@ -39,7 +39,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from shared_model.codec import Weights
+from fedrec.shared_model.codec import Weights
 
 QUANTIZATION_RANGE = 2**22  # Flower's default; the sum of T tenants must stay below 2**32 (T < 1024)
 

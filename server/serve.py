@@ -40,13 +40,13 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
-from shared_model.artifacts import LoadedModel, load_model
-from shared_model.diversity import mmr, unit_rows
-from shared_model.errors import FedrecError
-from shared_model.explain import explain
-from shared_model.quantize import quantize_for_serving
-from shared_model.ranking import mask_items
-from shared_model.recommend import Recommender, now_context
+from fedrec.shared_model.artifacts import LoadedModel, load_model
+from fedrec.shared_model.diversity import mmr, unit_rows
+from fedrec.shared_model.errors import FedrecError
+from fedrec.shared_model.explain import explain
+from fedrec.shared_model.quantize import quantize_for_serving
+from fedrec.shared_model.ranking import mask_items
+from fedrec.shared_model.recommend import Recommender, now_context
 
 log = logging.getLogger("fedrec.serve")
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from shared_model.data import Catalog
-from shared_model.errors import FedrecError
-from shared_model.item_model import ItemModelConfig, ItemReleaseModel, Ranker
-from shared_model.model import HistoryMLP, ModelConfig
-from shared_model.training import SamplingConfig
+from fedrec.shared_model.data import Catalog
+from fedrec.shared_model.errors import FedrecError
+from fedrec.shared_model.item_model import ItemModelConfig, ItemReleaseModel, Ranker
+from fedrec.shared_model.model import HistoryMLP, ModelConfig
+from fedrec.shared_model.training import SamplingConfig
 
 MODEL_FORMAT = "fedrec-model"
 MODEL_FORMAT_VERSION = 1

@@ -4,7 +4,7 @@
 * :class:`EASE` — Steck (2019), "Embarrassingly Shallow Autoencoders for Sparse Data": a closed-form
   item-item linear model, the strong non-neural baseline of DESIGN.md.
 
-Both follow :class:`shared_model.evaluate.Scorer`.
+Both follow :class:`fedrec.shared_model.evaluate.Scorer`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
-from shared_model.data import UserSplit
+from fedrec.shared_model.data import UserSplit
 
 #: EASE score of items outside its ``max_items`` support: far below any real score, but finite.
 OUT_OF_SUPPORT_SCORE = np.float32(-1e9)
@@ -165,7 +165,7 @@ class DPPopularity(Popularity):
     """Popularity from a noisy user-level item vector (the sum of the tenants' Gaussian releases).
 
     ``release(split, sigma, rng)`` is what one tenant publishes; the server adds the releases up and
-    ranks by the noisy total. The caller calibrates ``sigma`` (privacy.accounting) for the run's ε, δ.
+    ranks by the noisy total. The caller calibrates ``sigma`` (fedrec.privacy.accounting) for the run's ε, δ.
     """
 
     @staticmethod

@@ -12,7 +12,7 @@ DP-EASE loses to DP popularity (its Gram components drown), above it DP-EASE win
 (ε = ∞, σ = 0) the approach is plain EASE on the exact Gram.
 
 Everything is computed from what the coordinator knows anyway (user counts per tenant, σ from ε, δ
-and the accountant — the caller calibrates it with ``privacy.gram.calibrate_release_sigma``);
+and the accountant — the caller calibrates it with ``fedrec.privacy.gram.calibrate_release_sigma``);
 nothing depends on the tenants' data.
 """
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared_model.data import Catalog, UserSplit
-from shared_model.evaluate import Scorer
-from shared_model.metrics import intra_list_diversity
-from shared_model.ranking import mask_items, top_k
+from fedrec.shared_model.data import Catalog, UserSplit
+from fedrec.shared_model.evaluate import Scorer
+from fedrec.shared_model.metrics import intra_list_diversity
+from fedrec.shared_model.ranking import mask_items, top_k
 
 
 def unit_rows(vecs: np.ndarray) -> np.ndarray:
@@ -77,7 +77,7 @@ def evaluate_mmr(
 ) -> dict[str, float]:
     """HR@k and intra-list diversity (over genres) of MMR top-k lists, full ranking protocol.
 
-    Same users, histories and masking as :func:`shared_model.evaluate.evaluate`; only the top-k
+    Same users, histories and masking as :func:`fedrec.shared_model.evaluate.evaluate`; only the top-k
     selection differs, so at ``diversity=0`` the HR@k is evaluate's (up to score ties).
     """
     held = split.test_item if which == "test" else split.val_item  # (n_users,)

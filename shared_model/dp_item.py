@@ -1,4 +1,4 @@
-"""DP-EASE: EASE fitted on a released noisy item–item Gram (``privacy.gram``), with a fixed rule for M and λ.
+"""DP-EASE: EASE fitted on a released noisy item–item Gram (``fedrec.privacy.gram``), with a fixed rule for M and λ.
 
 The Gram ``G̃ = Σ_u x_u x_uᵀ + E`` (unit-norm user rows, symmetric Gaussian noise ``E`` with std ``s``
 off the diagonal) is all the server has. Two choices make EASE work on it, both by a RULE from public
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
-from shared_model.baselines import OUT_OF_SUPPORT_SCORE, _binary_rows
-from shared_model.data import UserSplit
+from fedrec.shared_model.baselines import OUT_OF_SUPPORT_SCORE, _binary_rows
+from fedrec.shared_model.data import UserSplit
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class DPEASERule:
 
 @dataclass
 class DPEASE:
-    """EASE on a released (noisy) Gram; a :class:`shared_model.evaluate.Scorer`."""
+    """EASE on a released (noisy) Gram; a :class:`fedrec.shared_model.evaluate.Scorer`."""
 
     rule: DPEASERule = field(default_factory=DPEASERule)
     weights: np.ndarray | None = field(default=None, repr=False)  # (M, M) float32

@@ -37,8 +37,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from shared_model.data import Catalog, UserSplit
-from shared_model.metrics import (
+from fedrec.shared_model.data import Catalog, UserSplit
+from fedrec.shared_model.metrics import (
     RankingSums,
     RecordValue,
     SetRankingSums,
@@ -47,7 +47,7 @@ from shared_model.metrics import (
     ndcg_at_k_multi,
     ranks_from_scores,
 )
-from shared_model.ranking import mask_items, top_k
+from fedrec.shared_model.ranking import mask_items, top_k
 
 WHICH = ("val", "test")
 #: Most user × item scores held per evaluation batch: bounds the scorer's (B, N, hidden) intermediates

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from shared_model.item_model import Ranker
+    from fedrec.shared_model.item_model import Ranker
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,17 @@
-"""Models fitted by the server from the tenants' one-shot DP item release (``privacy.gram``).
+"""Models fitted by the server from the tenants' one-shot DP item release (``fedrec.privacy.gram``).
 
 :class:`ItemReleaseModel` is what a run with ``approach`` ``dp_ease``, ``ease`` or ``dp_popularity``
 trains, checkpoints, evaluates at the tenants, saves as ``model.pt`` + ``model.json`` and serves. It
-has the ranking interface of :class:`shared_model.model.HistoryMLP` (``forward`` over candidates,
+has the ranking interface of :class:`fedrec.shared_model.model.HistoryMLP` (``forward`` over candidates,
 ``score_all`` over the catalogue, ``item_side``, ``cfg.n_items``, ``cfg.user_cardinalities``), so
 ``Recommender``, ``fedrec serve``, the explanations and the federated evaluation use one code path.
 
 * ``dp_ease`` / ``ease``: EASE weights ``B`` (M × M) on a support of M items (the DP-EASE rule in
-  ``shared_model.dp_item``); a history scores ``1[history] · B`` inside the support. Items outside it
+  ``fedrec.shared_model.dp_item``); a history scores ``1[history] · B`` inside the support. Items outside it
   score in ``[OUTSIDE_LOW, OUTSIDE_HIGH]``, below every item inside, ordered by the prior when there
   is one.
 * ``dp_popularity``: no support; every item scores its log-prior from the noisy popularity release
-  (``shared_model.priors.log_prior``).
+  (``fedrec.shared_model.priors.log_prior``).
 
 Everything here is post-processing of a DP release (or, for ``ease``, of exact non-private sums):
 it holds no user, no history and nothing per tenant.
@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared_model.dp_item import DPEASE
-from shared_model.errors import FedrecError
-from shared_model.model import HistoryMLP
-from shared_model.priors import log_prior
+from fedrec.shared_model.dp_item import DPEASE
+from fedrec.shared_model.errors import FedrecError
+from fedrec.shared_model.model import HistoryMLP
+from fedrec.shared_model.priors import log_prior
 
-#: The approaches this module serves (``mlp`` is :class:`shared_model.model.HistoryMLP`).
+#: The approaches this module serves (``mlp`` is :class:`fedrec.shared_model.model.HistoryMLP`).
 ITEM_KINDS: tuple[str, ...] = ("dp_ease", "ease", "dp_popularity")
 #: Scores of out-of-support items lie in this band, below any in-support score (clamped above it).
 OUTSIDE_HIGH = -1000.0

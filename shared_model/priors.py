@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared_model.data import UserSplit
-from shared_model.evaluate import Scorer
+from fedrec.shared_model.data import UserSplit
+from fedrec.shared_model.evaluate import Scorer
 
 
 def log_prior(released: np.ndarray, noise_std: float) -> np.ndarray:

@@ -20,9 +20,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from shared_model.artifacts import LoadedModel
-from shared_model.errors import FedrecError
-from shared_model.model import HistoryMLP
+from fedrec.shared_model.artifacts import LoadedModel
+from fedrec.shared_model.errors import FedrecError
+from fedrec.shared_model.model import HistoryMLP
 
 #: Symmetric int8 range (−127..127: keeps zero exact and the range symmetric).
 QMAX = 127.0

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared_model.artifacts import LoadedModel
-from shared_model.ranking import mask_items, top_k
-from shared_model.training import pad_rows
+from fedrec.shared_model.artifacts import LoadedModel
+from fedrec.shared_model.ranking import mask_items, top_k
+from fedrec.shared_model.training import pad_rows
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from shared_model.errors import FedrecError
+from fedrec.shared_model.errors import FedrecError
 
 #: What a run trains: DP-SGD rounds of the MLP, or one DP item release fitted by the server; ``auto``
-#: lets the server pick from public facts (``shared_model.choose``).
+#: lets the server pick from public facts (``fedrec.shared_model.choose``).
 APPROACHES: tuple[str, ...] = ("mlp", "dp_ease", "dp_popularity", "auto")
-#: The approaches that are one item release (``privacy.gram``) instead of training rounds.
+#: The approaches that are one item release (``fedrec.privacy.gram``) instead of training rounds.
 RELEASE_APPROACHES: tuple[str, ...] = ("dp_ease", "dp_popularity")
 
 

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared_model.data import UserSplit
-from shared_model.model import Batch, HistoryMLP
+from fedrec.shared_model.data import UserSplit
+from fedrec.shared_model.model import Batch, HistoryMLP
 
 if TYPE_CHECKING:
-    from shared_model.item_model import Ranker
+    from fedrec.shared_model.item_model import Ranker
 
 
 @dataclass(frozen=True)

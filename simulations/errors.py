@@ -1,6 +1,6 @@
 """User-facing errors raised while reading, generating or fetching data sets."""
 
-from shared_model.errors import FedrecError
+from fedrec.shared_model.errors import FedrecError
 
 
 class DataError(FedrecError):

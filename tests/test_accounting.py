@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from privacy.accounting import (
+from fedrec.privacy.accounting import (
     Accountant,
     calibrate_noise,
     check_delta,
@@ -16,7 +16,7 @@ from privacy.accounting import (
     merge_history,
     validate_history,
 )
-from privacy.errors import BudgetError
+from fedrec.privacy.errors import BudgetError
 
 BOTH: tuple[Accountant, ...] = ("prv", "rdp")
 GOLDEN = [(1.5, 0.04, 2250)]  # Opacus' own test setting

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privacy.anonymize import (
+from fedrec.privacy.anonymize import (
     FEATURE_OF,
     QI_FIELDS,
     AnonymizationReport,
@@ -25,7 +25,7 @@ from privacy.anonymize import (
     pseudonymize,
     region,
 )
-from privacy.errors import PrivacyError
+from fedrec.privacy.errors import PrivacyError
 
 SECRET = bytes(range(32))
 OUT_COLUMNS = ["age_band", "gender", "occupation", "region"]

@@ -1,4 +1,4 @@
-"""privacy.audit and simulations.audit_run on RUN_DIRs written the way the server and clients write them.
+"""fedrec.privacy.audit and fedrec.simulations.reports.audit on RUN_DIRs written the way the server and clients write them.
 
 The ledgers are produced by the real ``TenantBudget`` + ``Ledger`` (what ``client/task.py`` does), and
 ``privacy.json``/``rounds.jsonl`` carry the heads the server records; each tamper case edits the files
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from privacy.audit import (
+from fedrec.privacy.audit import (
     CHECKS,
     Check,
     RunPlan,
@@ -24,10 +24,10 @@ from privacy.audit import (
     read_ledger,
     replay_ledger,
 )
-from privacy.budget import TenantBudget
-from privacy.errors import PrivacyError
-from privacy.ledger import GENESIS, Ledger, canonical_json, entry_hash
-from simulations.audit_run import AuditError, check_run, load_run, server_record
+from fedrec.privacy.budget import TenantBudget
+from fedrec.privacy.errors import PrivacyError
+from fedrec.privacy.ledger import GENESIS, Ledger, canonical_json, entry_hash
+from fedrec.simulations.reports.audit import AuditError, check_run, load_run, server_record
 
 DELTA = 1e-5
 USERS = 200
@@ -138,7 +138,7 @@ def rechain(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def audit_tenant(run: Path, tenant: str = "tenant-0", *, with_replay: bool = False) -> list[Check]:
     files = load_run(run)
     led = read_ledger(files.ledgers[tenant])
-    from simulations.audit_run import run_plan
+    from fedrec.simulations.reports.audit import run_plan
 
     return check_ledger(
         tenant,
@@ -175,7 +175,7 @@ def test_clean_run_passes_every_check(tmp_path: Path) -> None:
 
 
 def test_expected_plan_is_client_plan_round() -> None:
-    from client.train import LocalTrainConfig, plan_round
+    from fedrec.client.train import LocalTrainConfig, plan_round
 
     for n in (1, 5, 63, 64, 65, 200, 943, 5000):
         for batch in (1, 16, 64, 256):

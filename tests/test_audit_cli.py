@@ -13,21 +13,21 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from simulations import cli_audit
-from simulations.cli import app
+from fedrec.simulations.cli import audit as cli_audit
+from fedrec.simulations.cli.main import app
 from tests.flower_env import flower_env as shared_flower_env
 
 REPO = Path(__file__).resolve().parents[1]
 FEDREC = [
     sys.executable,
     "-c",
-    "import sys; from simulations.cli import main; sys.argv[0] = 'fedrec'; main()",
+    "import sys; from fedrec.simulations.cli.main import main; sys.argv[0] = 'fedrec'; main()",
 ]
 # Until simulations/cli.py registers the command itself, the subprocess registers it here.
 FEDREC_AUDIT = [
     sys.executable,
     "-c",
-    "import sys; from simulations.cli import app, main; from simulations import cli_audit\n"
+    "import sys; from fedrec.simulations.cli.main import app, main; from fedrec.simulations.cli import audit as cli_audit\n"
     "if not any(c.name == 'audit' for c in app.registered_commands): cli_audit.register(app)\n"
     "sys.argv[0] = 'fedrec'; main()",
 ]

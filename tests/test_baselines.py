@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared_model.baselines import EASE, OUT_OF_SUPPORT_SCORE, Popularity
-from shared_model.data import USER_FEATURES, Catalog, UserSplit
-from shared_model.evaluate import evaluate
+from fedrec.shared_model.baselines import EASE, OUT_OF_SUPPORT_SCORE, Popularity
+from fedrec.shared_model.data import USER_FEATURES, Catalog, UserSplit
+from fedrec.shared_model.evaluate import evaluate
 
 ML100K = Path("/work/shared/data/ml-100k")
 

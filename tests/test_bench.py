@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from simulations.bench import (
+from fedrec.simulations.bench.suite import (
     StepSetup,
     TreeMemory,
     load_average,
@@ -26,8 +26,8 @@ from simulations.bench import (
     process_cpu_s,
     step_memory,
 )
-from simulations.cli import app
-from simulations.cli_bench import register
+from fedrec.simulations.cli.bench import register
+from fedrec.simulations.cli.main import app
 from tests.flower_env import flower_env
 
 runner = CliRunner()
@@ -80,7 +80,7 @@ def test_dp_step_refuses_bad_options_in_one_line(args: list[str], message: str) 
         [
             sys.executable,
             "-c",
-            "from simulations.cli import app, main; from simulations.cli_bench import "
+            "from fedrec.simulations.cli.main import app, main; from fedrec.simulations.cli.bench import "
             "register; register(app); main()",
             "bench",
             "dp-step",
@@ -154,7 +154,7 @@ def test_tree_memory_attributes_cpu_to_client_actors_and_the_driver() -> None:
 FEDREC = [
     sys.executable,
     "-c",
-    "from simulations.cli import app, main; from simulations.cli_bench import register; "
+    "from fedrec.simulations.cli.main import app, main; from fedrec.simulations.cli.bench import register; "
     "register(app); main()",
 ]
 
@@ -162,9 +162,9 @@ FEDREC = [
 JOIN_CLUSTER = """
 import sys
 from pathlib import Path
-from simulations.bench import SimSetup, prepare_synthetic_federation, sim_run_config
-from simulations.flower_runner import run_simulation
-from simulations.simulate import _shutdown_ray
+from fedrec.simulations.bench.suite import SimSetup, prepare_synthetic_federation, sim_run_config
+from fedrec.simulations.driver.flower_runner import run_simulation
+from fedrec.simulations.driver.simulate import _shutdown_ray
 tmp, address = Path(sys.argv[1]), sys.argv[2]
 setup = SimSetup(tenants=2, users=60, items=40, rounds=1, dp=False)
 prepare_synthetic_federation(setup, tmp / "fed")

@@ -1,4 +1,4 @@
-"""The simulation's message extractor (simulations.flower_runner) on a real in-memory LinkState."""
+"""The simulation's message extractor (fedrec.simulations.driver.flower_runner) on a real in-memory LinkState."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import threading
 from queue import Queue
 from typing import Any
 
-from simulations.flower_runner import _nodes_with_undelivered_messages, add_messages_to_queue, flower_env
+from fedrec.simulations.driver.flower_runner import (
+    _nodes_with_undelivered_messages,
+    add_messages_to_queue,
+    flower_env,
+)
 
 
 def _link_with_nodes(n: int) -> tuple[Any, Any, dict[int, int]]:

@@ -8,9 +8,9 @@ from typing import TypedDict
 
 import pytest
 
-from privacy.accounting import calibrate_noise, epsilon
-from privacy.budget import STATE_FILE, TenantBudget
-from privacy.errors import BudgetError
+from fedrec.privacy.accounting import calibrate_noise, epsilon
+from fedrec.privacy.budget import STATE_FILE, TenantBudget
+from fedrec.privacy.errors import BudgetError
 
 DELTA = 1e-5
 

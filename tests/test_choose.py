@@ -1,4 +1,4 @@
-"""shared_model.choose: the automatic choice from tenant sizes, σ and the noise mode."""
+"""fedrec.shared_model.choose: the automatic choice from tenant sizes, σ and the noise mode."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from shared_model.choose import DP_EASE_MIN_USERS_PER_NOISE, choose, sum_sigma
+from fedrec.shared_model.choose import DP_EASE_MIN_USERS_PER_NOISE, choose, sum_sigma
 
 
 def test_sum_sigma_local_and_distributed() -> None:

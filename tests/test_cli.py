@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-FEDREC = [sys.executable, "-m", "simulations.cli"]
+FEDREC = [sys.executable, "-m", "fedrec"]
 
 
 def fedrec(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

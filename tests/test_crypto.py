@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from privacy import crypto
-from privacy.crypto import (
+from fedrec.privacy import crypto
+from fedrec.privacy.crypto import (
     KeyInfo,
     decrypt_file,
     derive_key,
@@ -21,7 +21,7 @@ from privacy.crypto import (
     reencrypt_file,
     retire_key_file,
 )
-from privacy.errors import VaultError
+from fedrec.privacy.errors import VaultError
 
 HEADER = crypto._HEADER.size  # 62 bytes
 OVERHEAD = crypto.NONCE_BYTES + crypto.TAG_BYTES  # 28 bytes per chunk

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from simulations.dataset import clean, prepare_dataset, require_evaluable
-from simulations.errors import DataError
-from simulations.sources import RawDataset, load
+from fedrec.simulations.data.dataset import clean, prepare_dataset, require_evaluable
+from fedrec.simulations.data.sources import RawDataset, load
+from fedrec.simulations.errors import DataError
 
 
 def raw(rows: list[tuple[str, str, float, int]], users: pd.DataFrame | None = None) -> RawDataset:

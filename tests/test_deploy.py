@@ -24,9 +24,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from flwr.cli.flower_config import parse_superlink_connection
 from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
 
-from shared_model.errors import FedrecError
-from simulations import deploy
-from simulations.deploy import (
+from fedrec.shared_model.errors import FedrecError
+from fedrec.simulations.deploy import kit as deploy
+from fedrec.simulations.deploy.kit import (
     Deployment,
     add_partner,
     connection_toml,
@@ -44,7 +44,7 @@ from simulations.deploy import (
     split_address,
 )
 
-FEDREC = [sys.executable, "-m", "simulations.cli"]
+FEDREC = [sys.executable, "-m", "fedrec"]
 APP_DIR = Path(__file__).resolve().parents[1]
 
 

@@ -36,8 +36,8 @@ from typing import IO, Any
 import httpx
 import pytest
 
-from privacy.ledger import read_entries, verify_chain
-from simulations.deploy import (
+from fedrec.privacy.ledger import read_entries, verify_chain
+from fedrec.simulations.deploy.kit import (
     Deployment,
     flower_env,
     make_auth_keypair,
@@ -51,7 +51,7 @@ pytestmark = pytest.mark.slow
 
 APP_DIR = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-FEDREC = [sys.executable, "-m", "simulations.cli"]
+FEDREC = [sys.executable, "-m", "fedrec"]
 ROUNDS, EPSILON, USERS, ITEMS = 2, 6.0, 240, 120
 RUN_TIMEOUT = 480.0
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from shared_model.diversity import evaluate_mmr, mmr, unit_rows
-from shared_model.evaluate import evaluate
-from shared_model.metrics import intra_list_diversity
-from shared_model.quantize import Int8DynamicLinear
-from shared_model.training import ModelScorer
-from simulations.centralized import CentralizedConfig, train_centralized
-from simulations.dataset import PreparedData, prepare_dataset
-from simulations.sources import load
+from fedrec.shared_model.diversity import evaluate_mmr, mmr, unit_rows
+from fedrec.shared_model.evaluate import evaluate
+from fedrec.shared_model.metrics import intra_list_diversity
+from fedrec.shared_model.quantize import Int8DynamicLinear
+from fedrec.shared_model.training import ModelScorer
+from fedrec.simulations.data.dataset import PreparedData, prepare_dataset
+from fedrec.simulations.data.sources import load
+from fedrec.simulations.driver.centralized import CentralizedConfig, train_centralized
 
 # Four items: 0 and 1 are the same genre, 2 and 3 another; scores favour 0 > 1 > 2 > 3.
 VECS = unit_rows(np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32))

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from privacy import gram
-from shared_model.baselines import EASE, OUT_OF_SUPPORT_SCORE
-from shared_model.data import USER_FEATURES, UserSplit
-from shared_model.dp_item import DPEASE, DPEASERule
-from shared_model.priors import PriorPlus, PriorScorer, log_prior
+from fedrec.privacy import gram
+from fedrec.shared_model.baselines import EASE, OUT_OF_SUPPORT_SCORE
+from fedrec.shared_model.data import USER_FEATURES, UserSplit
+from fedrec.shared_model.dp_item import DPEASE, DPEASERule
+from fedrec.shared_model.priors import PriorPlus, PriorScorer, log_prior
 
 
 def _split(histories: list[list[int]], n_items: int) -> UserSplit:
@@ -40,7 +40,7 @@ def _random_split(seed: int, n_users: int = 60, n_items: int = 25) -> UserSplit:
 
 
 def test_dp_ease_on_a_noiseless_binary_gram_equals_ease() -> None:
-    """Fed the exact binary XᵀX and the same λ and support, DPEASE is shared_model.baselines.EASE."""
+    """Fed the exact binary XᵀX and the same λ and support, DPEASE is fedrec.shared_model.baselines.EASE."""
     split = _random_split(0)
     x = sp.csr_matrix(
         (np.ones(split.n_train), split.train_items, split.indptr), shape=(split.n_users, split.n_items)
@@ -146,7 +146,7 @@ def test_out_of_support_items_follow_the_prior() -> None:
 def test_model_options_default_to_the_original_model_and_start_at_the_prior() -> None:
     import torch
 
-    from shared_model.model import HistoryMLP, ModelConfig
+    from fedrec.shared_model.model import HistoryMLP, ModelConfig
 
     torch.manual_seed(0)
     plain = HistoryMLP(ModelConfig(n_items=6, dim=4, hidden=(8,)))
@@ -180,7 +180,7 @@ def test_model_options_default_to_the_original_model_and_start_at_the_prior() ->
 
 
 def test_eigen_gram_keeps_components_above_the_noise_edge() -> None:
-    from shared_model.dp_item import EigenGram
+    from fedrec.shared_model.dp_item import EigenGram
 
     rng = np.random.default_rng(6)
     hs = [

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from privacy.empirical import (
+from fedrec.privacy.empirical import (
     clopper_pearson,
     default_guess_sets,
     epsilon_lower_bound_clopper_pearson,
@@ -17,7 +17,7 @@ from privacy.empirical import (
     rr_accuracy,
     threshold_confusion,
 )
-from privacy.errors import PrivacyError
+from fedrec.privacy.errors import PrivacyError
 
 
 def logit(p: float) -> float:

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from shared_model.data import USER_FEATURES, Catalog, UserSplit
-from shared_model.evaluate import EvalResult, evaluate, evaluate_sums, sample_negatives
+from fedrec.shared_model.data import USER_FEATURES, Catalog, UserSplit
+from fedrec.shared_model.evaluate import EvalResult, evaluate, evaluate_sums, sample_negatives
 
 N_ITEMS = 5
 # Genre vectors: items 0,1 → [1,0]; items 2,3 → [0,1]; item 4 → [1,1].

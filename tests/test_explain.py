@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared_model.artifacts import load_model
-from shared_model.explain import explain, leave_one_out_contributions
-from shared_model.recommend import Recommender
-from simulations.centralized import CentralizedConfig, run_centralized
-from simulations.dataset import prepare_dataset
-from simulations.sources import load
+from fedrec.shared_model.artifacts import load_model
+from fedrec.shared_model.explain import explain, leave_one_out_contributions
+from fedrec.shared_model.recommend import Recommender
+from fedrec.simulations.data.dataset import prepare_dataset
+from fedrec.simulations.data.sources import load
+from fedrec.simulations.driver.centralized import CentralizedConfig, run_centralized
 
 CTX = np.array([12, 3], dtype=np.int64)
 

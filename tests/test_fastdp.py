@@ -11,11 +11,11 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from client.fastdp import FastClipper
-from client.train import LocalTrainConfig, make_private_trainer, plan_round, train_round
-from shared_model.data import UserSplit
-from shared_model.model import Batch, HistoryMLP, ModelConfig
-from shared_model.training import SamplingConfig, make_user_batch, per_user_loss
+from fedrec.client.fastdp import FastClipper
+from fedrec.client.train import LocalTrainConfig, make_private_trainer, plan_round, train_round
+from fedrec.shared_model.data import UserSplit
+from fedrec.shared_model.model import Batch, HistoryMLP, ModelConfig
+from fedrec.shared_model.training import SamplingConfig, make_user_batch, per_user_loss
 from tests.test_local_dp import split_with_heavy_user
 
 N_ITEMS, N_GENRES = 60, 5

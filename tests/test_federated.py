@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-import client.app as client_app
-from client.task import LEDGER_FILE, resolve_tenant, tenant_evaluate, tenant_train
-from privacy.errors import BudgetError, VaultError
-from privacy.ledger import max_recompute_error, read_entries, verify_chain
-from server.loop import fedavg, model_config, validate_update
-from shared_model.codec import parameter_weights, state_weights, to_record
-from shared_model.data import Catalog
-from shared_model.model import HistoryMLP
-from shared_model.runconfig import RunConfig
-from simulations.dataset import prepare_dataset
-from simulations.prepare import PrepareConfig, prepare_federation
-from simulations.sources import load
+import fedrec.client.app as client_app
+from fedrec.client.task import LEDGER_FILE, resolve_tenant, tenant_evaluate, tenant_train
+from fedrec.privacy.errors import BudgetError, VaultError
+from fedrec.privacy.ledger import max_recompute_error, read_entries, verify_chain
+from fedrec.server.loop import fedavg, model_config, validate_update
+from fedrec.shared_model.codec import parameter_weights, state_weights, to_record
+from fedrec.shared_model.data import Catalog
+from fedrec.shared_model.model import HistoryMLP
+from fedrec.shared_model.runconfig import RunConfig
+from fedrec.simulations.data.dataset import prepare_dataset
+from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
+from fedrec.simulations.data.sources import load
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_train_reply_carries_only_shared_parameters_and_whitelisted_metrics(fed:
     (entry,) = json.loads(str(status["ledger-entries"]))  # no head sent: the whole (1-entry) ledger
     assert entry["unit"] == "user" and entry["poisson"] is True and entry["secure_mode"] is False
     # nothing in the reply names a user: compare against the tenant's pseudonyms
-    from client.vault import load_tenant
+    from fedrec.client.vault import load_tenant
 
     paths = resolve_tenant(ctx.node_config, cfg)
     pseudonyms = load_tenant(paths.tenant_dir, paths.key_file).split.pseudonyms
@@ -148,7 +148,7 @@ def test_missing_tenant_folder_is_a_clear_error(fed: Path) -> None:
 
 
 def test_evaluation_sums_from_two_tenants_add_up(fed: Path) -> None:
-    from shared_model.evaluate import EvalResult
+    from fedrec.shared_model.evaluate import EvalResult
 
     cfg = run_cfg(fed, run_name="eval")
     model, weights = global_model(fed, cfg)
@@ -193,7 +193,7 @@ def test_fedavg_weights_by_users() -> None:
 
 
 def test_run_config_rejects_unknown_keys_and_bad_caps() -> None:
-    from shared_model.errors import FedrecError
+    from fedrec.shared_model.errors import FedrecError
 
     with pytest.raises(FedrecError, match="unknown run-config key 'epsilonn'"):
         RunConfig.from_mapping({"epsilonn": 3.0})

@@ -1,4 +1,4 @@
-"""simulations.frontier + cli_frontier: a tiny frontier end to end (files, medians, the choice)."""
+"""fedrec.simulations.reports.frontier + cli_frontier: a tiny frontier end to end (files, medians, the choice)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from simulations import cli_frontier
-from simulations.frontier import median_table
+from fedrec.simulations.cli import frontier as cli_frontier
+from fedrec.simulations.reports.frontier import median_table
 
 
 def test_frontier_command_writes_png_csv_and_markdown(tmp_path: Path) -> None:

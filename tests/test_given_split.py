@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.vault import load_tenant, tenant_paths
-from shared_model.baselines import EASE, Popularity
-from shared_model.data import UserSplit, concat_splits
-from shared_model.evaluate import evaluate
-from simulations.dataset import PreparedData, prepare_given_split
-from simulations.errors import DataError
-from simulations.prepare import PrepareConfig, prepare_federation
-from simulations.sources import detect_columns, load, load_given_split
+from fedrec.client.vault import load_tenant, tenant_paths
+from fedrec.shared_model.baselines import EASE, Popularity
+from fedrec.shared_model.data import UserSplit, concat_splits
+from fedrec.shared_model.evaluate import evaluate
+from fedrec.simulations.data.dataset import PreparedData, prepare_given_split
+from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
+from fedrec.simulations.data.sources import detect_columns, load, load_given_split
+from fedrec.simulations.errors import DataError
 
 # Users 0..3, items 10..15. User 2's test holds 99 (not in TRAIN: unrankable) and 12 (in its TRAIN).
 TRAIN = "0 10 11 12\n\n1 11 12 13 11\n2 12 14\n3 10 13 14 15\n"  # a blank line; user 1 repeats 11
@@ -240,7 +240,7 @@ def test_columns_flag_on_a_lines_file_is_refused(tmp_path: Path) -> None:
         )
 
 
-FEDREC = [sys.executable, "-m", "simulations.cli"]
+FEDREC = [sys.executable, "-m", "fedrec.simulations.cli.main"]
 
 
 @pytest.mark.parametrize("case", ["user only in test", "another train file", "negative id"])

@@ -1,4 +1,4 @@
-"""privacy.gram: exact sensitivity of the release, noise scales, calibration, distributed-noise accounting."""
+"""fedrec.privacy.gram: exact sensitivity of the release, noise scales, calibration, distributed-noise accounting."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from privacy import gram
-from privacy.accounting import calibrate_noise, epsilon
-from privacy.errors import BudgetError
+from fedrec.privacy import gram
+from fedrec.privacy.accounting import calibrate_noise, epsilon
+from fedrec.privacy.errors import BudgetError
 
 
 def _csr(histories: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +160,7 @@ def test_bad_arguments() -> None:
 
 def test_release_is_one_budget_segment_that_composes_with_dp_sgd(tmp_path: Path) -> None:
     """Charging the release as round 0 (σ, q=1, steps=1) gives the ledger fields' ε; DP-SGD composes after."""
-    from privacy.budget import TenantBudget
+    from fedrec.privacy.budget import TenantBudget
 
     sigma = gram.calibrate_release_sigma(target_epsilon=2.0, delta=1e-5)
     budget = TenantBudget(tmp_path, tenant_id="tenant-0", cap=4.0, delta=1e-5)

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from privacy.budget import TenantBudget
-from privacy.errors import LedgerError
-from privacy.ledger import (
+from fedrec.privacy.budget import TenantBudget
+from fedrec.privacy.errors import LedgerError
+from fedrec.privacy.ledger import (
     GENESIS,
     Ledger,
     LedgerProblem,

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.train import LocalTrainConfig, clipped_backward, make_private, plan_round, train_round
-from shared_model.data import UserSplit
-from shared_model.model import HistoryMLP, ModelConfig
-from shared_model.training import SamplingConfig, make_user_batch, per_user_loss
+from fedrec.client.train import LocalTrainConfig, clipped_backward, make_private, plan_round, train_round
+from fedrec.shared_model.data import UserSplit
+from fedrec.shared_model.model import HistoryMLP, ModelConfig
+from fedrec.shared_model.training import SamplingConfig, make_user_batch, per_user_loss
 
 
 def split_with_heavy_user(n_users: int = 12, n_items: int = 60, heavy: int = 500, seed: int = 0) -> UserSplit:

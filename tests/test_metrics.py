@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared_model.metrics import (
+from fedrec.shared_model.metrics import (
     RankingSums,
     hits_at_k,
     intra_list_diversity,
@@ -16,7 +16,7 @@ from shared_model.metrics import (
     ranks_from_scores,
     reciprocal_rank,
 )
-from shared_model.ranking import mask_items, top_k
+from fedrec.shared_model.ranking import mask_items, top_k
 
 INF = math.inf
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from shared_model.metrics import (
+from fedrec.shared_model.metrics import (
     SetRankingSums,
     first_relevant_rank,
     hit_at_k,

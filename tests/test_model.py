@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from shared_model.artifacts import load_model, save_model
-from shared_model.data import Catalog, UserSplit
-from shared_model.errors import FedrecError
-from shared_model.model import HistoryMLP, ModelConfig
-from shared_model.training import SamplingConfig, make_user_batch, pad_rows, per_user_loss
+from fedrec.shared_model.artifacts import load_model, save_model
+from fedrec.shared_model.data import Catalog, UserSplit
+from fedrec.shared_model.errors import FedrecError
+from fedrec.shared_model.model import HistoryMLP, ModelConfig
+from fedrec.shared_model.training import SamplingConfig, make_user_batch, pad_rows, per_user_loss
 
 
 def tiny_split(n_users: int = 6, n_items: int = 12, seed: int = 0) -> UserSplit:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared_model.data import USER_FEATURES
-from simulations.dataset import PreparedData, prepare_dataset
-from simulations.errors import DataError
-from simulations.partition import (
+from fedrec.shared_model.data import USER_FEATURES
+from fedrec.simulations.data.dataset import PreparedData, prepare_dataset
+from fedrec.simulations.data.partition import (
     PartitionSpec,
     dominant_genres,
     parse_partition,
@@ -16,7 +15,8 @@ from simulations.partition import (
     summarize_tenant,
     tenant_weights,
 )
-from simulations.sources import synthetic
+from fedrec.simulations.data.sources import synthetic
+from fedrec.simulations.errors import DataError
 
 
 @pytest.fixture(scope="module")

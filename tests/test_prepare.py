@@ -15,16 +15,16 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from client.vault import load_tenant, tenant_paths
-from privacy.anonymize import pseudonymize
-from privacy.crypto import derive_key, read_key_file
-from privacy.errors import VaultError
-from shared_model.data import USER_FEATURES, Catalog
-from simulations.cli_prepare import register
-from simulations.dataset import PreparedData, prepare_dataset
-from simulations.errors import DataError
-from simulations.prepare import PrepareConfig, PrepareResult, plan_federation, prepare_federation
-from simulations.sources import load, synthetic
+from fedrec.client.vault import load_tenant, tenant_paths
+from fedrec.privacy.anonymize import pseudonymize
+from fedrec.privacy.crypto import derive_key, read_key_file
+from fedrec.privacy.errors import VaultError
+from fedrec.shared_model.data import USER_FEATURES, Catalog
+from fedrec.simulations.cli.prepare import register
+from fedrec.simulations.data.dataset import PreparedData, prepare_dataset
+from fedrec.simulations.data.prepare import PrepareConfig, PrepareResult, plan_federation, prepare_federation
+from fedrec.simulations.data.sources import load, synthetic
+from fedrec.simulations.errors import DataError
 
 ML100K = Path("/work/shared/data/ml-100k")
 

@@ -16,27 +16,27 @@ import numpy as np
 import pytest
 import torch
 
-from client.app import app
-from client.task import LEDGER_FILE, resolve_tenant, tenant_release
-from privacy import gram
-from privacy.ledger import read_entries, recompute_epsilons, verify_chain
-from server.loop import query_users, run_federation
-from server.release import release_problem, resolve_approach
-from server.serve import Engine
-from shared_model.artifacts import load_model
-from shared_model.dp_item import DPEASE
-from shared_model.errors import FedrecError
-from shared_model.explain import explain
-from shared_model.item_model import OUTSIDE_HIGH, ItemModelConfig, ItemReleaseModel
-from shared_model.quantize import quantize_for_serving
-from shared_model.recommend import Recommender
-from shared_model.runconfig import RunConfig
-from simulations.audit_run import check_run, load_run
-from simulations.dataset import prepare_dataset
-from simulations.loopback import LoopbackGrid
-from simulations.prepare import PrepareConfig, prepare_federation
-from simulations.simulate import load_tenant_splits, open_federation
-from simulations.sources import load
+from fedrec.client.app import app
+from fedrec.client.task import LEDGER_FILE, resolve_tenant, tenant_release
+from fedrec.privacy import gram
+from fedrec.privacy.ledger import read_entries, recompute_epsilons, verify_chain
+from fedrec.server.loop import query_users, run_federation
+from fedrec.server.release import release_problem, resolve_approach
+from fedrec.server.serve import Engine
+from fedrec.shared_model.artifacts import load_model
+from fedrec.shared_model.dp_item import DPEASE
+from fedrec.shared_model.errors import FedrecError
+from fedrec.shared_model.explain import explain
+from fedrec.shared_model.item_model import OUTSIDE_HIGH, ItemModelConfig, ItemReleaseModel
+from fedrec.shared_model.quantize import quantize_for_serving
+from fedrec.shared_model.recommend import Recommender
+from fedrec.shared_model.runconfig import RunConfig
+from fedrec.simulations.data.dataset import prepare_dataset
+from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
+from fedrec.simulations.data.sources import load
+from fedrec.simulations.driver.loopback import LoopbackGrid
+from fedrec.simulations.driver.simulate import load_tenant_splits, open_federation
+from fedrec.simulations.reports.audit import check_run, load_run
 from tests.flower_env import flower_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -330,7 +330,7 @@ def test_a_catalogue_too_large_for_the_gram_is_refused_before_any_charge(
 @pytest.mark.slow
 def test_fedrec_simulate_auto_prints_its_choice_and_the_run_audits(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    fedrec = [sys.executable, "-m", "simulations.cli"]
+    fedrec = [sys.executable, "-m", "fedrec"]
     cmd = [*fedrec, "simulate", "--synth-users", "3000", "--synth-items", "300", "--tenants", "3"]
     proc = subprocess.run(
         [*cmd, "--epsilon", "8", "--out", str(out)],

@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 from flwr.app import Message, MessageType
 
-from client.app import app
-from client.task import LEDGER_FILE
-from privacy.ledger import read_entries, verify_chain
-from server.loop import run_federation
-from shared_model.runconfig import RunConfig
-from simulations.dataset import prepare_dataset
-from simulations.loopback import LoopbackGrid
-from simulations.prepare import PrepareConfig, prepare_federation
-from simulations.sources import load
+from fedrec.client.app import app
+from fedrec.client.task import LEDGER_FILE
+from fedrec.privacy.ledger import read_entries, verify_chain
+from fedrec.server.loop import run_federation
+from fedrec.shared_model.runconfig import RunConfig
+from fedrec.simulations.data.dataset import prepare_dataset
+from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
+from fedrec.simulations.data.sources import load
+from fedrec.simulations.driver.loopback import LoopbackGrid
 from tests.flower_env import flower_env
 
 TENANTS, ROUNDS = 2, 3
@@ -126,7 +126,7 @@ def test_kill_9_of_fedrec_simulate_then_resume(fed: Path, tmp_path: Path) -> Non
     tenants crashes after charging — beyond SecAgg+'s threshold (2 of 2), so that round must fail
     cleanly within its timeout and the run go on."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--federation", str(fed)]
+    cmd = [sys.executable, "-m", "fedrec", "simulate", "--federation", str(fed)]
     args = ["--approach", "mlp", "--rounds", str(ROUNDS), "--epsilon", "6", "--batch-users", "32", "--secagg"]
     args += ["--crash", "tenant-1@2", "--round-timeout", "120", "--out", str(out)]
     proc = subprocess.Popen(

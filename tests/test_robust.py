@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from client.app import app
-from client.faults import SimulatedDropout, corrupt, maybe_drop, simulated
-from server.aggregation import aggregate
-from server.loop import run_federation, validate_update
-from shared_model.artifacts import load_model
-from shared_model.errors import FedrecError
-from shared_model.runconfig import RunConfig
-from simulations.dataset import prepare_dataset
-from simulations.loopback import LoopbackGrid
-from simulations.prepare import PrepareConfig, prepare_federation
-from simulations.sources import load
+from fedrec.client.app import app
+from fedrec.client.faults import SimulatedDropout, corrupt, maybe_drop, simulated
+from fedrec.server.aggregation import aggregate
+from fedrec.server.loop import run_federation, validate_update
+from fedrec.shared_model.artifacts import load_model
+from fedrec.shared_model.errors import FedrecError
+from fedrec.shared_model.runconfig import RunConfig
+from fedrec.simulations.data.dataset import prepare_dataset
+from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
+from fedrec.simulations.data.sources import load
+from fedrec.simulations.driver.loopback import LoopbackGrid
 
 #: adversary kind → what the server's rejection reason must say
 MALFORMED = {
@@ -113,7 +113,7 @@ def test_aggregation_names_are_checked_and_robust_rules_refuse_secagg() -> None:
 def test_cli_refuses_secagg_with_a_robust_rule_in_one_line(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from simulations.cli import app as cli
+    from fedrec.simulations.cli.main import app as cli
 
     result = CliRunner().invoke(
         cli, ["simulate", "--secagg", "--aggregation", "median", "--out", str(tmp_path / "x")]
@@ -168,8 +168,8 @@ def test_corrupt_kinds() -> None:
 
 
 def test_preflight_refuses_faults_naming_unknown_tenants(fed: Path) -> None:
-    from simulations.errors import DataError
-    from simulations.simulate import open_federation, preflight
+    from fedrec.simulations.driver.simulate import open_federation, preflight
+    from fedrec.simulations.errors import DataError
 
     federation = open_federation(fed)
     preflight(federation, RunConfig(dp=False, fault_adversary="tenant-0:nan"))

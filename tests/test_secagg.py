@@ -1,6 +1,6 @@
 """SecAgg+ through the project's own ClientApp and round loop, on an in-process grid (no Ray).
 
-The LoopbackGrid delivers each message to ``client.app.app`` with its mods (``secaggplus_mod``
+The LoopbackGrid delivers each message to ``fedrec.client.app.app`` with its mods (``secaggplus_mod``
 included) and keeps every reply, so these tests see exactly what reaches the ServerApp.
 """
 
@@ -17,18 +17,18 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.parameter import bytes_to_ndarray
 
-from client.app import TRAIN_METRIC_KEYS, app
-from client.task import resolve_tenant, secure_update, tenant_train
-from server.loop import model_config, run_federation
-from server.secagg import SecureAggregator, quantization_step, shares_and_threshold
-from shared_model.codec import state_weights, to_record
-from shared_model.data import Catalog
-from shared_model.model import HistoryMLP
-from shared_model.runconfig import RunConfig
-from simulations.dataset import prepare_dataset
-from simulations.loopback import LoopbackGrid
-from simulations.prepare import PrepareConfig, prepare_federation
-from simulations.sources import load
+from fedrec.client.app import TRAIN_METRIC_KEYS, app
+from fedrec.client.task import resolve_tenant, secure_update, tenant_train
+from fedrec.server.loop import model_config, run_federation
+from fedrec.server.secagg import SecureAggregator, quantization_step, shares_and_threshold
+from fedrec.shared_model.codec import state_weights, to_record
+from fedrec.shared_model.data import Catalog
+from fedrec.shared_model.model import HistoryMLP
+from fedrec.shared_model.runconfig import RunConfig
+from fedrec.simulations.data.dataset import prepare_dataset
+from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
+from fedrec.simulations.data.sources import load
+from fedrec.simulations.driver.loopback import LoopbackGrid
 
 TENANTS = 3
 
@@ -212,7 +212,7 @@ def test_beyond_the_threshold_the_round_fails_cleanly_and_the_run_goes_on(fed: P
     assert row["aggregated"] == 0 and "SecAgg+ halted" in row["unchanged"]
     assert "hr@10" in metrics["full"], "the run still finished and evaluated"
     _, init = global_weights(fed, cfg)
-    from shared_model.artifacts import load_model
+    from fedrec.shared_model.artifacts import load_model
 
     final = load_model(tmp_path / "drop2").model.state_dict()
     assert all(np.array_equal(final[k].numpy(), init[k]) for k in init), "model unchanged"
@@ -266,7 +266,7 @@ def test_a_tenant_refuses_to_mask_an_update_that_would_be_clamped() -> None:
 
 
 def test_secagg_refuses_robust_aggregation() -> None:
-    from shared_model.errors import FedrecError
+    from fedrec.shared_model.errors import FedrecError
 
     with pytest.raises(FedrecError, match="SecAgg"):
         RunConfig(secagg=True, aggregation="median")

@@ -27,15 +27,15 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.serve import MAX_HISTORY, create_app
-from shared_model.artifacts import load_model, save_model
-from shared_model.errors import FedrecError
-from shared_model.model import HistoryMLP, ModelConfig
-from shared_model.quantize import quantize_for_serving
-from shared_model.recommend import Recommender
-from simulations.centralized import CentralizedConfig, run_centralized
-from simulations.dataset import prepare_dataset
-from simulations.sources import load
+from fedrec.server.serve import MAX_HISTORY, create_app
+from fedrec.shared_model.artifacts import load_model, save_model
+from fedrec.shared_model.errors import FedrecError
+from fedrec.shared_model.model import HistoryMLP, ModelConfig
+from fedrec.shared_model.quantize import quantize_for_serving
+from fedrec.shared_model.recommend import Recommender
+from fedrec.simulations.data.dataset import prepare_dataset
+from fedrec.simulations.data.sources import load
+from fedrec.simulations.driver.centralized import CentralizedConfig, run_centralized
 
 SECRET = "secret-history-item-7f3a"  # an id that must never reach a log
 
@@ -379,7 +379,7 @@ CLICK_DEPRECATION = r"ignore:'click\.utils\.get_(binary|text)_stream' is depreca
 def cli_app() -> Any:
     import typer
 
-    from server.cli_serve import register
+    from fedrec.server.cli_serve import register
 
     app = typer.Typer()
     register(app)
@@ -399,7 +399,7 @@ def test_serve_refuses_a_missing_model(tmp_path: Path) -> None:
     assert isinstance(result.exception, FedrecError) and "model.pt is missing" in str(result.exception)
 
 
-SERVE = "from simulations.cli import app, main; from server.cli_serve import register; register(app); main()"
+SERVE = "from fedrec.simulations.cli.main import main; main()"
 
 
 def free_port() -> int:

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from client.vault import load_tenant
-from privacy.crypto import read_key_file
-from privacy.ledger import max_recompute_error, read_entries, verify_chain
-from simulations.dataset import prepare_dataset
-from simulations.prepare import PrepareConfig, prepare_federation
-from simulations.sources import load
+from fedrec.client.vault import load_tenant
+from fedrec.privacy.crypto import read_key_file
+from fedrec.privacy.ledger import max_recompute_error, read_entries, verify_chain
+from fedrec.simulations.data.dataset import prepare_dataset
+from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
+from fedrec.simulations.data.sources import load
 from tests.flower_env import flower_env
 
 pytestmark = pytest.mark.slow
 
-FEDREC = [sys.executable, "-m", "simulations.cli"]
+FEDREC = [sys.executable, "-m", "fedrec"]
 
 
 @pytest.fixture(scope="module")

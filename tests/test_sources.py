@@ -14,9 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared_model.errors import FedrecError
-from simulations.errors import DataError
-from simulations.sources import (
+from fedrec.shared_model.errors import FedrecError
+from fedrec.simulations.data.sources import (
     GENRES,
     OCCUPATIONS,
     RawDataset,
@@ -25,6 +24,7 @@ from simulations.sources import (
     synthetic,
     write_synthetic,
 )
+from fedrec.simulations.errors import DataError
 
 ML100K = Path("/work/shared/data/ml-100k")
 

@@ -10,21 +10,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import vault
-from client.vault import (
+from fedrec.client import vault
+from fedrec.client.vault import (
     load_tenant,
     load_tenant_cached,
     manifest_bytes,
     seal_manifest,
     tenant_paths,
 )
-from privacy import crypto
-from privacy.crypto import decrypt_file, encrypt_file, generate_key_file, read_key_file, vault_file_id
-from privacy.errors import VaultError
-from shared_model.data import SPLIT_SCHEMA_VERSION
-from simulations.dataset import PreparedData, prepare_dataset
-from simulations.prepare import PrepareConfig, PrepareResult, prepare_federation, rotate_tenant_key
-from simulations.sources import synthetic
+from fedrec.privacy import crypto
+from fedrec.privacy.crypto import decrypt_file, encrypt_file, generate_key_file, read_key_file, vault_file_id
+from fedrec.privacy.errors import VaultError
+from fedrec.shared_model.data import SPLIT_SCHEMA_VERSION
+from fedrec.simulations.data.dataset import PreparedData, prepare_dataset
+from fedrec.simulations.data.prepare import (
+    PrepareConfig,
+    PrepareResult,
+    prepare_federation,
+    rotate_tenant_key,
+)
+from fedrec.simulations.data.sources import synthetic
 
 CHUNK = 2048  # small chunks: every partition spans several
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from shared_model.errors import FedrecError
+from fedrec.shared_model.errors import FedrecError
 
 err_console = Console(stderr=True)
 
@@ -74,7 +74,7 @@ def frontier(
     test: Annotated[str | None, typer.Option("--test", help="The TEST file of --data TRAIN.")] = None,
 ) -> None:
     """Full HR@10 vs ε of DP popularity and DP-EASE (local and distributed noise), median of seeds."""
-    from simulations.frontier import FrontierConfig, run_frontier, write_outputs
+    from fedrec.simulations.reports.frontier import FrontierConfig, run_frontier, write_outputs
 
     if include_ml100k is not None and not include_ml100k.exists():
         raise FedrecError(f"--include-ml100k {include_ml100k} does not exist")

@@ -1,15 +1,15 @@
 """``fedrec prepare``: partition a dataset into tenants, anonymize each, encrypt each at rest.
 
-Output (read by the ClientApp through :mod:`client.vault` and by the ServerApp)::
+Output (read by the ClientApp through :mod:`fedrec.client.vault` and by the ServerApp)::
 
     FED_DIR/federation.json          format, tenant ids, source, partition, n_items, created
     FED_DIR/catalog.json             the public item side + the federation's user-feature vocabulary
-    FED_DIR/tenant-<i>/partition.enc the tenant's UserSplit, AES-256-GCM (privacy.crypto)
+    FED_DIR/tenant-<i>/partition.enc the tenant's UserSplit, AES-256-GCM (fedrec.privacy.crypto)
     FED_DIR/tenant-<i>/manifest.json counts, anonymization report, partition summary (MAC'd)
     FED_DIR/keys/tenant-<i>.key      the tenant's master key, 0600 (or --keys-dir)
 
 Per tenant, before anything is written: its users' quasi-identifiers are k-anonymized within the
-tenant (``privacy.anonymize.k_anonymize``), user ids become keyed HMAC pseudonyms under a secret
+tenant (``fedrec.privacy.anonymize.k_anonymize``), user ids become keyed HMAC pseudonyms under a secret
 derived from the tenant's own key, and only order + (hour, weekday) context of interactions is
 kept (``UserSplit`` never holds timestamps). User-feature codes index the federation vocabulary:
 per feature, the sorted union of the generalized values any tenant publishes (any level), so a
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from client.vault import (
+from fedrec.client.vault import (
     CATALOG_FILE,
     FEDERATION_FILE,
     KEYS_DIR,
@@ -51,8 +51,8 @@ from client.vault import (
     seal_manifest,
     write_atomic,
 )
-from privacy.anonymize import SUPPRESSED, AnonymizationReport, k_anonymize, pseudonymize
-from privacy.crypto import (
+from fedrec.privacy.anonymize import SUPPRESSED, AnonymizationReport, k_anonymize, pseudonymize
+from fedrec.privacy.crypto import (
     KeyInfo,
     decrypt_file,
     derive_key,
@@ -63,11 +63,16 @@ from privacy.crypto import (
     retire_key_file,
     vault_file_id,
 )
-from privacy.errors import VaultError
-from shared_model.data import SPLIT_SCHEMA_VERSION, USER_FEATURES, Catalog, UserSplit
-from simulations.dataset import PreparedData
-from simulations.errors import DataError
-from simulations.partition import PartitionSpec, parse_partition, partition_users, summarize_tenant
+from fedrec.privacy.errors import VaultError
+from fedrec.shared_model.data import SPLIT_SCHEMA_VERSION, USER_FEATURES, Catalog, UserSplit
+from fedrec.simulations.data.dataset import PreparedData
+from fedrec.simulations.data.partition import (
+    PartitionSpec,
+    parse_partition,
+    partition_users,
+    summarize_tenant,
+)
+from fedrec.simulations.errors import DataError
 
 FEDERATION_FORMAT = "fedrec-federation"
 FEDERATION_VERSION = 1

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from simulations.errors import DataError
+from fedrec.simulations.errors import DataError
 
 
 def check_out_dir(out: Path, *, overwrite: bool) -> None:

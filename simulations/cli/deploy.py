@@ -4,7 +4,7 @@ Operator: ``init`` (CA, SuperLink certificate, connection, optional partner keys
 ``add-partner`` (a partner's public key), ``commands`` (print every command), ``launch`` (write the
 run config, ``flwr run``, optionally wait), ``wait`` (poll a run with a timeout).
 Partner: ``partner`` (own key pair, CA copy, ``supernode.sh``).
-The work lives in :mod:`simulations.deploy`; docs/DEPLOY.md is the runbook.
+The work lives in :mod:`fedrec.simulations.deploy.kit`; docs/DEPLOY.md is the runbook.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from shared_model.errors import FedrecError
+from fedrec.shared_model.errors import FedrecError
 
 out_console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_cmd(title: str, env: dict[str, str], cmd: list[str]) -> None:
-    from simulations.deploy import env_lines
+    from fedrec.simulations.deploy.kit import env_lines
 
     out_console.print(f"[bold]# {title}[/bold]")
     for line in env_lines(env):
@@ -74,7 +74,7 @@ def init(
     ] = False,
 ) -> None:
     """Operator: create the CA, the SuperLink certificate, the Flower connection and the scripts."""
-    from simulations.deploy import Deployment, init_deployment
+    from fedrec.simulations.deploy.kit import Deployment, init_deployment
 
     s = init_deployment(
         deploy_dir,
@@ -106,7 +106,7 @@ def add_partner_cmd(
     public_key: Annotated[Path, typer.Argument(help="The partner's auth.key.pub (OpenSSH, ECDSA P-384).")],
 ) -> None:
     """Operator: store a partner's public key and add it to scripts/register.sh."""
-    from simulations.deploy import Deployment, add_partner, key_fingerprint
+    from fedrec.simulations.deploy.kit import Deployment, add_partner, key_fingerprint
 
     dep = Deployment(deploy_dir.absolute())
     add_partner(dep, name, public_key)
@@ -137,7 +137,7 @@ def partner_cmd(
     ] = False,
 ) -> None:
     """Partner: make the SuperNode's auth key pair (kept on this machine) and supernode.sh."""
-    from simulations.deploy import init_partner, key_fingerprint
+    from fedrec.simulations.deploy.kit import init_partner, key_fingerprint
 
     root = partner_dir.absolute()
     init_partner(
@@ -161,7 +161,7 @@ def partner_cmd(
 @deploy_app.command("commands")
 def commands(deploy_dir: DeployDirArg) -> None:
     """Operator: print every command of the deployment (the same as scripts/*.sh)."""
-    from simulations.deploy import Deployment, ls_command, register_command, superlink_command
+    from fedrec.simulations.deploy.kit import Deployment, ls_command, register_command, superlink_command
 
     dep = Deployment(deploy_dir.absolute())
     s = dep.settings()
@@ -213,7 +213,7 @@ def launch(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write and print the run config only.")] = False,
 ) -> None:
     """Operator: write the run config (DP + SecAgg+ on) and start the run with `flwr run`."""
-    from simulations.deploy import (
+    from fedrec.simulations.deploy.kit import (
         Deployment,
         deployment_run_config,
         launch_run,
@@ -259,7 +259,7 @@ def wait_cmd(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait at most.")] = 3600.0,
 ) -> None:
     """Operator: wait for a run to finish; exit 0 only for finished:completed."""
-    from simulations.deploy import Deployment, wait_for_run
+    from fedrec.simulations.deploy.kit import Deployment, wait_for_run
 
     status = wait_for_run(
         Deployment(deploy_dir.absolute()),
@@ -273,4 +273,4 @@ def wait_cmd(
 
 
 __all__ = ["register"]
-_ = FedrecError  # user errors propagate to simulations.cli.main (one line, exit 2)
+_ = FedrecError  # user errors propagate to fedrec.simulations.cli.main.main (one line, exit 2)

@@ -1,6 +1,6 @@
 """``fedrec prepare`` and ``fedrec rotate-key`` (CONTRACT.md), attached to the app by :func:`register`.
 
-Kept apart from ``simulations/cli.py`` so that file only needs ``register(app)``; imports of the
+One module per command group (``fedrec.simulations.cli.main`` calls ``register(app)``); imports of the
 heavy modules happen inside the commands so ``--help`` stays instant.
 """
 
@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from simulations.prepare import PrepareResult
+    from fedrec.simulations.data.prepare import PrepareResult
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -95,8 +95,8 @@ def prepare(
     """Partition a dataset into tenants, anonymize each and encrypt each at rest (one key per tenant)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from simulations.cli import load_prepared
-    from simulations.prepare import (
+    from fedrec.simulations.cli.common import load_prepared
+    from fedrec.simulations.data.prepare import (
         PrepareConfig,
         check_fed_out,
         parse_partition,
@@ -181,8 +181,8 @@ def rotate_key(
     ] = None,
 ) -> None:
     """Re-encrypt tenants' partitions under fresh keys; old keys move to KEYS_DIR/retired/."""
-    from simulations.errors import DataError
-    from simulations.prepare import federation_tenants, rotate_tenant_key
+    from fedrec.simulations.data.prepare import federation_tenants, rotate_tenant_key
+    from fedrec.simulations.errors import DataError
 
     known = federation_tenants(fed_dir)
     chosen = tenant or known

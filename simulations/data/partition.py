@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared_model.data import USER_FEATURES, Catalog, UserSplit
-from simulations.errors import DataError
+from fedrec.shared_model.data import USER_FEATURES, Catalog, UserSplit
+from fedrec.simulations.errors import DataError
 
 DIRICHLET_TRIES = 50  # redraws of a dirichlet:A partition before giving up on min_users
 TOP_GENRES = 3  # genres listed per tenant in the partition summary

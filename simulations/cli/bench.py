@@ -1,12 +1,11 @@
 """``fedrec bench dp-step | simulate | serve``: registered on the main app by ``register(app)``.
 
 Each prints a table (medians over repeats, ratios against a reference measured in the same run) and,
-with ``--json PATH``, writes the same figures as JSON. The work lives in ``simulations/bench.py``.
+with ``--json PATH``, writes the same figures as JSON. The work lives in ``fedrec.simulations.bench.suite``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -17,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from simulations.errors import DataError
+from fedrec.simulations.errors import DataError
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -126,15 +125,10 @@ def serve_table(result: dict[str, Any]) -> Table:
 
 
 def _bench_serve_script() -> ModuleType:
-    """``scripts/bench_serve.py`` of this checkout, loaded as a module (scripts/ is not a package)."""
-    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_serve.py"
-    if not path.is_file():
-        raise DataError(f"{path} not found: `fedrec bench serve` runs from a source checkout")
-    spec = importlib.util.spec_from_file_location("fedrec_bench_serve", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The serving benchmark module (``fedrec.simulations.bench.serve``), imported only when asked for."""
+    from fedrec.simulations.bench import serve
+
+    return serve
 
 
 def run_serve_bench(
@@ -145,7 +139,7 @@ def run_serve_bench(
 
     import numpy as np
 
-    from shared_model.artifacts import load_model
+    from fedrec.shared_model.artifacts import load_model
 
     bs = _bench_serve_script()
     ids = list(load_model(model).catalog.item_ids)
@@ -194,7 +188,7 @@ def register(app: typer.Typer) -> None:
         json_path: JsonOpt = None,
     ) -> None:
         """Plain PyTorch vs Opacus hooks vs Opacus ghost vs fedrec's DP step (time and peak memory)."""
-        from simulations.bench import DP_MODES, bench_dp_step
+        from fedrec.simulations.bench.suite import DP_MODES, bench_dp_step
 
         try:
             size_list = tuple(int(s) for s in sizes.split(","))
@@ -239,7 +233,7 @@ def register(app: typer.Typer) -> None:
         json_path: JsonOpt = None,
     ) -> None:
         """Wall time, peak memory and orchestration overhead of a synthetic multi-tenant DP simulation."""
-        from simulations.bench import SimSetup, bench_simulate
+        from fedrec.simulations.bench.suite import SimSetup, bench_simulate
 
         if users < 10 * tenants:
             raise DataError(f"--users must be at least 10 per tenant ({10 * tenants}), got {users}")

@@ -33,16 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from client.vault import load_tenant
-from privacy.accounting import calibrate_noise, check_delta
-from shared_model.artifacts import write_json_atomic
-from shared_model.baselines import DPPopularity, Popularity
-from shared_model.data import Catalog, UserSplit, concat_splits
-from shared_model.evaluate import evaluate
-from shared_model.runconfig import RunConfig
-from simulations.errors import DataError
-from simulations.flower_runner import run_simulation
-from simulations.rundir import check_out_dir
+from fedrec.client.vault import load_tenant
+from fedrec.privacy.accounting import calibrate_noise, check_delta
+from fedrec.shared_model.artifacts import write_json_atomic
+from fedrec.shared_model.baselines import DPPopularity, Popularity
+from fedrec.shared_model.data import Catalog, UserSplit, concat_splits
+from fedrec.shared_model.evaluate import evaluate
+from fedrec.shared_model.runconfig import RunConfig
+from fedrec.simulations.driver.flower_runner import run_simulation
+from fedrec.simulations.driver.rundir import check_out_dir
+from fedrec.simulations.errors import DataError
 
 RESUME_MARKER = "resume.json"
 

@@ -1,6 +1,6 @@
 """Load benchmark of ``fedrec serve`` on loopback, next to the in-process cost of one ranking call.
 
-    .venv/bin/python scripts/bench_serve.py --model RUN_DIR [--data /path/to/ml-100k] [--out bench.json]
+    .venv/bin/python -m fedrec.simulations.bench.serve --model RUN_DIR [--data /path/to/ml-100k] [--out bench.json]
 
 1. In-process: median/p99 of ``Engine.recommend`` (what one request computes), fp32 and int8.
 2. HTTP: starts ``fedrec serve`` on 127.0.0.1 (a free port) as a subprocess, drives it with an async
@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-SERVE = "from simulations.cli import app, main; from server.cli_serve import register; register(app); main()"
+SERVE = "from fedrec.simulations.cli.main import main; main()"
 HISTORY_LEN = 20  # items per benchmark history (ml-100k's median user has ~65; the model reads ≤ 200)
 
 
@@ -42,8 +42,8 @@ def in_process(
 ) -> dict[str, float]:
     import torch
 
-    from server.serve import Engine
-    from shared_model.artifacts import load_model
+    from fedrec.server.serve import Engine
+    from fedrec.shared_model.artifacts import load_model
 
     torch.set_num_threads(1)
     eng = Engine(load_model(model_dir), int8=int8)
@@ -130,13 +130,13 @@ def server(model_dir: Path, *, int8: bool) -> Any:
 
 
 def quality(model_dir: Path, data: str) -> dict[str, Any]:
-    from shared_model.artifacts import load_model
-    from shared_model.diversity import evaluate_mmr
-    from shared_model.evaluate import evaluate
-    from shared_model.quantize import quantize_for_serving
-    from shared_model.training import ModelScorer
-    from simulations.dataset import prepare_dataset
-    from simulations.sources import load
+    from fedrec.shared_model.artifacts import load_model
+    from fedrec.shared_model.diversity import evaluate_mmr
+    from fedrec.shared_model.evaluate import evaluate
+    from fedrec.shared_model.quantize import quantize_for_serving
+    from fedrec.shared_model.training import ModelScorer
+    from fedrec.simulations.data.dataset import prepare_dataset
+    from fedrec.simulations.data.sources import load
 
     loaded = load_model(model_dir)
     prepared = prepare_dataset(load(data))
@@ -163,7 +163,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    from shared_model.artifacts import load_model
+    from fedrec.shared_model.artifacts import load_model
 
     ids = list(load_model(args.model).catalog.item_ids)
     rng = np.random.default_rng(0)

@@ -4,10 +4,10 @@ For each data set (synthetic with 1 000 / 10 000 / 100 000 users, optionally ml-
 each ε, in process:
 
 1. partition the users into ``tenants`` tenants (iid, the seed);
-2. every tenant computes its unit-norm user rows and releases ONCE (``privacy.gram``): a DP popularity
+2. every tenant computes its unit-norm user rows and releases ONCE (``fedrec.privacy.gram``): a DP popularity
    vector (ρ = 1) or a noisy Gram (ρ = 0) at σ calibrated for (ε, δ) at sensitivity 1 — each approach
    spends the whole ε on its own release (the automatic choice is made before anything is released);
-3. the server sums the releases and fits DP popularity / DP-EASE (the rule of ``shared_model.dp_item``);
+3. the server sums the releases and fits DP popularity / DP-EASE (the rule of ``fedrec.shared_model.dp_item``);
 4. evaluation on the test protocol (full ranking), on at most ``eval_users`` test users (a fixed random
    sample per seed; all users when fewer).
 
@@ -32,13 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from privacy import gram
-from shared_model.baselines import DPPopularity, Popularity
-from shared_model.choose import choose
-from shared_model.data import Catalog, UserSplit
-from shared_model.dp_item import DPEASE, DPEASERule, EigenGram
-from shared_model.evaluate import evaluate
-from simulations.partition import PartitionSpec, partition_users
+from fedrec.privacy import gram
+from fedrec.shared_model.baselines import DPPopularity, Popularity
+from fedrec.shared_model.choose import choose
+from fedrec.shared_model.data import Catalog, UserSplit
+from fedrec.shared_model.dp_item import DPEASE, DPEASERule, EigenGram
+from fedrec.shared_model.evaluate import evaluate
+from fedrec.simulations.data.partition import PartitionSpec, partition_users
 
 APPROACHES = ("popularity", "dp_popularity", "dp_ease", "eigen_gram", "chosen")
 
@@ -210,7 +210,7 @@ def frontier_points(
 def add_choices(
     rows: Sequence[dict[str, Any]], *, delta: float = 1e-5, accountant: str = "prv"
 ) -> list[dict[str, Any]]:
-    """``rows`` plus one ``chosen`` row per (dataset, seed, ε, mode): what ``shared_model.choose`` picks
+    """``rows`` plus one ``chosen`` row per (dataset, seed, ε, mode): what ``fedrec.shared_model.choose`` picks
     from public facts (tenant sizes, σ, noise mode), with the measured HR@10 of the picked approach."""
     out = [r for r in rows if r["approach"] != "chosen"]
     sigmas: dict[float, float] = {}
@@ -246,8 +246,8 @@ def add_choices(
 
 
 def load_synthetic(users: int, items: int, seed: int) -> tuple[UserSplit, Catalog]:
-    from simulations.dataset import prepare_dataset
-    from simulations.sources import synthetic
+    from fedrec.simulations.data.dataset import prepare_dataset
+    from fedrec.simulations.data.sources import synthetic
 
     data = prepare_dataset(synthetic(users=users, items=items, seed=seed))
     return data.split, data.catalog
@@ -258,16 +258,16 @@ def _synthetic_seed(users: int, items: int, seed: int) -> tuple[UserSplit, Catal
 
 
 def load_path(path: Path) -> tuple[UserSplit, Catalog]:
-    from simulations.dataset import prepare_dataset
-    from simulations.sources import load
+    from fedrec.simulations.data.dataset import prepare_dataset
+    from fedrec.simulations.data.sources import load
 
     data = prepare_dataset(load(str(path)))
     return data.split, data.catalog
 
 
 def load_given(train: str, test: str) -> tuple[UserSplit, Catalog]:
-    from simulations.dataset import prepare_given_split
-    from simulations.sources import load_given_split
+    from fedrec.simulations.data.dataset import prepare_given_split
+    from fedrec.simulations.data.sources import load_given_split
 
     data = prepare_given_split(*load_given_split(train, test))
     return data.split, data.catalog

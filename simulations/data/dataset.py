@@ -8,7 +8,7 @@
 2. reindexes users and items densely (sorted by original id, numerically when ids are numbers),
    keeping the mapping to original item ids and titles in the :class:`Catalog`;
 3. featurizes: item genres (multi-hot) and year; generalized user demographics (age band, gender,
-   occupation, zip region — the level-0 generalizations of ``privacy.anonymize``); and the context
+   occupation, zip region — the level-0 generalizations of ``fedrec.privacy.anonymize``); and the context
    (hour, weekday, UTC) of every interaction;
 4. splits leave-one-out by time: per user, interactions sorted by (timestamp, item index) — ties
    broken by item index so the split is deterministic — last = test, second last = validation,
@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from privacy.anonymize import generalize_value
-from shared_model.data import USER_FEATURES, Catalog, UserSplit
-from simulations.errors import DataError
-from simulations.sources import RawDataset
+from fedrec.privacy.anonymize import generalize_value
+from fedrec.shared_model.data import USER_FEATURES, Catalog, UserSplit
+from fedrec.simulations.data.sources import RawDataset
+from fedrec.simulations.errors import DataError
 
 #: Raw user columns and the generalized feature each one becomes (USER_FEATURES order).
 _RAW_OF_FEATURE = {"age_band": "age", "gender": "gender", "occupation": "occupation", "region": "zip"}

@@ -81,8 +81,8 @@ def _write_app_dir(run_config: dict[str, Any]) -> Path:
         "[tool.flwr.app]",
         'publisher = "fedrec"',
         "[tool.flwr.app.components]",
-        'serverapp = "server.app:app"',
-        'clientapp = "client.app:app"',
+        'serverapp = "fedrec.server.app:app"',
+        'clientapp = "fedrec.client.app:app"',
         "[tool.flwr.app.config]",
         *(f'"{k}" = {_toml_value(v)}' for k, v in run_config.items()),
     ]
@@ -112,8 +112,8 @@ def run_simulation(
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    from client.app import app as client_app
-    from server.app import app as server_app
+    from fedrec.client.app import app as client_app
+    from fedrec.server.app import app as server_app
 
     app_dir = _write_app_dir(run_config)
     flower_extractor = None

@@ -55,7 +55,7 @@ def median_ms(times: list[float]) -> float:
 # ------------------------------------------------------------------------------------ data
 def synthetic_split(n_users: int, n_items: int, *, seed: int = 0) -> Any:
     """A UserSplit with Zipf-like item popularity and 10–200 training items per user (fast to build)."""
-    from shared_model.data import USER_FEATURES, UserSplit
+    from fedrec.shared_model.data import USER_FEATURES, UserSplit
 
     rng = np.random.default_rng(seed)
     counts = rng.integers(10, 201, size=n_users)
@@ -96,9 +96,9 @@ def make_step(setup: StepSetup, mode: str) -> tuple[Callable[[], None], Callable
     """``(step, close)`` for one mode on a fixed batch: forward, backward (+clipping, noise), optimizer."""
     import torch
 
-    from client.train import LocalTrainConfig, make_private_trainer, plan_round
-    from shared_model.model import HistoryMLP, ModelConfig
-    from shared_model.training import SamplingConfig, make_user_batch, per_user_loss
+    from fedrec.client.train import LocalTrainConfig, make_private_trainer, plan_round
+    from fedrec.shared_model.model import HistoryMLP, ModelConfig
+    from fedrec.shared_model.training import SamplingConfig, make_user_batch, per_user_loss
 
     split = synthetic_split(setup.tenant_users, setup.n_items, seed=setup.seed)
     rng = np.random.default_rng(setup.seed)
@@ -145,7 +145,7 @@ def _opacus_hooks_step(
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from shared_model.training import per_user_loss
+    from fedrec.shared_model.training import per_user_loss
 
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     loader = DataLoader(TensorDataset(torch.arange(setup.tenant_users)), batch_size=setup.batch_users)
@@ -207,7 +207,7 @@ def step_memory(setup: StepSetup, mode: str, steps: int = 3) -> dict[str, int]:
 def _child_memory(setup: StepSetup, mode: str, threads: int) -> dict[str, int] | None:
     """``step_memory`` in a fresh interpreter (a peak never goes down within a process)."""
     code = (
-        "import json,sys,torch; from simulations.bench import StepSetup, step_memory; "
+        "import json,sys,torch; from fedrec.simulations.bench.suite import StepSetup, step_memory; "
         f"torch.set_num_threads({threads}); a=json.loads(sys.argv[1]); a['hidden']=tuple(a['hidden']); "
         f"print(json.dumps(step_memory(StepSetup(**a), {mode!r})))"
     )
@@ -388,9 +388,9 @@ class SimSetup:
 
 def prepare_synthetic_federation(setup: SimSetup, fed_dir: Any) -> float:
     """Synthetic data → ``fedrec prepare``'s federation folder; returns seconds."""
-    from simulations.dataset import prepare_dataset
-    from simulations.prepare import PrepareConfig, prepare_federation
-    from simulations.sources import load
+    from fedrec.simulations.data.dataset import prepare_dataset
+    from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
+    from fedrec.simulations.data.sources import load
 
     t = time.perf_counter()
     raw = load("synthetic", columns=None, seed=setup.seed, synth_users=setup.users, synth_items=setup.items)
@@ -401,7 +401,7 @@ def prepare_synthetic_federation(setup: SimSetup, fed_dir: Any) -> float:
 
 
 def sim_run_config(setup: SimSetup, fed_dir: Any, run_dir: Any, run_name: str) -> Any:
-    from shared_model.runconfig import RunConfig
+    from fedrec.shared_model.runconfig import RunConfig
 
     base = RunConfig(num_server_rounds=setup.rounds, dp=setup.dp, epsilon=setup.epsilon, seed=setup.seed)
     return RunConfig.from_mapping(
@@ -424,12 +424,12 @@ def sequential_reference(cfg: Any, tenants: int, log: Callable[[str], None] | No
     run's ``round_s``."""
     import torch
 
-    from client.task import resolve_tenant, tenant_evaluate, tenant_train
-    from client.vault import clear_cache
-    from privacy.accounting import _epsilon_of
-    from server.loop import load_catalog, model_config
-    from shared_model.codec import state_weights
-    from shared_model.model import HistoryMLP
+    from fedrec.client.task import resolve_tenant, tenant_evaluate, tenant_train
+    from fedrec.client.vault import clear_cache
+    from fedrec.privacy.accounting import _epsilon_of
+    from fedrec.server.loop import load_catalog, model_config
+    from fedrec.shared_model.codec import state_weights
+    from fedrec.shared_model.model import HistoryMLP
 
     torch.set_num_threads(1)
     # Start as cold as a fresh worker: no decrypted tenant, no memoized ε from the simulation's driver.
@@ -474,7 +474,7 @@ def decrypt_seconds(fed_dir: Any, tenant: str = "tenant-0") -> float:
     """One uncached decryption + parse of a tenant partition (what a cache miss costs)."""
     from pathlib import Path
 
-    from client.vault import load_tenant
+    from fedrec.client.vault import load_tenant
 
     fed = Path(fed_dir)
     t = time.perf_counter()
@@ -495,8 +495,8 @@ def bench_simulate(
     import uuid
     from pathlib import Path
 
-    from simulations.flower_runner import run_simulation
-    from simulations.simulate import _shutdown_ray
+    from fedrec.simulations.driver.flower_runner import run_simulation
+    from fedrec.simulations.driver.simulate import _shutdown_ray
 
     result: dict[str, Any] = {"benchmark": "simulate", "setup": asdict(setup)}
     with tempfile.TemporaryDirectory(prefix="fedrec-bench-") as tmp:

@@ -6,7 +6,7 @@
   ledger locally (no coordinator files needed).
 
 Exit status: 0 when every check passes, 1 when any fails (each failed check is named), 2 for bad
-input (one line, via ``simulations.cli.main``).
+input (one line, via ``fedrec.simulations.cli.main.main``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared_model.errors import FedrecError
+from fedrec.shared_model.errors import FedrecError
 
 if TYPE_CHECKING:
-    from privacy.audit import Check
+    from fedrec.privacy.audit import Check
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -77,8 +77,8 @@ def audit(
         raise FedrecError("give a RUN_DIR to audit (or --ledger PATH for one tenant's ledger)")
     if head is not None or plan is not None:
         raise FedrecError("--head and --plan go with --ledger")
-    from simulations.audit_run import EmpiricalConfig
-    from simulations.audit_run import audit as run_audit
+    from fedrec.simulations.reports.audit import EmpiricalConfig
+    from fedrec.simulations.reports.audit_report import audit as run_audit
 
     emp = (
         EmpiricalConfig(
@@ -134,7 +134,7 @@ def audit(
 
 
 def _audit_ledger(path: Path, head: str | None, plan_path: Path | None) -> None:
-    from privacy.audit import audit_ledger_file, plan_from_file
+    from fedrec.privacy.audit import audit_ledger_file, plan_from_file
 
     path = Path(path)
     if not path.is_file():

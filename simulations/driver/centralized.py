@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared_model.artifacts import save_model, write_json_atomic
-from shared_model.baselines import EASE, Popularity
-from shared_model.data import UserSplit
-from shared_model.evaluate import evaluate
-from shared_model.model import HistoryMLP, ModelConfig
-from shared_model.training import ModelScorer, SamplingConfig, train_epoch
-from simulations.dataset import PreparedData, require_evaluable
-from simulations.rundir import atomic_dir
+from fedrec.shared_model.artifacts import save_model, write_json_atomic
+from fedrec.shared_model.baselines import EASE, Popularity
+from fedrec.shared_model.data import UserSplit
+from fedrec.shared_model.evaluate import evaluate
+from fedrec.shared_model.model import HistoryMLP, ModelConfig
+from fedrec.shared_model.training import ModelScorer, SamplingConfig, train_epoch
+from fedrec.simulations.data.dataset import PreparedData, require_evaluable
+from fedrec.simulations.driver.rundir import atomic_dir
 
 
 @dataclass(frozen=True)

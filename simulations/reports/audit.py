@@ -2,15 +2,15 @@
 
 1. :func:`load_run` reads ``privacy.json``, ``rounds.jsonl``, ``config.json`` and ``ledger/*.jsonl``
    (one clear error for a missing or corrupt file);
-2. :func:`check_run` runs ``privacy.audit.check_ledger`` per tenant with what the server recorded
+2. :func:`check_run` runs ``fedrec.privacy.audit.check_ledger`` per tenant with what the server recorded
    (per-round heads, statuses, the final head) and the run's plan, plus the run-wide checks, and
    replays ε with Opacus PRV/RDP and dp_accounting PLD/RDP;
 3. :func:`empirical_audit` (``--empirical``) retrains one tenant-sized replica with canaries:
    ``m`` synthetic users, each with its own distinctive items (items no other user has), each
    included with probability ½; the run's σ, q, steps and rounds from the tenant's ledger (its
-   ``run_config`` for a ``--no-dp`` run), ``client.train.train_round`` as in the real run; then the
+   ``run_config`` for a ``--no-dp`` run), ``fedrec.client.train.train_round`` as in the real run; then the
    membership score of each canary is the mean logit the final model gives its held-out canary
-   items given the other half as history, and ``privacy.empirical`` turns the scores into an ε lower
+   items given the other half as history, and ``fedrec.privacy.empirical`` turns the scores into an ε lower
    bound. The replica trains that tenant alone (no averaging with other tenants): the strongest
    position for the attacker, the same mechanism for the accountant.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from privacy.audit import (
+from fedrec.privacy.audit import (
     Check,
     Finding,
     Replay,
@@ -41,15 +40,15 @@ from privacy.audit import (
     read_ledger,
     replay_ledger,
 )
-from privacy.empirical import (
+from fedrec.privacy.empirical import (
     OneRunResult,
     epsilon_lower_bound_clopper_pearson,
     one_run_audit,
     threshold_confusion,
 )
-from privacy.errors import PrivacyError
-from shared_model.errors import FedrecError
-from shared_model.runconfig import RELEASE_APPROACHES
+from fedrec.privacy.errors import PrivacyError
+from fedrec.shared_model.errors import FedrecError
+from fedrec.shared_model.runconfig import RELEASE_APPROACHES
 
 Log = Callable[[str], None]
 
@@ -161,7 +160,7 @@ def run_plan(run: RunFiles, tenant: str) -> RunPlan:
         caps[name.strip()] = float(value)
     cap = caps.get(tenant, rc.get("epsilon"))
     if _released(run):
-        # One item release (privacy.gram): q = 1, one step, every user's contribution of L2 norm 1.
+        # One item release (fedrec.privacy.gram): q = 1, one step, every user's contribution of L2 norm 1.
         return RunPlan(
             delta=run.privacy.get("delta", rc.get("delta")),
             accountant=run.privacy.get("accountant", rc.get("accountant")),
@@ -336,7 +335,7 @@ class EmpiricalResult:
 
 def _mechanism(run: RunFiles, tenant: str) -> dict[str, Any]:
     """σ per round, q, steps per round and users of ``tenant`` as the run used them."""
-    from client.train import LocalTrainConfig, plan_round
+    from fedrec.client.train import LocalTrainConfig, plan_round
 
     rc = run.run_config
     if run.dp:
@@ -377,9 +376,9 @@ def _replica_split(
 
     Returns (split with the included canaries last, catalog, canary items (m, k), included (m,)).
     """
-    from shared_model.data import UserSplit
-    from simulations.dataset import prepare_dataset
-    from simulations.sources import synthetic
+    from fedrec.shared_model.data import UserSplit
+    from fedrec.simulations.data.dataset import prepare_dataset
+    from fedrec.simulations.data.sources import synthetic
 
     data = prepare_dataset(synthetic(users=n_users, items=max(10, n_items), seed=seed))
     base = data.split
@@ -420,9 +419,9 @@ def _one_replica(
     """Train one replica with canaries; returns (scores (m,), included (m,))."""
     import torch
 
-    from client.train import LocalTrainConfig, train_round
-    from shared_model.model import HistoryMLP, ModelConfig
-    from shared_model.training import SamplingConfig
+    from fedrec.client.train import LocalTrainConfig, train_round
+    from fedrec.shared_model.model import HistoryMLP, ModelConfig
+    from fedrec.shared_model.training import SamplingConfig
 
     rc = run.run_config
     rng = np.random.default_rng([cfg.seed, index])
@@ -552,42 +551,3 @@ class AuditOutcome:
     @property
     def passed(self) -> bool:
         return not self.failed()
-
-
-def audit(
-    run_dir: Path,
-    *,
-    out: Path | None = None,
-    empirical: EmpiricalConfig | None = None,
-    log: Log = lambda _: None,
-) -> AuditOutcome:
-    """Check ``run_dir``, optionally run the canary attack, and write the report into ``out``."""
-    from simulations.report_audit import write_report
-
-    t0 = time.perf_counter()
-    run = load_run(run_dir)
-    report_dir = Path(out) if out is not None else Path(run_dir) / "audit"
-    checks = check_run(run, log=log)
-    emp = empirical_audit(run, empirical, log=log) if empirical is not None else None
-    outcome = AuditOutcome(checks, emp, report_dir, environment=_environment())
-    outcome.seconds = time.perf_counter() - t0
-    outcome.files = write_report(outcome, run)
-    return outcome
-
-
-def _environment() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in ("opacus", "dp_accounting", "torch", "flwr"):
-        try:
-            from importlib.metadata import version
-
-            versions[name] = version(name.replace("_", "-"))
-        except Exception:  # a missing version is only not reported
-            versions[name] = "?"
-    try:
-        import torchcsprng  # noqa: F401
-
-        versions["torchcsprng"] = "available"
-    except ImportError:
-        versions["torchcsprng"] = "unavailable (secure_mode cannot be on)"
-    return versions

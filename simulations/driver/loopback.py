@@ -2,7 +2,7 @@
 
 No Ray, no SuperLink: every node is a :class:`~flwr.app.Context` with ``partition-id`` (as in the
 Simulation Engine) and messages are handled one after another in this thread, mods included
-(``ClientApp.__call__``). The ServerApp code (``server.loop.run_federation``) runs unchanged on it.
+(``ClientApp.__call__``). The ServerApp code (``fedrec.server.loop.run_federation``) runs unchanged on it.
 What this is for: fast, deterministic tests and benchmarks of the round logic (validation, robust
 aggregation, SecAgg+, ledgers, resume); the real transport is exercised by the slow tests.
 

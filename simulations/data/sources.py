@@ -27,7 +27,7 @@
   whitespace-separated non-negative integer ids. Blank lines are skipped; several lines of one user
   are merged; the position in the line is the interaction's order.
 
-Every problem with the input raises :class:`simulations.errors.DataError` with one sentence that
+Every problem with the input raises :class:`fedrec.simulations.errors.DataError` with one sentence that
 names the file and what is wrong.
 
 Normalized form (:class:`RawDataset`): ids are strings; ``rating`` is float64 (NaN when the source
@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from simulations.errors import DataError
+from fedrec.simulations.errors import DataError
 
 __all__ = [
     "DOWNLOADS",

@@ -10,14 +10,22 @@ from __future__ import annotations
 import base64
 import html
 import math
+import platform
+import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from privacy.audit import PLD_RTOL, RDP_RTOL, REPLAY_TOLERANCE
-
-if TYPE_CHECKING:
-    from simulations.audit_run import AuditOutcome, RunFiles
+from fedrec.privacy.audit import PLD_RTOL, RDP_RTOL, REPLAY_TOLERANCE
+from fedrec.simulations.reports.audit import (
+    AuditOutcome,
+    EmpiricalConfig,
+    Log,
+    RunFiles,
+    check_run,
+    empirical_audit,
+    load_run,
+)
 
 ACCOUNTANT_LABELS = {
     "opacus_prv": "Opacus PRV",
@@ -376,7 +384,7 @@ def render_html(doc: dict[str, Any], images: dict[str, bytes]) -> str:
 
 def write_report(outcome: AuditOutcome, run: RunFiles) -> list[Path]:
     """Write audit.json, audit.md (+ PNGs) and audit.html into ``outcome.report_dir``."""
-    from shared_model.artifacts import write_json_atomic
+    from fedrec.shared_model.artifacts import write_json_atomic
 
     out = outcome.report_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -390,3 +398,40 @@ def write_report(outcome: AuditOutcome, run: RunFiles) -> list[Path]:
     (out / "audit.md").write_text(render_markdown(doc, list(images)), encoding="utf-8")
     (out / "audit.html").write_text(render_html(doc, images), encoding="utf-8")
     return [out / "audit.json", out / "audit.md", out / "audit.html", *files]
+
+
+def audit(
+    run_dir: Path,
+    *,
+    out: Path | None = None,
+    empirical: EmpiricalConfig | None = None,
+    log: Log = lambda _: None,
+) -> AuditOutcome:
+    """Check ``run_dir``, optionally run the canary attack, and write the report into ``out``."""
+    t0 = time.perf_counter()
+    run = load_run(run_dir)
+    report_dir = Path(out) if out is not None else Path(run_dir) / "audit"
+    checks = check_run(run, log=log)
+    emp = empirical_audit(run, empirical, log=log) if empirical is not None else None
+    outcome = AuditOutcome(checks, emp, report_dir, environment=_environment())
+    outcome.seconds = time.perf_counter() - t0
+    outcome.files = write_report(outcome, run)
+    return outcome
+
+
+def _environment() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("opacus", "dp_accounting", "torch", "flwr"):
+        try:
+            from importlib.metadata import version
+
+            versions[name] = version(name.replace("_", "-"))
+        except Exception:  # a missing version is only not reported
+            versions[name] = "?"
+    try:
+        import torchcsprng  # noqa: F401
+
+        versions["torchcsprng"] = "available"
+    except ImportError:
+        versions["torchcsprng"] = "unavailable (secure_mode cannot be on)"
+    return versions

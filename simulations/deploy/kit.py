@@ -22,7 +22,7 @@ Partner layout written by :func:`init_partner` (``PARTNER_DIR``, on the partner'
 
     partner.json                settings; auth.key (0600) + auth.key.pub; ca.pem; supernode.sh
 
-Everything here is plain functions over paths and strings (tests call them); ``simulations/cli_deploy``
+Everything here is plain functions over paths and strings (tests call them); ``fedrec.simulations.cli.deploy``
 wraps them as ``fedrec deploy …``. Process control (launching ``flwr run``, waiting for a run with a
 timeout) shells out to Flower's own CLIs.
 """
@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared_model.errors import FedrecError
+from fedrec.shared_model.errors import FedrecError
 
 DEPLOY_FORMAT = "fedrec-deploy"
 DEPLOY_FILE = "deploy.json"
@@ -504,7 +504,7 @@ def deployment_run_config(
     }
     for key, value in (extra or {}).items():
         config[key] = value
-    from shared_model.runconfig import RunConfig
+    from fedrec.shared_model.runconfig import RunConfig
 
     RunConfig.from_mapping(config)  # validates names and values (one-line FedrecError)
     return config

@@ -1,0 +1,1 @@
+"""Benchmarks behind `fedrec bench` (DP step, simulation, serving)."""

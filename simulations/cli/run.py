@@ -1,0 +1,248 @@
+"""``fedrec centralized`` (the non-federated, non-private reference) and ``fedrec simulate`` (the
+multi-tenant federated run), thin over :mod:`fedrec.simulations.driver`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedrec.shared_model.errors import FedrecError
+from fedrec.simulations.cli.common import (
+    ColumnsOpt,
+    DataOpt,
+    MinRatingOpt,
+    SeedOpt,
+    SynthItemsOpt,
+    SynthUsersOpt,
+    TestOpt,
+    err_console,
+    load_prepared,
+    out_console,
+    print_metrics_table,
+    print_run_summary,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(centralized)
+    app.command()(simulate)
+
+
+# ------------------------------------------------------------------ centralized
+def centralized(
+    out: Annotated[Path, typer.Option("--out", help="RUN_DIR to write (atomically).")],
+    data: DataOpt = "synthetic",
+    columns: ColumnsOpt = None,
+    test: TestOpt = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option("--epochs", min=1, help="Maximum epochs, early stopping on validation [150]."),
+    ] = None,
+    patience: Annotated[
+        int | None, typer.Option("--patience", min=1, help="Epochs without improvement before stopping [40].")
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Adam learning rate [3e-3].")] = None,
+    seed: SeedOpt = 0,
+    min_rating: MinRatingOpt = None,
+    synth_users: SynthUsersOpt = None,
+    synth_items: SynthItemsOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing RUN_DIR.")] = False,
+) -> None:
+    """Train the MLP recommender on all data (no federation, no DP) and compare with baselines."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedrec.simulations.driver.centralized import CentralizedConfig, run_centralized
+    from fedrec.simulations.driver.rundir import check_out_dir
+
+    check_out_dir(out, overwrite=overwrite)
+    prepared = load_prepared(data, columns, seed, min_rating, synth_users, synth_items, test)
+    given = {"epochs": epochs, "patience": patience, "lr": lr}
+    cfg = CentralizedConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
+    resolved = {"data": data, "test": test, "columns": columns, "min_rating": min_rating, "seed": seed}
+    with Progress(
+        TextColumn("[bold]epoch"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+    ) as progress:
+        task = progress.add_task("train", total=cfg.epochs, info="")
+
+        def on_epoch(epoch: int, loss: float, ndcg: float, improved: bool) -> None:
+            star = "*" if improved else " "
+            progress.update(task, completed=epoch, info=f"loss {loss:.4f}  val NDCG@10 {ndcg:.4f}{star}")
+
+        metrics = run_centralized(
+            prepared, cfg, out, overwrite=overwrite, resolved_config=resolved, on_epoch=on_epoch
+        )
+    rows = {"mlp (this run)": metrics, **metrics["baselines"]}
+    print_metrics_table(f"test metrics — {metrics['dataset']['source']}", rows)
+    out_console.print(f"{metrics['seconds']:.1f} s; model and metrics in {out}")
+
+
+# ------------------------------------------------------------------ simulate
+def simulate(
+    out: Annotated[
+        Path | None, typer.Option("--out", help="RUN_DIR to write (atomically); not with --resume.")
+    ] = None,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Federated rounds.")] = 5,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="Data source to partition (default: synthetic); or --federation."),
+    ] = None,
+    federation: Annotated[
+        Path | None,
+        typer.Option("--federation", help="A folder written by `fedrec prepare` (instead of --data)."),
+    ] = None,
+    tenants: Annotated[int, typer.Option("--tenants", min=1, help="Tenants to partition --data into.")] = 3,
+    partition: Annotated[str, typer.Option("--partition", help="iid | dirichlet:A | by:FIELD")] = "iid",
+    k_anonymity: Annotated[
+        int, typer.Option("--k-anonymity", min=1, help="k for the tenants' quasi-identifiers.")
+    ] = 5,
+    epsilon: Annotated[
+        float, typer.Option("--epsilon", help="Each tenant's user-level ε cap for the whole run.")
+    ] = 8.0,
+    delta: Annotated[float, typer.Option("--delta", help="δ (must be < 1/users of every tenant).")] = 1e-5,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="Same pipeline without clipping or noise.")] = False,
+    caps: Annotated[str, typer.Option("--caps", help="Per-tenant caps, e.g. 'tenant-0=3,tenant-1=1'.")] = "",
+    local_epochs: Annotated[float, typer.Option("--local-epochs", help="Expected passes per round.")] = 1.0,
+    batch_users: Annotated[
+        int, typer.Option("--batch-users", min=1, help="Expected users per DP step.")
+    ] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Local Adam learning rate.")] = 3e-3,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Per-user clipping bound C.")] = 1.0,
+    approach: Annotated[
+        str,
+        typer.Option(
+            "--approach",
+            help="auto (pick from tenant sizes and ε, docs/PRIVACY_UTILITY.md) | mlp (DP-SGD rounds) | "
+            "dp_ease | dp_popularity (one DP item release per tenant; --rounds does not apply).",
+        ),
+    ] = "auto",
+    secagg: Annotated[
+        bool,
+        typer.Option("--secagg", help="SecAgg+: the server sees only the masked sum of the tenants' deltas."),
+    ] = False,
+    aggregation: Annotated[
+        str,
+        typer.Option("--aggregation", help="fedavg | median | trimmed:B (robust rules refuse --secagg)."),
+    ] = "fedavg",
+    max_update_norm: Annotated[
+        float, typer.Option("--max-update-norm", help="L2 bound on one tenant's update per round.")
+    ] = 20.0,
+    round_timeout: Annotated[
+        float, typer.Option("--round-timeout", help="Seconds to wait for a round (each SecAgg+ stage).")
+    ] = 1800.0,
+    dropout: Annotated[
+        float, typer.Option("--dropout", help="Simulated: each tenant misses a round with probability P.")
+    ] = 0.0,
+    crash: Annotated[
+        list[str] | None,
+        typer.Option("--crash", help="Simulated: TENANT@ROUND, the tenant's process dies mid-round."),
+    ] = None,
+    adversary: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adversary", help="Simulated: TENANT:nan|inf|scale=F|signflip|shape|dtype|keys|users=N."
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Continue the interrupted run to this RUN_DIR from its checkpoint."),
+    ] = None,
+    columns: ColumnsOpt = None,
+    test: TestOpt = None,
+    seed: SeedOpt = 0,
+    min_rating: MinRatingOpt = None,
+    synth_users: SynthUsersOpt = None,
+    synth_items: SynthItemsOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing RUN_DIR.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's and Ray's logs.")] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="Join this running Ray cluster (IP:PORT of its head, as `ray start --head` prints) "
+            "instead of starting a local one.",
+        ),
+    ] = None,
+) -> None:
+    """Multi-tenant federated training with user-level DP (Flower simulation, one node per tenant)."""
+    from fedrec.shared_model.runconfig import RunConfig
+    from fedrec.simulations.driver.rundir import check_out_dir
+    from fedrec.simulations.driver.simulate import resume as resume_run
+    from fedrec.simulations.driver.simulate import simulate as run
+
+    def log(line: str) -> None:
+        err_console.print(f"[dim]{line}[/dim]", highlight=False, soft_wrap=True)
+
+    if resume is not None:
+        if out is not None or data is not None or federation is not None:
+            raise FedrecError(
+                "--resume RUN_DIR takes the run's own configuration; drop --out/--data/--federation"
+            )
+        print_run_summary(resume, resume_run(resume, verbose=verbose, log=log, ray_address=ray_address))
+        return
+    if out is None:
+        raise FedrecError("give --out RUN_DIR (or --resume RUN_DIR to continue an interrupted run)")
+    if data is not None and federation is not None:
+        raise FedrecError("give either --data or --federation, not both")
+    if test is not None and data is None:
+        raise FedrecError(
+            "--test TEST goes with --data TRAIN (a federation folder already holds its test sets)"
+        )
+    if secagg and aggregation.strip() != "fedavg":
+        raise FedrecError(
+            f"--aggregation {aggregation} needs every update in the clear; with --secagg the server sees "
+            "only their sum (use fedavg)"
+        )
+    check_out_dir(out, overwrite=overwrite)
+    cfg = RunConfig(
+        num_server_rounds=rounds,
+        dp=not no_dp,
+        epsilon=epsilon,
+        delta=delta,
+        caps=caps,
+        local_epochs=local_epochs,
+        batch_users=batch_users,
+        lr=lr,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+        approach=approach.strip().replace("-", "_"),
+        secagg=secagg,
+        aggregation=aggregation.strip(),
+        max_update_norm=max_update_norm,
+        round_timeout=round_timeout,
+        fault_dropout=dropout,
+        fault_crash=",".join(crash or []),
+        fault_adversary=",".join(adversary or []),
+    )
+    prepare = None
+    if federation is None:
+        from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
+
+        prepared = load_prepared(
+            data or "synthetic", columns, seed, min_rating, synth_users, synth_items, test
+        )
+
+        def prepare(fed_dir: Path) -> None:
+            prepare_federation(
+                prepared,
+                fed_dir,
+                PrepareConfig(tenants=tenants, partition=partition, k_anonymity=k_anonymity, seed=seed),
+            )
+
+    metrics = run(
+        cfg,
+        out,
+        federation=federation,
+        prepare=prepare,
+        overwrite=overwrite,
+        verbose=verbose,
+        log=log,
+        ray_address=ray_address,
+    )
+    print_run_summary(out, metrics)

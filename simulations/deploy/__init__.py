@@ -1,0 +1,1 @@
+"""The on-premise deployment kit: certificates, node keys, SuperLink/SuperNode launch helpers."""

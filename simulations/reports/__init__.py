@@ -1,0 +1,1 @@
+"""Reports: the audit of a run and its Markdown/HTML report, the privacy-utility frontier."""
