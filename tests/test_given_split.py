@@ -270,6 +270,56 @@ def test_cli_bad_given_split_exits_2_without_run_dir(tmp_path: Path, case: str) 
     assert not out.exists() and not any(p.name.startswith(".run") for p in tmp_path.iterdir())
 
 
+COMMANDS = {
+    "prepare": ["prepare", "--tenants", "2"],
+    "simulate": ["simulate", "--tenants", "2", "--rounds", "1"],
+    "frontier": ["frontier", "--users", "", "--epsilons", "8", "--seeds", "1"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_refuses_a_test_file_for_another_train_file(tmp_path: Path, command: str) -> None:
+    train, test, needle = BAD["another train file"]
+    out = tmp_path / "out"
+    args = ["--data", write(tmp_path, "tr.txt", train), "--test", write(tmp_path, "te.txt", test)]
+    proc = subprocess.run(
+        [*FEDREC, *COMMANDS[command], *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "300"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error:") and needle in lines[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["te.txt", "tr.txt"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["centralized", "--test", "TEST"], "needs --data TRAIN (a file)"),
+        (["simulate", "--test", "TEST"], "--test TEST goes with --data TRAIN"),
+        (["frontier", "--users", "", "--test", "TEST"], "--data TRAIN --test TEST (both files)"),
+    ],
+)
+def test_test_without_a_train_file_is_refused(tmp_path: Path, args: list[str], needle: str) -> None:
+    out = tmp_path / "out"
+    args = [write(tmp_path, "te.txt", "0 1\n") if a == "TEST" else a for a in args]
+    proc = subprocess.run(
+        [*FEDREC, *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "300"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error:") and needle in lines[-1]
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_cli_centralized_on_a_given_split_reports_recall_for_model_and_baselines(tmp_path: Path) -> None:
     train, test = synthetic_given(400, 60)

@@ -290,6 +290,7 @@ def run_frontier(cfg: FrontierConfig, log: Callable[[str], None] = print) -> lis
         jobs.append(("ml-100k", ml))
     if cfg.given is not None:
         given = functools.cache(functools.partial(load_given, *cfg.given))
+        given()  # read and checked before any job: a bad TRAIN/TEST fails at once, not after the others
         jobs.append((f"given:{Path(cfg.given[0]).name}", lambda seed: given()))
     for name, loader in jobs:
         for seed in range(cfg.seeds):
