@@ -67,14 +67,18 @@ class EASE:
     history row times ``B``. With more than ``max_items`` items, only the ``max_items`` most
     popular training items (ties → lower index) get a model; the others score
     :data:`OUT_OF_SUPPORT_SCORE` (below every real score but finite, so every rank stays defined;
-    they tie among themselves, which the pessimistic rank counts against them).
+    they tie among themselves, which the pessimistic rank counts against them) — or, with
+    ``rest_by_popularity``, below every in-support score of the user and ordered by their training
+    count among themselves (so the long tail is ranked, never dropped).
     """
 
     lam: float = 500.0  # L2 weight λ on B; Steck reports 100..1000 good on MovieLens
     max_items: int = 4000  # support size cap: the inverse costs O(max_items³) time, O(max_items²) memory
+    rest_by_popularity: bool = False  # items outside the support: by popularity (True) or one constant
     weights: np.ndarray | None = field(default=None, repr=False)  # (m, m) float32 B after fit
     items: np.ndarray | None = field(default=None, repr=False)  # (m,) item index of each column
     column_of: np.ndarray | None = field(default=None, repr=False)  # (n_items,) column or -1
+    counts: np.ndarray | None = field(default=None, repr=False)  # (n_items,) training count of each item
 
     def __post_init__(self) -> None:
         if self.lam <= 0:
@@ -109,7 +113,16 @@ class EASE:
         b = -p / np.diag(p)[None, :]  # (m, m) B_ij = −P_ij / P_jj
         b[np.diag_indices(m)] = 0.0
         self.weights, self.items, self.column_of = b.astype(np.float32), items, column_of
+        self.counts = counts
         return self
+
+    def support(self) -> dict[str, int | str]:
+        """What ``metrics.json`` says about the support: items modelled, of how many, and the rest."""
+        if self.items is None or self.column_of is None:
+            raise _not_fitted("EASE")
+        n, m = len(self.column_of), len(self.items)
+        rest = "none" if m == n else ("popularity" if self.rest_by_popularity else "constant")
+        return {"items": m, "catalogue": n, "rest": rest}
 
     def score(
         self, split: UserSplit, users: np.ndarray, histories: list[np.ndarray], which: str
@@ -123,6 +136,13 @@ class EASE:
         if m == split.n_items:
             return inside
         out = np.full((len(histories), split.n_items), OUT_OF_SUPPORT_SCORE, dtype=np.float32)  # (B, N)
+        if self.rest_by_popularity and self.counts is not None:
+            # rest ∈ [low − 2, low − 1): below the user's lowest in-support score, by training count.
+            low = (
+                inside.min(axis=1, keepdims=True) if m else np.zeros((len(histories), 1), np.float32)
+            )  # (B, 1)
+            pop = (self.counts / (self.counts.max() + 1.0)).astype(np.float32)  # (N,) in [0, 1)
+            out[:] = low - 2.0 + pop[None, :]
         out[:, self.items] = inside
         return out
 

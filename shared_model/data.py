@@ -125,6 +125,14 @@ class UserSplit:
     user_features: np.ndarray  # (n_users, len(USER_FEATURES)) int32 codes into Catalog.user_vocab
     # Keyed pseudonyms of the users (tenant partitions only); () when not needed.
     pseudonyms: tuple[str, ...] = ()
+    # Given splits only (None under leave-one-out): each user's whole test set, CSR like the training
+    # rows. ``test_items[test_indptr[u]:test_indptr[u+1]]`` are the rankable test items (in the
+    # catalogue); ``test_sizes[u]`` ≥ their number also counts test items that cannot be ranked (not in
+    # the catalogue): they stay in recall's denominator as misses. ``test_item[u]`` is then the first
+    # rankable test item (or -1), kept for code that wants one item per user (sampled protocol).
+    test_indptr: np.ndarray | None = None  # (n_users+1,) int64
+    test_items: np.ndarray | None = None  # (nnz_test,) int32
+    test_sizes: np.ndarray | None = None  # (n_users,) int32
 
     def __post_init__(self) -> None:
         n = self.n_users
@@ -140,6 +148,13 @@ class UserSplit:
             assert arr.shape == (n, 2), f"{name} must be ({n}, 2), got {arr.shape}"
         assert self.user_features.shape == (n, len(USER_FEATURES)), "user_features must be (n_users, 4)"
         assert not self.pseudonyms or len(self.pseudonyms) == n, "one pseudonym per user"
+        given = (self.test_indptr, self.test_items, self.test_sizes)
+        assert all(a is None for a in given) or all(a is not None for a in given), "test sets: all or none"
+        if self.test_indptr is not None and self.test_items is not None and self.test_sizes is not None:
+            assert self.test_indptr.shape == (n + 1,), "test_indptr must be (n_users+1,)"
+            assert self.test_items.shape == (int(self.test_indptr[-1]),), "test_items must match test_indptr"
+            assert self.test_sizes.shape == (n,), "test_sizes must be (n_users,)"
+            assert np.all(self.test_sizes >= np.diff(self.test_indptr)), "test_sizes below the rankable count"
 
     # ------------------------------------------------------------------ views
     @property
@@ -153,6 +168,16 @@ class UserSplit:
     def history(self, u: int) -> np.ndarray:
         """Training items of user ``u`` in time order, (n_u,) int32."""
         return self.train_items[self.indptr[u] : self.indptr[u + 1]]
+
+    @property
+    def has_test_sets(self) -> bool:
+        """True for a given split (multi-item test sets), False under leave-one-out."""
+        return self.test_indptr is not None
+
+    def test_set(self, u: int) -> np.ndarray:
+        """Rankable test items of user ``u`` (given splits), (m_u,) int32."""
+        assert self.test_indptr is not None and self.test_items is not None, "not a given split"
+        return self.test_items[self.test_indptr[u] : self.test_indptr[u + 1]]
 
     def train_counts(self) -> np.ndarray:
         """Number of training interactions per user, (n_users,) int64."""
@@ -177,6 +202,18 @@ class UserSplit:
         np.cumsum(counts, out=indptr[1:])
         rows = [np.arange(self.indptr[u], self.indptr[u + 1]) for u in users]
         take = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        given: dict[str, np.ndarray | None] = {"test_indptr": None, "test_items": None, "test_sizes": None}
+        if self.test_indptr is not None and self.test_items is not None and self.test_sizes is not None:
+            t_counts = np.diff(self.test_indptr)[users]
+            t_indptr = np.zeros(len(users) + 1, dtype=np.int64)
+            np.cumsum(t_counts, out=t_indptr[1:])
+            t_rows = [np.arange(self.test_indptr[u], self.test_indptr[u + 1]) for u in users]
+            t_take = np.concatenate(t_rows) if t_rows else np.zeros(0, dtype=np.int64)
+            given = {
+                "test_indptr": t_indptr,
+                "test_items": self.test_items[t_take],
+                "test_sizes": self.test_sizes[users],
+            }
         return UserSplit(
             n_items=self.n_items,
             indptr=indptr,
@@ -188,14 +225,24 @@ class UserSplit:
             test_ctx=self.test_ctx[users],
             user_features=self.user_features[users],
             pseudonyms=tuple(self.pseudonyms[u] for u in users) if self.pseudonyms else (),
+            **given,
         )
 
     # ------------------------------------------------------------------ bytes
     def to_bytes(self) -> bytes:
         """Serialize to an ``.npz`` byte string (no pickle). Encrypt before it touches disk."""
         buf = io.BytesIO()
+        given: dict[str, Any] = {}
+        if self.test_indptr is not None and self.test_items is not None and self.test_sizes is not None:
+            # given splits only; absent keys mean leave-one-out
+            given = {
+                "test_indptr": self.test_indptr,
+                "test_items": self.test_items,
+                "test_sizes": self.test_sizes,
+            }
         np.savez(
             buf,
+            **given,
             schema=np.int64(SPLIT_SCHEMA_VERSION),
             n_items=np.int64(self.n_items),
             indptr=self.indptr,
@@ -229,6 +276,9 @@ class UserSplit:
                 test_ctx=z["test_ctx"].astype(np.int8),
                 user_features=z["user_features"].astype(np.int32),
                 pseudonyms=tuple(str(x) for x in z["pseudonyms"]),
+                test_indptr=z["test_indptr"].astype(np.int64) if "test_indptr" in z else None,
+                test_items=z["test_items"].astype(np.int32) if "test_items" in z else None,
+                test_sizes=z["test_sizes"].astype(np.int32) if "test_sizes" in z else None,
             )
 
 
@@ -243,6 +293,18 @@ def concat_splits(parts: Sequence[UserSplit]) -> UserSplit:
     indptr = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     with_ps = all(p.pseudonyms for p in parts)
+    given: dict[str, np.ndarray | None] = {"test_indptr": None, "test_items": None, "test_sizes": None}
+    if any(p.has_test_sets for p in parts):
+        if not all(p.has_test_sets for p in parts):
+            raise ValueError("cannot stack a given split with a leave-one-out split")
+        t_counts = np.concatenate([np.diff(p.test_indptr) for p in parts if p.test_indptr is not None])
+        t_indptr = np.zeros(len(t_counts) + 1, dtype=np.int64)
+        np.cumsum(t_counts, out=t_indptr[1:])
+        given = {
+            "test_indptr": t_indptr,
+            "test_items": np.concatenate([p.test_items for p in parts if p.test_items is not None]),
+            "test_sizes": np.concatenate([p.test_sizes for p in parts if p.test_sizes is not None]),
+        }
     return UserSplit(
         n_items=n_items,
         indptr=indptr,
@@ -254,4 +316,5 @@ def concat_splits(parts: Sequence[UserSplit]) -> UserSplit:
         test_ctx=np.concatenate([p.test_ctx for p in parts]),
         user_features=np.concatenate([p.user_features for p in parts]),
         pseudonyms=tuple(x for p in parts for x in p.pseudonyms) if with_ps else (),
+        **given,
     )

@@ -14,6 +14,18 @@ For each user with a held-out item of the requested kind (``which`` = "val" or "
 A held-out item that is itself in the history is unreachable (rank inf, a miss in both protocols).
 Ranks are pessimistic (ties count against the target, see :func:`ranks_from_scores`).
 Results are sums (:class:`EvalResult`), merged across tenants with ``+`` and divided once.
+
+**Given splits** (``split.has_test_sets``, test on ``which="test"``): every user with a non-empty test
+set is ranked over all items not in their history, and the full section gains Recall@K, NDCG@K and
+HitRate@K at ``set_k`` (20 by default) over the whole test set (:func:`hit_matrix`; test items that
+are not in the catalogue or are in the history are misses). ``hr@10``/``ndcg@10``/``mrr`` then read
+the same hit matrix: a hit is any test item in the top 10, NDCG@10 has the ideal DCG over
+min(|test|, 10), MRR uses the best-ranked test item — with one test item all of these are the
+leave-one-out values. The sampled protocol ranks the user's first test item in the file against 99
+items outside history ∪ test set. Validation stays one held-out item (taken from TRAIN).
+
+Users are scored in batches of at most ``batch_size`` rows and at most :data:`MAX_SCORE_CELLS`
+user × item scores, so no users × items array exists at any catalogue size.
 """
 
 from __future__ import annotations
@@ -26,10 +38,24 @@ import numpy as np
 import torch
 
 from fedrec.shared_model.data import Catalog, UserSplit
-from fedrec.shared_model.metrics import RankingSums, RecordValue, ranks_from_scores
+from fedrec.shared_model.metrics import (
+    RankingSums,
+    RecordValue,
+    SetRankingSums,
+    first_relevant_rank,
+    hit_matrix,
+    ndcg_at_k_multi,
+    ranks_from_scores,
+)
 from fedrec.shared_model.ranking import mask_items, top_k
 
 WHICH = ("val", "test")
+#: Most user × item scores held per evaluation batch: bounds the scorer's (B, N, hidden) intermediates
+#: too (≈ 256 MB of float32 at 64 hidden units). At ml-100k's 1 682 items it allows 623 users, so the
+#: default batch of 512 is unchanged there.
+MAX_SCORE_CELLS = 1 << 20
+#: Cut-off of Recall/NDCG/HitRate on given splits (the LightGCN / BARS convention).
+SET_K = 20
 
 
 class Scorer(Protocol):
@@ -52,6 +78,7 @@ class EvalResult:
     full: RankingSums
     sampled: RankingSums
     negatives: int
+    sets: SetRankingSums | None = None  # given splits: Recall/NDCG/HitRate at SET_K over test sets
 
     def __add__(self, other: EvalResult) -> EvalResult:
         if not isinstance(other, EvalResult):
@@ -60,22 +87,31 @@ class EvalResult:
             raise ValueError(
                 f"cannot merge sampled metrics with {self.negatives} and {other.negatives} negatives"
             )
-        return EvalResult(self.full + other.full, self.sampled + other.sampled, self.negatives)
+        if (self.sets is None) != (other.sets is None):
+            raise ValueError("cannot merge a given-split evaluation with a leave-one-out one")
+        sets = None if self.sets is None or other.sets is None else self.sets + other.sets
+        return EvalResult(self.full + other.full, self.sampled + other.sampled, self.negatives, sets)
 
     def __radd__(self, other: object) -> EvalResult:
         """Lets ``sum(parts)`` work (its start value is 0)."""
         if other == 0:
-            return self + EvalResult(RankingSums(self.full.k), RankingSums(self.sampled.k), self.negatives)
+            sets = None if self.sets is None else SetRankingSums(self.sets.k)
+            zero = EvalResult(RankingSums(self.full.k), RankingSums(self.sampled.k), self.negatives, sets)
+            return self + zero
         return NotImplemented
 
     def to_metrics(self) -> dict[str, dict[str, float | int]]:
         """The ``full``/``sampled`` sections of ``metrics.json`` (CONTRACT.md), K in the key names."""
         full, sampled = self.full.result(), self.sampled.result()
         k, ks = self.full.k, self.sampled.k
+        given = self.sets.result() if self.sets is not None else {}
         return {
             "full": {
-                key: full[key]
-                for key in (f"hr@{k}", f"ndcg@{k}", "mrr", f"coverage@{k}", f"ild@{k}", "users")
+                **{
+                    key: full[key]
+                    for key in (f"hr@{k}", f"ndcg@{k}", "mrr", f"coverage@{k}", f"ild@{k}", "users")
+                },
+                **given,
             },
             "sampled": {
                 "negatives": self.negatives,
@@ -89,6 +125,8 @@ class EvalResult:
         rec: dict[str, RecordValue] = {"negatives": self.negatives}
         rec.update({f"full.{key}": v for key, v in self.full.to_record().items()})
         rec.update({f"sampled.{key}": v for key, v in self.sampled.to_record().items()})
+        if self.sets is not None:
+            rec.update({f"sets.{key}": v for key, v in self.sets.to_record().items()})
         return rec
 
     @classmethod
@@ -102,7 +140,10 @@ class EvalResult:
                 {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}
             )
 
-        return cls(part("full."), part("sampled."), int(record["negatives"]))  # type: ignore[call-overload]
+        sets = None
+        if any(k.startswith("sets.") for k in record):
+            sets = SetRankingSums.from_record({k[5:]: v for k, v in record.items() if k.startswith("sets.")})
+        return cls(part("full."), part("sampled."), int(record["negatives"]), sets)  # type: ignore[call-overload]
 
 
 def sample_negatives(
@@ -132,21 +173,30 @@ def evaluate(
     negatives: int = 99,
     seed: int = 0,
     batch_size: int = 512,
+    set_k: int = SET_K,
 ) -> EvalResult:
-    """Evaluate ``scorer`` on every user of ``split`` that has a ``which`` held-out item."""
+    """Evaluate ``scorer`` on every user of ``split`` that has a ``which`` held-out item (or test set)."""
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     if catalog.n_items != split.n_items:
         raise ValueError(f"catalog has {catalog.n_items} items but the split {split.n_items}")
-    if k < 1 or negatives < 1 or batch_size < 1:
-        raise ValueError(f"k, negatives and batch_size must be ≥ 1, got {k}, {negatives}, {batch_size}")
+    if k < 1 or negatives < 1 or batch_size < 1 or set_k < 1:
+        raise ValueError(
+            f"k, negatives, batch_size and set_k must be ≥ 1, got {k}, {negatives}, {batch_size}, {set_k}"
+        )
     n_items = split.n_items
+    given = which == "test" and split.has_test_sets
     held = split.test_item if which == "test" else split.val_item  # (n_users,)
-    users = np.flatnonzero(held >= 0)  # (U,)
-    result = EvalResult(RankingSums(k), RankingSums(k), negatives)
-    for start in range(0, len(users), batch_size):
-        batch = users[start : start + batch_size]  # (B,)
-        targets = held[batch].astype(np.int64)  # (B,)
+    if given:
+        assert split.test_sizes is not None
+        users = np.flatnonzero(split.test_sizes > 0)  # (U,) every user with a test set
+    else:
+        users = np.flatnonzero(held >= 0)  # (U,)
+    result = EvalResult(RankingSums(k), RankingSums(k), negatives, SetRankingSums(set_k) if given else None)
+    rows = max(1, min(batch_size, MAX_SCORE_CELLS // max(n_items, 1)))
+    for start in range(0, len(users), rows):
+        batch = users[start : start + rows]  # (B,)
+        targets = held[batch].astype(np.int64)  # (B,) -1 = none
         histories = [split.eval_history(int(u), which) for u in batch]
         raw = scorer.score(split, batch, histories, which)
         if isinstance(raw, torch.Tensor):
@@ -158,19 +208,38 @@ def evaluate(
         if not np.issubdtype(scores.dtype, np.floating):
             scores = scores.astype(np.float32)
         mask_items(scores, histories)
-
-        ranks = ranks_from_scores(scores, targets)  # (B,)
         topk, _ = top_k(scores, k)  # (B, k)
-        result.full.add(ranks, topk, catalog.genres, n_items=n_items)
+
+        if given:
+            assert split.test_sizes is not None and result.sets is not None
+            tests = [split.test_set(int(u)) for u in batch]
+            relevant = np.zeros(scores.shape, dtype=bool)  # (B, N)
+            for b, t in enumerate(tests):
+                relevant[b, t] = True
+            sizes = split.test_sizes[batch].astype(np.float64)  # (B,) incl. unrankable test items
+            hits = hit_matrix(scores, relevant, max(k, set_k))  # (B, max(k, set_k))
+            ranks = first_relevant_rank(scores, relevant)  # (B,)
+            result.full.add(
+                ranks, topk, catalog.genres, n_items=n_items, ndcg=ndcg_at_k_multi(hits[:, :k], sizes)
+            )
+            result.sets.add(hits[:, :set_k], sizes)
+            excluded = [np.concatenate([h, t]) for h, t in zip(histories, tests, strict=True)]
+        else:
+            ranks = ranks_from_scores(scores, targets)  # (B,)
+            result.full.add(ranks, topk, catalog.genres, n_items=n_items)
+            excluded = histories
 
         # Sampled: column 0 is the target, then its negatives; -inf pads short candidate lists.
         cand = np.full((len(batch), negatives + 1), -np.inf, dtype=scores.dtype)  # (B, 1+neg)
-        rows = np.arange(len(batch))
-        cand[:, 0] = scores[rows, targets]  # -inf if the target was in the history
-        for b, (u, hist) in enumerate(zip(batch, histories, strict=True)):
-            negs = sample_negatives(n_items, hist, int(targets[b]), negatives, seed, int(u))
+        brow = np.arange(len(batch))
+        has = targets >= 0
+        cand[has, 0] = scores[brow[has], targets[has]]  # -inf if the target was in the history
+        for b, (u, excl) in enumerate(zip(batch, excluded, strict=True)):
+            if not has[b]:
+                continue  # no rankable target (given split whose test items are all unknown): a miss
+            negs = sample_negatives(n_items, excl, int(targets[b]), negatives, seed, int(u))
             cand[b, 1 : 1 + len(negs)] = scores[b, negs]
-        result.sampled.add(ranks_from_scores(cand, np.zeros(len(batch), dtype=np.int64)))
+        result.sampled.add(ranks_from_scores(cand, np.where(has, 0, -1)))
     return result
 
 
@@ -184,6 +253,7 @@ def evaluate_sums(
     negatives: int = 99,
     seed: int = 0,
     batch_size: int = 512,
+    set_k: int = SET_K,
 ) -> dict[str, RecordValue]:
     """What a client sends: :func:`evaluate` as a flat metric record (sums, never means).
 
@@ -191,5 +261,13 @@ def evaluate_sums(
     :meth:`EvalResult.to_metrics` once.
     """
     return evaluate(
-        scorer, split, catalog, which=which, k=k, negatives=negatives, seed=seed, batch_size=batch_size
+        scorer,
+        split,
+        catalog,
+        which=which,
+        k=k,
+        negatives=negatives,
+        seed=seed,
+        batch_size=batch_size,
+        set_k=set_k,
     ).to_record()

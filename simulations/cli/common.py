@@ -40,18 +40,39 @@ MinRatingOpt = Annotated[
 ]
 SynthUsersOpt = Annotated[int | None, typer.Option("--synth-users", help="Users of --data synthetic.")]
 SynthItemsOpt = Annotated[int | None, typer.Option("--synth-items", help="Items of --data synthetic.")]
+TestOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--test",
+        help="Given split: the TEST file for --data TRAIN ('user item item …' lines or a CSV); used as is, "
+        "metrics Recall/NDCG/HitRate@20.",
+    ),
+]
 
 
 def load_prepared(
-    src: str, columns: str | None, seed: int, min_rating: float | None, users: int | None, items: int | None
+    src: str,
+    columns: str | None,
+    seed: int,
+    min_rating: float | None,
+    users: int | None,
+    items: int | None,
+    test: str | None = None,
 ) -> PreparedData:
-    """Load + clean + split a data source, with a status spinner."""
-    from fedrec.simulations.data.dataset import prepare_dataset
-    from fedrec.simulations.data.sources import load
+    """Load + clean + split a data source (or a given TRAIN/TEST pair), with a status spinner."""
+    from fedrec.shared_model.errors import FedrecError
+    from fedrec.simulations.data.dataset import prepare_dataset, prepare_given_split
+    from fedrec.simulations.data.sources import load, load_given_split
 
     with err_console.status(f"loading {src} …"):
-        raw = load(src, columns=columns, seed=seed, synth_users=users, synth_items=items)
-        data = prepare_dataset(raw, min_rating=min_rating)
+        if test is not None:
+            if src == "synthetic":
+                raise FedrecError("--test TEST needs --data TRAIN (a file), not the synthetic generator")
+            train_raw, test_raw = load_given_split(src, test, columns=columns)
+            data = prepare_given_split(train_raw, test_raw, seed=seed, min_rating=min_rating)
+        else:
+            raw = load(src, columns=columns, seed=seed, synth_users=users, synth_items=items)
+            data = prepare_dataset(raw, min_rating=min_rating)
     err_console.print(
         f"[dim]{data.source}: {data.split.n_users} users, {data.catalog.n_items} items, "
         f"{data.n_interactions} interactions[/dim]"

@@ -68,12 +68,18 @@ def frontier(
         typer.Option("--include-ml100k", help="Also the MovieLens-100K folder at PATH (read in place)."),
     ] = None,
     delta: Annotated[float, typer.Option("--delta", help="δ of every release.")] = 1e-5,
+    data: Annotated[
+        str | None, typer.Option("--data", help="Also a given split: its TRAIN file (with --test).")
+    ] = None,
+    test: Annotated[str | None, typer.Option("--test", help="The TEST file of --data TRAIN.")] = None,
 ) -> None:
     """Full HR@10 vs ε of DP popularity and DP-EASE (local and distributed noise), median of seeds."""
     from fedrec.simulations.reports.frontier import FrontierConfig, run_frontier, write_outputs
 
     if include_ml100k is not None and not include_ml100k.exists():
         raise FedrecError(f"--include-ml100k {include_ml100k} does not exist")
+    if (data is None) != (test is None):
+        raise FedrecError("the frontier takes a given split as --data TRAIN --test TEST (both files)")
     cfg = FrontierConfig(
         users=_ints(users, "--users") if users.strip() else (),
         epsilons=_epsilons(epsilons),
@@ -83,6 +89,7 @@ def frontier(
         delta=delta,
         eval_users=eval_users,
         ml100k=include_ml100k,
+        given=(data, test) if data is not None and test is not None else None,
     )
     rows = run_frontier(cfg, log=lambda s: err_console.print(s, highlight=False))
     for p in write_outputs(out, rows):

@@ -69,6 +69,10 @@ def prepare(
             "--columns", help="For generic CSV/Parquet: user=COL,item=COL[,rating=COL][,timestamp=COL]."
         ),
     ] = None,
+    test: Annotated[
+        str | None,
+        typer.Option("--test", help="Given split: the TEST file for --data TRAIN (test sets go with users)."),
+    ] = None,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of the synthetic generator and the partition.")
     ] = 0,
@@ -102,7 +106,7 @@ def prepare(
 
     parse_partition(partition)  # fail on a typo before loading anything
     check_fed_out(out, overwrite=overwrite)
-    prepared = load_prepared(data, columns, seed, min_rating, synth_users, synth_items)
+    prepared = load_prepared(data, columns, seed, min_rating, synth_users, synth_items, test)
     cfg = PrepareConfig(
         tenants=tenants,
         partition=partition,

@@ -16,6 +16,7 @@ from fedrec.simulations.cli.common import (
     SeedOpt,
     SynthItemsOpt,
     SynthUsersOpt,
+    TestOpt,
     err_console,
     load_prepared,
     out_console,
@@ -34,6 +35,7 @@ def centralized(
     out: Annotated[Path, typer.Option("--out", help="RUN_DIR to write (atomically).")],
     data: DataOpt = "synthetic",
     columns: ColumnsOpt = None,
+    test: TestOpt = None,
     epochs: Annotated[
         int | None,
         typer.Option("--epochs", min=1, help="Maximum epochs, early stopping on validation [150]."),
@@ -55,10 +57,10 @@ def centralized(
     from fedrec.simulations.driver.rundir import check_out_dir
 
     check_out_dir(out, overwrite=overwrite)
-    prepared = load_prepared(data, columns, seed, min_rating, synth_users, synth_items)
+    prepared = load_prepared(data, columns, seed, min_rating, synth_users, synth_items, test)
     given = {"epochs": epochs, "patience": patience, "lr": lr}
     cfg = CentralizedConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
-    resolved = {"data": data, "columns": columns, "min_rating": min_rating, "seed": seed}
+    resolved = {"data": data, "test": test, "columns": columns, "min_rating": min_rating, "seed": seed}
     with Progress(
         TextColumn("[bold]epoch"),
         BarColumn(),
@@ -152,6 +154,7 @@ def simulate(
         typer.Option("--resume", help="Continue the interrupted run to this RUN_DIR from its checkpoint."),
     ] = None,
     columns: ColumnsOpt = None,
+    test: TestOpt = None,
     seed: SeedOpt = 0,
     min_rating: MinRatingOpt = None,
     synth_users: SynthUsersOpt = None,
@@ -187,6 +190,10 @@ def simulate(
         raise FedrecError("give --out RUN_DIR (or --resume RUN_DIR to continue an interrupted run)")
     if data is not None and federation is not None:
         raise FedrecError("give either --data or --federation, not both")
+    if test is not None and data is None:
+        raise FedrecError(
+            "--test TEST goes with --data TRAIN (a federation folder already holds its test sets)"
+        )
     if secagg and aggregation.strip() != "fedavg":
         raise FedrecError(
             f"--aggregation {aggregation} needs every update in the clear; with --secagg the server sees "
@@ -217,7 +224,9 @@ def simulate(
     if federation is None:
         from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
 
-        prepared = load_prepared(data or "synthetic", columns, seed, min_rating, synth_users, synth_items)
+        prepared = load_prepared(
+            data or "synthetic", columns, seed, min_rating, synth_users, synth_items, test
+        )
 
         def prepare(fed_dir: Path) -> None:
             prepare_federation(

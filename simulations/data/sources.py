@@ -19,7 +19,13 @@
   A folder holding exactly one sub-folder (what unzipping a GroupLens archive gives) is entered.
 * Any other ``.csv`` / ``.parquet`` interaction log, with
   ``columns="user=colA,item=colB[,rating=colC][,timestamp=colD]"``. Timestamps may be unix seconds
-  or date strings; without a timestamp column the row order (0, 1, 2, …) is used.
+  or date strings; without a timestamp column the row order (0, 1, 2, …) is used. Standard header
+  names (:data:`STANDARD_COLUMNS`: ``user,item,timestamp``, ``userId,movieId,rating``, ``user_id``…)
+  are detected without ``columns``.
+* A **given split** (:func:`load_given_split`): a TRAIN and a TEST file, each either a CSV/Parquet
+  log as above or the LightGCN / BARS text format — one user per line, ``user item item …``,
+  whitespace-separated non-negative integer ids. Blank lines are skipped; several lines of one user
+  are merged; the position in the line is the interaction's order.
 
 Every problem with the input raises :class:`fedrec.simulations.errors.DataError` with one sentence that
 names the file and what is wrong.
@@ -56,9 +62,12 @@ __all__ = [
     "GENRES",
     "ML1M_OCCUPATIONS",
     "OCCUPATIONS",
+    "STANDARD_COLUMNS",
     "RawDataset",
+    "detect_columns",
     "download",
     "load",
+    "load_given_split",
     "synthetic",
     "write_synthetic",
 ]
@@ -193,6 +202,9 @@ def load(
         if kind is not None:
             return _LOADERS[kind](path.parent, path)
         if path.suffix.lower() in (".csv", ".parquet", ".pq"):
+            detected = detect_columns(_available_columns(path))
+            if detected is not None:
+                return _load_generic(path, detected)
             raise DataError(
                 f"{path} is not a MovieLens file, so fedrec needs --columns "
                 f"user=COL,item=COL[,rating=COL][,timestamp=COL] to read it "
@@ -252,9 +264,37 @@ def _sniff_file(path: Path) -> str | None:
     if re.fullmatch(r"\d+::\d+::[\d.]+::\d+", line):
         return "1m"
     header = [c.strip().strip('"') for c in line.split(",")]
-    if header[:2] == ["userId", "movieId"]:
+    if header[:2] == ["userId", "movieId"] and "rating" in header:
         return "latest"
     return None
+
+
+#: Column names recognised without ``--columns`` (compared case-insensitively, ``-``/space as ``_``).
+STANDARD_COLUMNS: dict[str, tuple[str, ...]] = {
+    "user": ("user", "user_id", "userid", "uid", "customer_id", "customerid", "visitor_id", "visitorid"),
+    "item": ("item", "item_id", "itemid", "iid", "movie_id", "movieid", "product_id", "productid", "sku"),
+    "rating": ("rating", "ratings", "score", "stars"),
+    "timestamp": ("timestamp", "time", "ts", "datetime", "date", "unix_time", "event_time"),
+}
+
+
+def detect_columns(available: list[str]) -> str | None:
+    """A ``--columns`` spec from standard header names (``user,item,timestamp``, ``userId,movieId,rating``…).
+
+    Returns None unless exactly one column names the user and exactly one the item; rating and
+    timestamp are taken when exactly one column matches each.
+    """
+    norm = {c: c.strip().lower().replace("-", "_").replace(" ", "_") for c in available}
+    picked: dict[str, str] = {}
+    for key, names in STANDARD_COLUMNS.items():
+        hits = [c for c in available if norm[c] in names]
+        if len(hits) == 1:
+            picked[key] = hits[0]
+        elif len(hits) > 1 and key in ("user", "item"):
+            return None
+    if "user" not in picked or "item" not in picked:
+        return None
+    return ",".join(f"{k}={c}" for k, c in picked.items())
 
 
 def _read_text(path: Path) -> str:
@@ -622,6 +662,88 @@ def _timestamps(raw: pd.Series, path: Path, first: int) -> pd.Series:
     if dt.dt.tz is None:
         dt = dt.dt.tz_localize("UTC")
     return ((dt - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).astype(np.int64)
+
+
+# ---- given splits (TRAIN + TEST)
+
+_TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+def _read_user_lines(path: Path, role: str) -> pd.DataFrame:
+    """Read the LightGCN / BARS format: ``user item item …`` per line, integer ids ≥ 0.
+
+    Blank lines are skipped. Returns interactions (user, item as decimal strings; ``timestamp`` the
+    row's position in the file, so a line's order is kept; rating NaN). A user line without items
+    adds no interaction.
+    """
+    text = _read_text(path)
+    users: list[str] = []
+    items: list[str] = []
+    for no, line in enumerate(text.splitlines(), start=1):
+        tokens = line.split()
+        if not tokens:
+            continue  # blank line (documented rule: skipped)
+        for tok in tokens:
+            if not tok.isdigit() or not tok.isascii():
+                what = "a negative id" if tok.startswith("-") and tok[1:].isdigit() else "not an integer id"
+                raise DataError(
+                    f"{role} file {path} line {no}: {tok[:40]!r} is {what}; the 'user item item …' format "
+                    "needs integer ids ≥ 0 separated by spaces (or pass a .csv with a header)."
+                )
+        user = str(int(tokens[0]))
+        users.extend([user] * (len(tokens) - 1))
+        items.extend(str(int(t)) for t in tokens[1:])
+    n = len(users)
+    return pd.DataFrame(
+        {
+            "user": pd.Series(users, dtype="str"),
+            "item": pd.Series(items, dtype="str"),
+            "rating": np.full(n, np.nan),
+            "timestamp": np.arange(n, dtype=np.int64),
+        }
+    )
+
+
+def _given_file(src: str, role: str, columns: str | None) -> RawDataset:
+    path = Path(src).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"{role} file {src!r} does not exist or is not a file; --data TRAIN --test TEST take two files."
+        )
+    if path.suffix.lower() in _TABLE_SUFFIXES:
+        if columns is None:
+            columns = detect_columns(_available_columns(path))
+            if columns is None:
+                raise DataError(
+                    f"{role} file {path} has no standard user/item column names, so fedrec needs --columns "
+                    f"user=COL,item=COL[,rating=COL][,timestamp=COL] (available columns: "
+                    f"{', '.join(_available_columns(path))})."
+                )
+        raw = _load_generic(path, columns)
+        return RawDataset(raw.interactions, raw.items, None, f"{role.lower()}:{path}")
+    if columns is not None:
+        raise DataError(
+            f"--columns applies to .csv/.parquet files, but {role} file {path} is in the "
+            "'user item item …' format."
+        )
+    inter = _read_user_lines(path, role)
+    if inter.empty:
+        raise DataError(
+            f"{role} file {path} holds no interactions (only blank lines or users without items)."
+        )
+    return _finish(inter, None, None, f"{role.lower()}:{path}", path)
+
+
+def load_given_split(train: str, test: str, *, columns: str | None = None) -> tuple[RawDataset, RawDataset]:
+    """Read a given split: the TRAIN and TEST files (each CSV/Parquet or ``user item item …`` lines).
+
+    The files are returned as read (no cleaning, no split); ``simulations.dataset.prepare_given_split``
+    checks that TEST belongs to TRAIN and builds the evaluation sets. ``columns`` applies to both
+    CSV/Parquet files.
+    """
+    tr = _given_file(train, "TRAIN", columns)
+    te = _given_file(test, "TEST", columns)
+    return tr, te
 
 
 # ------------------------------------------------------------------------------------ synthetic

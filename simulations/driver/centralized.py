@@ -3,6 +3,14 @@
 Trains :class:`HistoryMLP` on all users with early stopping on validation NDCG@10 (full ranking),
 evaluates the best epoch on test next to popularity and EASE in the same harness, and writes the
 RUN_DIR files of CONTRACT.md atomically.
+
+On a given split the same happens with validation held out of TRAIN (``simulations.dataset``), and
+``metrics.json`` ``full`` gains Recall@20, NDCG@20 and HitRate@20 for the model and each baseline.
+
+Memory and time at catalogue scale: evaluation scores users in batches bounded by
+``shared_model.evaluate.MAX_SCORE_CELLS`` (never users × items at once); the per-epoch validation
+uses a fixed sample of at most ``val_users`` users (all of them on ml-100k); the EASE baseline
+models the ``ease_max_items`` most popular items and ranks the rest by popularity below them.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch
 
 from fedrec.shared_model.artifacts import save_model, write_json_atomic
 from fedrec.shared_model.baselines import EASE, Popularity
+from fedrec.shared_model.data import UserSplit
 from fedrec.shared_model.evaluate import evaluate
 from fedrec.shared_model.model import HistoryMLP, ModelConfig
 from fedrec.shared_model.training import ModelScorer, SamplingConfig, train_epoch
@@ -40,6 +49,8 @@ class CentralizedConfig:
     # Train on histories as long as the ones scored at evaluation (SamplingConfig.max_eval_history).
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_history=200))
     ease_lambda: float = 500.0  # L2 strength of the EASE baseline
+    ease_max_items: int = 4000  # EASE models the top items by count (O(M³) fit); the rest by popularity
+    val_users: int = 5000  # validation users per epoch (fixed seeded sample when there are more)
     seed: int = 0
     device: str = "cpu"
 
@@ -62,24 +73,41 @@ def build_model(data: PreparedData, *, dim: int, hidden: tuple[int, ...]) -> His
 
 
 def dataset_summary(data: PreparedData) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "source": data.source,
         "users": data.split.n_users,
         "items": data.catalog.n_items,
         "interactions": data.n_interactions,
     }
+    if data.given is not None:
+        out["split"] = {"kind": "given", **data.given}
+    return out
 
 
-def baseline_metrics(data: PreparedData, *, ease_lambda: float, seed: int) -> dict[str, Any]:
-    """Popularity and EASE on the test protocol (same split, same harness)."""
+def baseline_metrics(
+    data: PreparedData, *, ease_lambda: float, seed: int, ease_max_items: int = 4000
+) -> dict[str, Any]:
+    """Popularity and EASE on the test protocol (same split, same harness).
+
+    EASE models at most ``ease_max_items`` items (the most popular); ``support`` says how many, and
+    that the rest of the catalogue is ranked by popularity below them.
+    """
     out: dict[str, Any] = {}
-    for name, scorer in (
-        ("popularity", Popularity().fit(data.split)),
-        ("ease", EASE(lam=ease_lambda).fit(data.split)),
-    ):
+    ease = EASE(lam=ease_lambda, max_items=ease_max_items, rest_by_popularity=True).fit(data.split)
+    for name, scorer in (("popularity", Popularity().fit(data.split)), ("ease", ease)):
         m = evaluate(scorer, data.split, data.catalog, which="test", seed=seed).to_metrics()
         out[name] = {"full": m["full"], "sampled": m["sampled"]}
+    out["ease"]["support"] = ease.support()
     return out
+
+
+def validation_split(data: PreparedData, cfg: CentralizedConfig) -> UserSplit:
+    """The users validated each epoch: all with a validation item, or a fixed sample of ``val_users``."""
+    users = np.flatnonzero(data.split.val_item >= 0)
+    if len(users) <= cfg.val_users:
+        return data.split
+    rng = np.random.default_rng([cfg.seed, 1])
+    return data.split.subset(np.sort(rng.choice(users, cfg.val_users, replace=False)))
 
 
 def train_centralized(
@@ -95,11 +123,12 @@ def train_centralized(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     best, best_epoch, best_state = -1.0, 0, {k: v.clone() for k, v in model.state_dict().items()}
     history = []
+    val_split = validation_split(data, cfg)
     for epoch in range(1, cfg.epochs + 1):
         loss = train_epoch(
             model, data.split, opt, cfg.sampling, rng, batch_size=cfg.batch_size, device=cfg.device
         )
-        val = evaluate(ModelScorer(model, cfg.sampling, cfg.device), data.split, data.catalog, which="val")
+        val = evaluate(ModelScorer(model, cfg.sampling, cfg.device), val_split, data.catalog, which="val")
         ndcg = float(val.to_metrics()["full"]["ndcg@10"])
         improved = ndcg > best
         if improved:
@@ -142,7 +171,9 @@ def run_centralized(
             seed=cfg.seed,
         )
         metrics: dict[str, Any] = test.to_metrics()
-        metrics["baselines"] = baseline_metrics(data, ease_lambda=cfg.ease_lambda, seed=cfg.seed)
+        metrics["baselines"] = baseline_metrics(
+            data, ease_lambda=cfg.ease_lambda, seed=cfg.seed, ease_max_items=cfg.ease_max_items
+        )
         metrics["dataset"] = dataset_summary(data)
         metrics["training"] = {k: v for k, v in summary.items() if k != "history"}
         metrics["seconds"] = round(time.perf_counter() - t0, 3)

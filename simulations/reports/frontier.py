@@ -55,6 +55,7 @@ class FrontierConfig:
     eval_users: int = 5000  # test users evaluated per run (a fixed sample; s.e. ≤ 0.007 at HR 0.2)
     modes: tuple[str, ...] = ("local", "distributed")
     ml100k: Path | None = None
+    given: tuple[str, str] | None = None  # a given split (TRAIN, TEST), read by load_given
     rule: DPEASERule = field(default_factory=DPEASERule)
     eigen: bool = True  # also score the Gram release with EigenGram (post-processing, same release)
 
@@ -264,6 +265,14 @@ def load_path(path: Path) -> tuple[UserSplit, Catalog]:
     return data.split, data.catalog
 
 
+def load_given(train: str, test: str) -> tuple[UserSplit, Catalog]:
+    from fedrec.simulations.data.dataset import prepare_given_split
+    from fedrec.simulations.data.sources import load_given_split
+
+    data = prepare_given_split(*load_given_split(train, test))
+    return data.split, data.catalog
+
+
 def run_frontier(cfg: FrontierConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     jobs: list[tuple[str, Callable[[int], tuple[UserSplit, Catalog]]]] = [
@@ -279,6 +288,10 @@ def run_frontier(cfg: FrontierConfig, log: Callable[[str], None] = print) -> lis
             return cache[0]
 
         jobs.append(("ml-100k", ml))
+    if cfg.given is not None:
+        given = functools.cache(functools.partial(load_given, *cfg.given))
+        given()  # read and checked before any job: a bad TRAIN/TEST fails at once, not after the others
+        jobs.append((f"given:{Path(cfg.given[0]).name}", lambda seed: given()))
     for name, loader in jobs:
         for seed in range(cfg.seeds):
             t0 = time.perf_counter()
