@@ -75,7 +75,10 @@ def check_run(run: Path, fed: Path, run_name: str) -> list[dict]:
         )
         rounds = [e["round"] for e in own]
         assert len(rounds) == len(set(rounds)), "no round charged twice"
-        assert set(rounds) <= set(range(1, ROUNDS + 1))
+        # the noisy count (round 0) and the DP test evaluation (round ROUNDS + 1) besides the rounds
+        trained = [e["round"] for e in own if e.get("mechanism") is None]
+        assert set(trained) <= set(range(1, ROUNDS + 1))
+        assert own[0].get("mechanism") == "gaussian-count" and own[0]["round"] == 0
     return rows
 
 

@@ -122,6 +122,15 @@ def simulate(
             "dp_ease | dp_popularity (one DP item release per tenant; --rounds does not apply).",
         ),
     ] = "auto",
+    eval_privacy: Annotated[
+        str,
+        typer.Option(
+            "--eval-privacy",
+            help="exact: exact validation/test sums every round, NOT covered by ε (labelled in every report; "
+            "the simulation default, for research) | dp: only the final test sums leave a tenant, "
+            "Gaussian-noised and charged (the deployment default).",
+        ),
+    ] = "exact",
     secagg: Annotated[
         bool,
         typer.Option("--secagg", help="SecAgg+: the server sees only the masked sum of the tenants' deltas."),
@@ -213,6 +222,7 @@ def simulate(
         seed=seed,
         approach=approach.strip().replace("-", "_"),
         secagg=secagg,
+        eval_privacy=eval_privacy.strip(),
         aggregation=aggregation.strip(),
         max_update_norm=max_update_norm,
         round_timeout=round_timeout,
