@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -58,6 +60,7 @@ MAX_HISTORY = 5000  # most ids in ``history`` (and in ``exclude``); the model re
 MAX_ID_CHARS = 64  # longest item id accepted
 MAX_BODY_BYTES = 256 * 1024  # request body limit (413 above); 2 × 5000 ids fit with room to spare
 EXPLAIN_TOP = 3  # history items named per explained recommendation
+PT_ONLY_QUIET_S = 1.0  # --reload-on-change: how long a model.pt changed alone must hold still
 
 ItemId = StrictInt | Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
 
@@ -493,9 +496,22 @@ def create_app(
             log.info("serving %s", holder.engine.run_id)
 
     async def poll_changes() -> None:
+        # A checkpoint is model.pt, then model.json (save_model writes it last). Reload once the
+        # change has held still for one poll and model.json is part of it, or, for a model.pt
+        # rewritten alone, once it has held still for PT_ONLY_QUIET_S: a poll between the two writes
+        # must not swap in the new model.pt with the old model.json (and reload again right after).
+        loop = asyncio.get_running_loop()
+        pending: object = None
+        since = 0.0
         while True:
             await asyncio.sleep(reload_poll_s)
-            if holder.changed():
+            sig = _signature(holder.model_dir)
+            if sig == holder.signature:
+                pending = None
+            elif sig != pending:
+                pending, since = sig, loop.time()
+            elif sig[1] != holder.signature[1] or loop.time() - since >= PT_ONLY_QUIET_S:
+                pending = None
                 await reload_now()
 
     @contextlib.asynccontextmanager
@@ -571,11 +587,21 @@ def run(
     reload_on_change: bool = False,
     threads: int = 1,
     log_level: str = "info",
+    workers: int = 1,
+    batch_wait_ms: float = 1.0,
+    max_batch: int = 64,
 ) -> None:
-    """Load, then serve until SIGINT/SIGTERM (in-flight requests finish; 10 s grace)."""
+    """Load, then serve until SIGINT/SIGTERM (in-flight requests finish; 10 s grace).
+
+    ``workers`` > 1: the model is loaded ONCE here, then this process forks the workers, which share
+    its pages copy-on-write (the weights are only read) and accept on one listening socket. SIGHUP
+    and SIGINT/SIGTERM are forwarded to every worker; a reload gives each worker its own new copy.
+    """
     import torch
     import uvicorn
 
+    if workers < 1:
+        raise FedrecError(f"--workers must be ≥ 1, got {workers}")
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     app = create_app(
@@ -584,6 +610,8 @@ def run(
         int8=int8,
         reload_on_change=reload_on_change,
         reload_on_sighup=True,
+        batch_wait_ms=batch_wait_ms,
+        max_batch=max_batch,
     )
     log.info("model loaded in %.2f s", time.perf_counter() - t0)
     if api_keys_file is None and host not in ("127.0.0.1", "localhost", "::1"):
@@ -597,4 +625,46 @@ def run(
         timeout_graceful_shutdown=10,
         server_header=False,
     )
-    uvicorn.Server(config).run()
+    if workers == 1:
+        uvicorn.Server(config).run()
+        return
+    sock = config.bind_socket()  # one listening socket, inherited by every worker
+    gc.collect()
+    gc.freeze()  # the loaded objects leave the GC's lists: collections in a worker do not touch them
+    pids: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # worker: serve until told to stop, never return into the parent's code
+            code = 0
+            try:
+                uvicorn.Server(config).run(sockets=[sock])
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+                code = 1
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    sock.close()
+    log.info("serving with %d workers (pids %s), model loaded once", workers, " ".join(map(str, pids)))
+
+    def forward(signum: int, _frame: Any) -> None:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    failed = 0
+    for p in pids:
+        while True:
+            try:
+                _, status = os.waitpid(p, 0)
+                break
+            except ChildProcessError:
+                status = 0
+                break
+            except InterruptedError:
+                continue
+        failed += os.waitstatus_to_exitcode(status) not in (0, -signal.SIGTERM, -signal.SIGINT)
+    if failed:
+        raise FedrecError(f"{failed} of {workers} workers exited with an error")
