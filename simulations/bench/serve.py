@@ -321,6 +321,7 @@ def run_bench(
     """The whole benchmark (see the module docstring); returns the results as a JSON-able dict."""
     from fedrec.shared_model.artifacts import load_model
 
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # stop the servers (finally blocks) on SIGTERM
     if generator == "auto":
         generator = "wrk" if shutil.which("wrk") else "python"
     if generator == "wrk" and not shutil.which("wrk"):
@@ -350,32 +351,36 @@ def run_bench(
         files[1].write_text(WRK_LUA, encoding="utf-8")
         ids_file = Path(tmp) / "item_ids.txt"  # the reference maps the same ids (public catalogue)
         ids_file.write_text("\n".join(ids) + "\n", encoding="utf-8")
-        servers = [("fedrec", w) for w in workers] + (
-            [("reference", w) for w in workers] if reference else []
-        )
-        for name, w in servers:
-            port = free_port()
-            base = f"http://127.0.0.1:{port}"
-            if name == "fedrec":
-                cmd, env = fedrec_cmd(model, port, w, batch_wait_ms=batch_wait_ms, reload=False), None
-            else:
-                cmd, env = reference_cmd(port, w), {"FEDREC_REF_IDS": str(ids_file)}
-            log(f"serve bench: {name}, {w} worker(s) …")
-            with server(cmd, port, env) as proc:
-                _warm(base, bodies)
-                if name == "fedrec":
-                    res.setdefault("memory", {})[str(w)] = _worker_memory(proc.pid, w)
+        for w in workers:
+            # fedrec and the reference run side by side (an idle server costs nothing) and each cell is
+            # measured alternately, fedrec then reference, repeat after repeat: on a shared machine the
+            # load drifts, and interleaving keeps it the same for both sides of a ratio.
+            with contextlib.ExitStack() as stack:
+                up: dict[str, tuple[subprocess.Popen[str], str]] = {}
+                for name in ("fedrec", "reference") if reference else ("fedrec",):
+                    port = free_port()
+                    if name == "fedrec":
+                        cmd = fedrec_cmd(model, port, w, batch_wait_ms=batch_wait_ms, reload=False)
+                        env = None
+                    else:
+                        cmd, env = reference_cmd(port, w), {"FEDREC_REF_IDS": str(ids_file)}
+                    log(f"serve bench: starting {name}, {w} worker(s) …")
+                    up[name] = (stack.enter_context(server(cmd, port, env)), f"http://127.0.0.1:{port}")
+                    _warm(up[name][1], bodies)
+                res.setdefault("memory", {})[str(w)] = _worker_memory(up["fedrec"][0].pid, w)
                 for c in concurrency:
-                    rows = []
+                    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in up}
                     for _ in range(repeats):
-                        rows.append(_measure(proc, base, c, seconds, generator, bodies, files))
-                    row = {"server": name, "workers": w, "concurrency": c, **_median_row(rows)}
-                    row["load_average"] = list(os.getloadavg())
-                    res["runs"].append(row)
-                    log(
-                        f"  c={c}: {row['req_per_s']:.0f} req/s, p50 {row['p50_ms']:.2f} ms, "
-                        f"p99 {row['p99_ms']:.2f} ms, errors {row['errors']}"
-                    )
+                        for name, (proc, base) in up.items():
+                            rows[name].append(_measure(proc, base, c, seconds, generator, bodies, files))
+                    for name in up:
+                        row = {"server": name, "workers": w, "concurrency": c, **_median_row(rows[name])}
+                        row["load_average"] = list(os.getloadavg())
+                        res["runs"].append(row)
+                        log(
+                            f"  {name} c={c}: {row['req_per_s']:.0f} req/s, p50 {row['p50_ms']:.2f} ms, "
+                            f"p99 {row['p99_ms']:.2f} ms, errors {row['errors']}"
+                        )
         if reload_check:
             log("serve bench: reload during load …")
             with tempfile.TemporaryDirectory(prefix="fedrec-bench-model-") as mdir:
@@ -407,6 +412,10 @@ def run_bench(
             r["ratio_to_reference"] = r["req_per_s"] / ref[(r["workers"], r["concurrency"])]
     res["load_average_end"] = list(os.getloadavg())
     return res
+
+
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _worker_memory(pid: int, workers: int) -> dict[str, Any]:
