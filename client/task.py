@@ -272,6 +272,26 @@ def tenant_train(
     )
 
 
+def release_message(
+    indptr: np.ndarray, items: np.ndarray, n_items: int, noise: gram.ReleaseNoise, rng: np.random.Generator
+) -> Weights:
+    """What a tenant publishes for its item release, exactly as sent: unit rows from the CSR history
+    (``indptr``/``items``), the exact sums plus this tenant's noise share drawn from ``rng``, packed
+    (``popularity`` float32; ``gram`` the packed upper triangle).
+
+    The one function between a tenant's data and its release message: :func:`tenant_release` calls it
+    after charging the budget, and ``fedrec audit --empirical`` calls it in its trials (the audit's
+    ``--release-mechanism`` hook takes any function with this signature).
+    """
+    rel = gram.release(gram.unit_rows(indptr, items, n_items), noise, rng)
+    out: Weights = {}
+    if rel.popularity is not None:
+        out["popularity"] = rel.popularity.astype(np.float32)
+    if rel.gram is not None:
+        out["gram"] = gram.pack_gram(rel.gram)
+    return out
+
+
 def tenant_release(
     cfg: RunConfig, paths: TenantPaths, round_: int, *, pop_share: float, shares: int = 1
 ) -> TrainOutcome:
@@ -291,19 +311,12 @@ def tenant_release(
             f"the item–item Gram of {n_items} items is too large to release (limit {gram.MAX_GRAM_ITEMS}); "
             "use the dp_popularity or mlp approach"
         )
-    x = gram.unit_rows(split.indptr, split.train_items, n_items)
-
-    def published(rel: gram.ItemRelease) -> Weights:
-        out: Weights = {}
-        if rel.popularity is not None:
-            out["popularity"] = rel.popularity.astype(np.float32)
-        if rel.gram is not None:
-            out["gram"] = gram.pack_gram(rel.gram)
-        return out
-
     if not cfg.dp:
-        exact = gram.release(x, gram.ReleaseNoise(sigma=0.0, pop_share=pop_share), np.random.default_rng(0))
-        return TrainOutcome(paths.tenant_id, "ok", n, published(exact), steps=1, sample_rate=1.0)
+        exact = release_message(
+            split.indptr, split.train_items, n_items,
+            gram.ReleaseNoise(sigma=0.0, pop_share=pop_share), np.random.default_rng(0),
+        )  # fmt: skip
+        return TrainOutcome(paths.tenant_id, "ok", n, exact, steps=1, sample_rate=1.0)
 
     budget = tenant_budget(cfg, paths, n)
     if round_ in budget.rounds:  # re-sent (a crash after charging): never charge twice, never re-release
@@ -347,12 +360,12 @@ def tenant_release(
         }
     )
     rng = np.random.default_rng(secrets.randbits(128))
-    rel = gram.release(x, noise, rng)
+    message = release_message(split.indptr, split.train_items, n_items, noise, rng)
     return TrainOutcome(
         paths.tenant_id,
         "ok",
         n,
-        published(rel),
+        message,
         epsilon=eps,
         cap=budget.cap,
         noise_multiplier=sigma,
