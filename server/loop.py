@@ -34,7 +34,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedrec.privacy.ledger import read_entries, verify_chain
-from fedrec.server.aggregation import aggregate, fedavg
+from fedrec.server.aggregation import ServerOptimizer, aggregate, fedavg
 from fedrec.server.release import (
     ApproachChoice,
     fit_release,
@@ -272,6 +272,19 @@ class _Federation:
         self.choice: ApproachChoice | None = None
         self.release_secure: SecureAggregator | None = None
         self.release_shares = 1
+        self.server_opt = ServerOptimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum)
+        # The best round on federated validation so far: (round, val NDCG@10, global weights).
+        self.best: tuple[int, float, Weights] | None = None
+
+    def note_validation(self, rnd: int, val: Mapping[str, Any]) -> bool:
+        """Remember this round's model if its validation NDCG@10 is the best so far (ties: earlier)."""
+        score = val.get("ndcg@10")
+        if score is None or not np.isfinite(score):
+            return False
+        if self.best is None or float(score) > self.best[1]:
+            self.best = (rnd, float(score), {k: v.copy() for k, v in self.global_w.items()})
+            return True
+        return False
 
     def set_item_model(self, model: ItemReleaseModel) -> None:
         """The run's model is now one fitted from the item release (checkpoint, eval and save follow)."""
@@ -342,6 +355,23 @@ class _Federation:
                 )
             for t, d in json.loads(state["status"]).items():
                 self.status[t] = TenantStatus(**{**d, "history": [tuple(x) for x in d["history"]]})
+            if "server-opt" in state:
+                opt = state["server-opt"]
+                self.server_opt.restore(
+                    {
+                        "name": opt["name"],
+                        "t": int(opt["t"]),
+                        "m": {k: v.numpy() for k, v in opt["m"].items()},
+                        "v": {k: v.numpy() for k, v in opt["v"].items()},
+                    }
+                )
+            if "best" in state:
+                b = state["best"]
+                self.best = (
+                    int(b["round"]),
+                    float(b["ndcg"]),
+                    {k: v.numpy().copy() for k, v in b["weights"].items()},
+                )
         rows_path = self.out / "rounds.jsonl"
         if rows_path.exists():
             kept = []
@@ -374,6 +404,20 @@ class _Federation:
         }
         if isinstance(self.model, ItemReleaseModel):
             state["item-model"] = json.dumps(self.model.cfg.to_json())
+        opt = self.server_opt.state()
+        state["server-opt"] = {
+            "name": opt["name"],
+            "t": opt["t"],
+            "m": {k: torch.from_numpy(np.asarray(v)) for k, v in self.server_opt.m.items()},
+            "v": {k: torch.from_numpy(np.asarray(v)) for k, v in self.server_opt.v.items()},
+        }
+        if self.best is not None:
+            rnd_b, ndcg_b, w_b = self.best
+            state["best"] = {
+                "round": rnd_b,
+                "ndcg": ndcg_b,
+                "weights": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in w_b.items()},
+            }
         tmp = ck / f".{RESUME_FILE}.tmp"
         torch.save(state, tmp)
         with open(tmp, "rb") as f:
@@ -601,8 +645,10 @@ class _Federation:
             self.status[t].rounds_trained += 1
 
     def apply(self, rd: _Round, delta: Weights) -> None:
+        """Add the server optimizer's step for the aggregated ``delta`` (fedavg, η = 1: the delta)."""
+        step = self.server_opt.step({k: delta[k] for k in self.param_keys})
         for k in self.param_keys:
-            self.global_w[k] = (self.global_w[k] + delta[k]).astype(np.float32)
+            self.global_w[k] = (self.global_w[k] + step[k]).astype(np.float32)
         rd.row["aggregated"] = len(rd.contributors)
         for t in rd.contributors:
             self.status[t].rounds_trained += 1
@@ -693,6 +739,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
             )
             row["val"] = val.get("full", {})
             row["failures"] += [{"reason": e, "phase": "val"} for e in errs]
+            if not releasing and fed.note_validation(rnd, row["val"]):
+                row["best_so_far"] = True
         row["seconds"] = round(time.perf_counter() - r0, 3)
         with open(rounds_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -711,12 +759,19 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
             + f"failures {len(row['failures'])}  ({row['seconds']:.1f} s)"
         )
 
+    final: dict[str, Any] = {"rule": "last", "round": n_rounds}
+    if not releasing and cfg.final_model == "best-val" and fed.best is not None:
+        best_round, best_ndcg, best_w = fed.best
+        fed.global_w = {k: v.copy() for k, v in best_w.items()}
+        final = {"rule": "best-val", "round": best_round, "val_ndcg@10": round(best_ndcg, 6)}
+        log(f"final model: round {best_round} (best validation NDCG@10 {best_ndcg:.4f})")
     test, errs = federated_eval(
         grid, fed.nodes, fed.eval_weights(), fed.model_json, "test", cfg.round_timeout, "test"
     )
     if not test:
         raise FedrecError("final test evaluation got no result from any tenant: " + "; ".join(errs[:3]))
     metrics: dict[str, Any] = dict(test)
+    metrics["final_model"] = final
     metrics["dataset"] = {
         "source": "federation",
         "users": sum(t.users for t in fed.status.values()),
