@@ -30,6 +30,7 @@ from fedrec.simulations.data.dataset import prepare_dataset
 from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
 from fedrec.simulations.data.sources import load
 from fedrec.simulations.driver.loopback import LoopbackGrid
+from fedrec.simulations.driver.simulate import baselines, load_tenant_splits, open_federation
 
 
 def _value(text: str) -> Any:
@@ -90,6 +91,14 @@ def main() -> None:
             "final": m.get("final_model"),
             "seconds": round(time.perf_counter() - t0, 1),
         }
+        if cfg.dp:  # DP popularity at the same caps, as `fedrec simulate` reports it
+            f = open_federation(fed)
+            base = baselines(f, load_tenant_splits(f), cfg)
+            row["dp_popularity_hr@10"] = round(base["dp_popularity"]["full"]["hr@10"], 5)
+            row["epsilon_max"] = max(
+                t["epsilon"] or 0
+                for t in json.loads((root / "run" / "privacy.json").read_text())["tenants"].values()
+            )
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:
@@ -102,6 +111,8 @@ def main() -> None:
             "median_val_ndcg@10": statistics.median(r["val_ndcg@10"] for r in rows),
             "median_test_hr@10": statistics.median(r["test_hr@10"] for r in rows),
         }
+        if "dp_popularity_hr@10" in rows[0]:
+            summary["median_dp_popularity_hr@10"] = statistics.median(r["dp_popularity_hr@10"] for r in rows)
         print(json.dumps(summary), flush=True)
         if args.out:
             with open(args.out, "a", encoding="utf-8") as f:

@@ -44,6 +44,8 @@ from fedrec.server.release import (
     shares_for,
     sum_noise,
 )
+from fedrec.server.release_init import POP_SHARE as INIT_POP_SHARE
+from fedrec.server.release_init import init_from_release, init_model_config, init_problem
 from fedrec.server.secagg import SecureAggregator, shares_and_threshold
 from fedrec.shared_model.artifacts import save_model, write_json_atomic
 from fedrec.shared_model.codec import (
@@ -258,6 +260,8 @@ class _Federation:
         self.tenants = federation_tenants(cfg)
         self.max_users = manifest_users(cfg)
         self.mcfg = model_config(self.catalog, cfg)
+        if cfg.release_init > 0:
+            self.mcfg = init_model_config(self.mcfg)
         self.model_json = json.dumps(self.mcfg.to_json())
         torch.manual_seed(cfg.seed)
         self.model: Ranker = HistoryMLP(self.mcfg, self.catalog.genres if self.mcfg.n_genres else None)
@@ -562,6 +566,72 @@ class _Federation:
             rd.contributors.append(tenant)
         self.fit_from_release(rd, total, sigmas, users, shares=1)
 
+    def release_init_round(self, rd: _Round) -> None:
+        """Round 1 with ``release-init``: each tenant's item release (charged at its share of ε),
+        summed; the global MLP's prior and frozen item table are post-processed from the sum."""
+        messages = []
+        for nid in self.nodes:
+            config = ConfigRecord(
+                {
+                    "phase": ITEM_RELEASE_PHASE,
+                    "round": rd.rnd,
+                    "pop-share": INIT_POP_SHARE,
+                    "ledger-head": self.head_for(nid),
+                }
+            )
+            messages.append(
+                Message(
+                    content=RecordDict({"config": config}),
+                    message_type=MessageType.TRAIN,
+                    dst_node_id=nid,
+                    group_id=str(rd.rnd),
+                )
+            )
+        total: dict[str, np.ndarray] = {}
+        sigmas: list[float] = []
+        users = 0
+        for tenant, info, met, rel in self.clear_replies(rd, messages, "release"):
+            n = as_int(met["num-examples"])
+            problem = init_problem(rel, self.catalog.n_items, n, self.max_users.get(tenant))
+            if problem:
+                rd.reject(info, problem)
+                continue
+            info["aggregated"] = True
+            for k, v in rel.items():
+                total[k] = total[k] + v.astype(np.float64) if k in total else v.astype(np.float64)
+            sigmas.append(as_float(met["noise-multiplier"]))
+            users += n
+            rd.contributors.append(tenant)
+        if len(rd.contributors) < max(1, self.cfg.min_tenants):
+            rd.row["aggregated"] = 0
+            raise FedrecError(
+                f"the initialising item release got {len(rd.contributors)} usable release(s) "
+                f"(min-tenants {self.cfg.min_tenants}); a release is never repeated (each is charged "
+                "once), so this run stops here — see rounds.jsonl"
+            )
+        sigma_sum = sum_noise(sigmas, 1) if self.cfg.dp else 0.0
+        t0 = time.perf_counter()
+        emb, prior, facts = init_from_release(
+            total, n_items=self.catalog.n_items, users=users, sigma_sum=sigma_sum, dim=self.mcfg.dim
+        )
+        model = self.model
+        assert isinstance(model, HistoryMLP)
+        _load(model, self.global_w)
+        model.set_item_embeddings(emb)
+        model.set_prior(prior)
+        self.global_w = state_weights(model)
+        rd.row["aggregated"] = len(rd.contributors)
+        rd.row["release_init"] = {
+            "share": self.cfg.release_init,
+            "pop_share": INIT_POP_SHARE,
+            "users": users,
+            "sum_noise_multiplier": round(sigma_sum, 6),
+            **facts,
+            "fit_seconds": round(time.perf_counter() - t0, 3),
+        }
+        for t in rd.contributors:
+            self.status[t].rounds_trained += 1
+
     def secure_release_round(self, rd: _Round) -> None:
         """SecAgg+: each tenant adds its share of the noise and masks its release; the server unmasks
         only the sum (the mean times the contributors' count: every release has weight 1)."""
@@ -686,7 +756,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     fed.release_shares = shares_for(cfg, threshold)
     fed.choice = resolve_approach(cfg, users_by_tenant, fed.catalog.n_items, shares=fed.release_shares)
     releasing = fed.choice.approach in RELEASE_APPROACHES
-    n_rounds = 1 if releasing else cfg.num_server_rounds
+    initing = cfg.release_init > 0 and not releasing  # round 1 is the release that initialises the MLP
+    n_rounds = 1 if releasing else cfg.planned_rounds()
     if cfg.secagg:
         max_weight = cfg.secagg_max_weight or float(max(fed.max_users.values(), default=0))
         if max_weight <= 0:
@@ -728,6 +799,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
             rd.row["faults"] = faults
         if releasing:
             fed.secure_release_round(rd) if fed.release_secure is not None else fed.release_round(rd)
+        elif initing and rnd == 1:
+            fed.release_init_round(rd)
         elif fed.secure is not None:
             fed.secure_round(rd)
         else:
@@ -834,6 +907,19 @@ def privacy_report(
         "dp": cfg.dp,
         "rounds": rounds or cfg.num_server_rounds,
         "approach": choice.to_json() if choice is not None else {"name": cfg.approach},
+        **(
+            {
+                "release_init": {
+                    "share_of_epsilon": cfg.release_init,
+                    "round": 1,
+                    "what": "one item release per tenant (popularity + Gram) calibrated alone to this "
+                    "share of the cap; the MLP's prior and frozen item embeddings are post-processing of "
+                    "its sum; the DP-SGD rounds are calibrated to the rest (one accountant history)",
+                }
+            }
+            if cfg.release_init > 0 and not releasing
+            else {}
+        ),
         "noise": noise,
         "poisson": True,
         "secure_mode": False,

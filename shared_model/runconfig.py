@@ -91,6 +91,9 @@ class RunConfig:
     server_lr: float = 0.0  # server step size (0: 1.0 for fedavg/fedavgm, 0.01 for fedadam)
     server_momentum: float = 0.5  # FedAvgM momentum μ
     final_model: str = "auto"  # auto | best-val (best federated validation NDCG@10) | last
+    # share s of each tenant's ε spent on one item release that initialises the MLP (round 1; the
+    # DP-SGD rounds get the rest); 0 = off. Approach mlp only (fedrec.server.release_init).
+    release_init: float = 0.0
     resume: bool = False  # continue run-dir from its checkpoint (rounds after the last complete one)
     # --- simulated faults (acted on only by simulated nodes, i.e. with partition-id; client/faults.py)
     fault_dropout: float = 0.0  # probability that a tenant misses a round (drawn from seed/tenant/round)
@@ -113,6 +116,16 @@ class RunConfig:
             raise FedrecError(f"server-lr must be > 0 (0: auto), got {self.server_lr}")
         if not 0 <= self.server_momentum < 1:
             raise FedrecError(f"server-momentum must be in [0, 1), got {self.server_momentum}")
+        if not 0 <= self.release_init < 1:
+            raise FedrecError(
+                f"release-init must be in [0, 1) (the release's share of ε), got {self.release_init}"
+            )
+        if self.release_init > 0 and self.approach != "mlp":
+            raise FedrecError(
+                f"release-init initialises the MLP: it needs approach mlp, got {self.approach!r}"
+            )
+        if self.release_init > 0 and self.secagg:
+            raise FedrecError("release-init under SecAgg+ is not built yet; run it without --secagg")
         if self.final_model not in FINAL_MODELS:
             raise FedrecError(
                 f"final-model must be auto or one of {', '.join(FINAL_MODELS)}, got {self.final_model!r}"
@@ -204,6 +217,10 @@ class RunConfig:
                 f"aggregation must be fedavg, median or trimmed:B with 0 < B < 0.5, got {self.aggregation!r}"
             )
         return "trimmed", beta
+
+    def planned_rounds(self) -> int:
+        """Rounds a tenant is charged for: the DP-SGD rounds, plus the initialising release if any."""
+        return self.num_server_rounds + (1 if self.release_init > 0 else 0)
 
     def cap_for(self, tenant: str) -> float:
         return self.cap_overrides().get(tenant, self.epsilon)

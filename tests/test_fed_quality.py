@@ -140,3 +140,72 @@ def test_best_validation_round_is_the_model_kept_and_tested(fed: Path, tmp_path:
     assert _federated_val_ndcg(cfg, kept) == pytest.approx(max(scores), abs=1e-12)
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["final_model"]["round"] == best
+
+
+# ---------------------------------------------------------------- release-init (DP)
+def test_release_init_is_post_processing_of_the_charged_release(fed: Path, tmp_path: Path) -> None:
+    from fedrec.privacy.ledger import read_entries
+    from fedrec.server.release_init import init_from_release
+    from fedrec.shared_model.codec import arrays_of, metrics_of
+
+    run = tmp_path / "run"
+    cfg = RunConfig(
+        fed_dir=str(fed),
+        run_dir=str(run),
+        run_name="init",
+        num_tenants=TENANTS,
+        approach="mlp",
+        epsilon=6.0,
+        release_init=0.5,
+        num_server_rounds=1,
+        batch_users=32,
+        accountant="rdp",
+    )
+    grid = LoopbackGrid(app, cfg.to_mapping(), TENANTS)
+    run_federation(grid, cfg, log=lambda _: None)
+    # What the server received in round 1: each tenant's noisy release (nothing else left a tenant).
+    releases = [
+        m
+        for m in grid.received
+        if not m.has_error() and m.content.array_records and "gram" in arrays_of(m.content)
+    ]
+    assert len(releases) == TENANTS
+    total: dict[str, np.ndarray] = {}
+    for m in releases:
+        for k, v in arrays_of(m.content).items():
+            total[k] = total.get(k, 0) + v.astype(np.float64)
+    sigmas = [float(metrics_of(m.content, "metrics")["noise-multiplier"]) for m in releases]
+    users = sum(int(metrics_of(m.content, "metrics")["num-examples"]) for m in releases)
+    n = load_catalog(cfg).n_items
+    emb, prior, _ = init_from_release(
+        total, n_items=n, users=users, sigma_sum=float(np.sqrt(np.sum(np.square(sigmas)))), dim=cfg.dim
+    )
+    model = load_model(run).model
+    # Frozen by DP-SGD: the final model's item table and prior are exactly the post-processed release.
+    np.testing.assert_allclose(model.item_emb.weight[:n].detach().numpy(), emb, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(model.prior[:n].numpy(), prior, rtol=0, atol=1e-6)
+    assert np.abs(emb).sum() > 0, "the release must carry item structure into the table"
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert privacy["release_init"]["share_of_epsilon"] == 0.5
+    rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and rows[0]["release_init"]["share"] == 0.5
+    for t in range(TENANTS):
+        entries, problems = read_entries(run / "ledger" / f"tenant-{t}.jsonl")
+        assert not problems and [e["round"] for e in entries] == [1, 2]
+        rel, sgd = entries
+        assert rel["purpose"] == "mlp-init" and rel["release_share"] == 0.5 and rel["steps"] == 1
+        assert rel["sample_rate"] == 1.0 and rel["unit"] == "user"
+        assert 2.9 <= rel["epsilon"] <= 3.0 + 1e-9, "the release alone spends its share of the cap"
+        assert rel["epsilon"] < sgd["epsilon"] <= 6.0 + 1e-9, "release + DP-SGD compose within the cap"
+        assert privacy["tenants"][f"tenant-{t}"]["epsilon"] == pytest.approx(sgd["epsilon"])
+
+
+def test_release_init_is_refused_where_it_does_not_apply() -> None:
+    with pytest.raises(FedrecError, match="needs approach mlp"):
+        RunConfig(approach="dp_ease", release_init=0.5)
+    with pytest.raises(FedrecError, match="not built yet"):
+        RunConfig(approach="mlp", release_init=0.5, secagg=True)
+    with pytest.raises(FedrecError, match=r"release-init must be in \[0, 1\)"):
+        RunConfig(approach="mlp", release_init=1.0)
+    cfg = RunConfig(approach="mlp", release_init=0.25, num_server_rounds=4)
+    assert cfg.planned_rounds() == 5, "the tenant's σ is planned over the release + 4 DP-SGD rounds"

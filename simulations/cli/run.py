@@ -131,6 +131,14 @@ def simulate(
             "dp_ease | dp_popularity (one DP item release per tenant; --rounds does not apply).",
         ),
     ] = "auto",
+    release_init: Annotated[
+        float,
+        typer.Option(
+            "--release-init",
+            help="With --approach mlp: spend this share of each tenant's ε on one item release (round 1) "
+            "that initialises the MLP's prior and frozen item embeddings; DP-SGD gets the rest [0: off].",
+        ),
+    ] = 0.0,
     secagg: Annotated[
         bool,
         typer.Option("--secagg", help="SecAgg+: the server sees only the masked sum of the tenants' deltas."),
@@ -248,6 +256,7 @@ def simulate(
         max_grad_norm=max_grad_norm,
         seed=seed,
         approach=approach.strip().replace("-", "_"),
+        release_init=release_init,
         secagg=secagg,
         aggregation=aggregation.strip(),
         max_update_norm=max_update_norm or 0.0,
