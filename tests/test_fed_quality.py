@@ -209,3 +209,41 @@ def test_release_init_is_refused_where_it_does_not_apply() -> None:
         RunConfig(approach="mlp", release_init=1.0)
     cfg = RunConfig(approach="mlp", release_init=0.25, num_server_rounds=4)
     assert cfg.planned_rounds() == 5, "the tenant's σ is planned over the release + 4 DP-SGD rounds"
+
+
+def test_resume_continues_the_server_momentum_and_the_best_round(fed: Path, tmp_path: Path) -> None:
+    """No DP (public seeds): a run killed in round 3 and resumed ends with exactly the weights of an
+    uninterrupted run — only true if the FedAvgM momentum and the best round were checkpointed."""
+    from flwr.app import Message, MessageType
+
+    class Killed(BaseException):
+        pass
+
+    def kill_in_round_3(_nid: int, msg: Message) -> str | None:
+        if msg.metadata.message_type == MessageType.TRAIN and msg.metadata.group_id == "3":
+            raise Killed
+        return None
+
+    def cfg_for(name: str) -> RunConfig:
+        return RunConfig(
+            fed_dir=str(fed), run_dir=str(tmp_path / name), run_name=name, num_tenants=TENANTS, dp=False,
+            num_server_rounds=3, local_epochs=1.0, batch_users=16, server_momentum=0.9,
+        )  # fmt: skip
+
+    whole = cfg_for("whole")
+    run_federation(LoopbackGrid(app, whole.to_mapping(), TENANTS), whole, log=lambda _: None)
+    cut = cfg_for("cut")
+    with pytest.raises(Killed):
+        run_federation(
+            LoopbackGrid(app, cut.to_mapping(), TENANTS, drop=kill_in_round_3), cut, log=lambda _: None
+        )
+    resumed = RunConfig.from_mapping({**cut.to_mapping(), "resume": True})
+    got = run_federation(LoopbackGrid(app, resumed.to_mapping(), TENANTS), resumed, log=lambda _: None)
+    want = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert got["final_model"] == want["final_model"]
+    a, b = (
+        state_weights(load_model(tmp_path / "whole").model),
+        state_weights(load_model(tmp_path / "cut").model),
+    )
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
