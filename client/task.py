@@ -124,7 +124,8 @@ def noise_plan(paths: TenantPaths, budget: TenantBudget, plan: StepPlan, cfg: Ru
         stored = json.loads(path.read_text(encoding="utf-8"))
         if stored["sample_rate"] == plan.sample_rate and stored["steps"] == plan.steps:
             return float(stored["noise_multiplier"])
-    rounds_left = max(1, cfg.num_server_rounds - len(budget.rounds))
+    # The initialising release (release-init) is a charged round too: count it among the planned ones.
+    rounds_left = max(1, cfg.planned_rounds() - len(budget.rounds))
     sigma = calibrate_noise(
         target_epsilon=budget.cap,
         delta=cfg.delta,
@@ -141,7 +142,7 @@ def noise_plan(paths: TenantPaths, budget: TenantBudget, plan: StepPlan, cfg: Ru
                 "noise_multiplier": sigma,
                 "sample_rate": plan.sample_rate,
                 "steps": plan.steps,
-                "planned_rounds": cfg.num_server_rounds,
+                "planned_rounds": cfg.planned_rounds(),
                 "cap": budget.cap,
                 "delta": cfg.delta,
                 "accountant": cfg.accountant,
@@ -293,14 +294,22 @@ def release_message(
 
 
 def tenant_release(
-    cfg: RunConfig, paths: TenantPaths, round_: int, *, pop_share: float, shares: int = 1
+    cfg: RunConfig,
+    paths: TenantPaths,
+    round_: int,
+    *,
+    pop_share: float,
+    shares: int = 1,
+    epsilon_share: float = 1.0,
 ) -> TrainOutcome:
     """This tenant's one-shot item release (module docstring); ``weights`` holds what is published.
 
     ``pop_share`` = 1: the DP popularity vector only; 0: the Gram only (DP-EASE). ``shares`` > 1: the
     distributed-noise mode of SecAgg+ — this tenant adds 1/shares of the noise variance, and the
     ledger records both the ε of the sum and the ε if its share were seen alone. Without DP the exact
-    sums are released (no noise, no charge): only for ``--no-dp`` runs.
+    sums are released (no noise, no charge): only for ``--no-dp`` runs. ``epsilon_share`` < 1: the
+    release that initialises the MLP (``release-init``), calibrated alone to that share of the cap
+    (the tenant's own run config decides it); the ledger entry states the share.
     """
     data = load_data(paths)
     split = data.split
@@ -325,7 +334,7 @@ def tenant_release(
             message=f"the release of round {round_} was already charged",
         )  # fmt: skip
     sigma = gram.calibrate_release_sigma(
-        target_epsilon=budget.cap,
+        target_epsilon=budget.cap * epsilon_share,
         delta=cfg.delta,
         accountant=cfg.accountant,  # type: ignore[arg-type]
         history_before=budget.history,
@@ -357,6 +366,7 @@ def tenant_release(
             "max_grad_norm": gram.sensitivity(pop_share),  # each user's contribution has L2 norm exactly 1
             "poisson": True,  # q = 1: every user is in the one release (the accountant's q = 1 case)
             "status": "ok",
+            **({"purpose": "mlp-init", "release_share": epsilon_share} if epsilon_share < 1 else {}),
         }
     )
     rng = np.random.default_rng(secrets.randbits(128))
