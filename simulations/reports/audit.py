@@ -47,15 +47,11 @@ from fedrec.privacy.empirical import (
     threshold_confusion,
 )
 from fedrec.privacy.errors import PrivacyError
-from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.runconfig import RELEASE_APPROACHES
+from fedrec.simulations.reports.errors import AuditError
 from fedrec.simulations.reports.release_audit import ReleaseAuditResult
 
 Log = Callable[[str], None]
-
-
-class AuditError(FedrecError):
-    """A RUN_DIR that cannot be audited (missing, not a run, corrupt files)."""
 
 
 # ---------------------------------------------------------------- the run's files

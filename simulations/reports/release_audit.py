@@ -40,7 +40,8 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -55,9 +56,19 @@ from fedrec.privacy.empirical import (
     gdp_epsilon,
     roc_points,
 )
+from fedrec.simulations.reports.errors import AuditError
 
-if TYPE_CHECKING:
-    from fedrec.simulations.reports.audit import RunFiles
+
+class RunFiles(Protocol):
+    """What the release audit reads of a run (``fedrec.simulations.reports.audit.RunFiles`` has it)."""
+
+    ledgers: dict[str, Path]
+    model: dict[str, Any] | None
+    privacy: dict[str, Any]
+
+    @property
+    def tenants(self) -> list[str]: ...
+
 
 #: (indptr, items, n_items, noise, rng) → the published message (``fedrec.client.task.release_message``).
 ReleaseFn = Callable[
@@ -68,8 +79,6 @@ Log = Callable[[str], None]
 
 
 def _error(message: str) -> Exception:
-    from fedrec.simulations.reports.audit import AuditError
-
     return AuditError(message)
 
 
