@@ -162,6 +162,8 @@ def _rows() -> list[Field]:
         ("epsilon_if_alone", "release: ε if the server saw this share alone"),
         ("relation", "the neighbouring relation the ε is for"),
         ("count_noise_multiplier", "σ_c of the noisy count the 'users' field holds"),
+        ("purpose", "release-init: 'mlp-init' (the release initialises the MLP)"),
+        ("release_share", "release-init: the share of the cap the release was calibrated to (run config)"),
     ):
         add(led, "", key, PUBLIC, why)
     add(led, "", "users", PROTECTED, "the noisy user count ñ (gaussian-count), never the exact n",
