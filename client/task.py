@@ -289,6 +289,11 @@ def tenant_train(
             message=message,
         )
 
+    closed = evaluated_round(paths)
+    if closed is not None and round_ >= closed:
+        # The DP evaluation is the run's last charged segment (reserved in σ's calibration): a run
+        # extended past it (a resume with more rounds) trains no more on this budget.
+        return refuse(f"the DP evaluation of round {closed} closed this run's budget: no training after it")
     if round_ in budget.rounds:
         # A re-sent round (e.g. after a crash) was charged already: never charge twice, never re-release.
         return refuse(f"round {round_} was already charged", "already-charged")
@@ -542,6 +547,14 @@ def tenant_evaluate_items(
 
 
 EVAL_RELEASE_FILE = "eval_release.json"
+
+
+def evaluated_round(paths: TenantPaths) -> int | None:
+    """The round at which this tenant charged its DP evaluation in this run (None: not yet)."""
+    kept = paths.state_dir / EVAL_RELEASE_FILE
+    if not kept.is_file():
+        return None
+    return int(json.loads(kept.read_text(encoding="utf-8"))["round"])
 
 
 def private_eval(
