@@ -565,7 +565,8 @@ def private_eval(
     Returns (status, record to send, message). The charge is the reserved segment (σ_e, q = 1, one
     step) at ``round_`` (after every training round); a re-sent evaluation is never charged twice and
     releases nothing new — asked again for the same round and the same model (a resumed server), it
-    re-sends the very record it released (kept in its state dir: post-processing, no further cost); a
+    re-sends the very record it released (kept in its state dir: post-processing, no further cost; also
+    at a later round when the model is unchanged, e.g. a run extended past its evaluation); a
     tenant without budget left releases nothing either.
     """
     split = load_data(paths).split
@@ -573,11 +574,13 @@ def private_eval(
     budget = tenant_budget(cfg, paths, split.n_users)
     sigma, q, steps = mech.eval_segment()
     kept = paths.state_dir / EVAL_RELEASE_FILE
+    if kept.is_file():
+        prior = json.loads(kept.read_text(encoding="utf-8"))
+        # The same model was evaluated and released already (a resumed server, or a run extended
+        # past its evaluation in which no tenant trained again): re-send that very record.
+        if prior["model"] == model_digest:
+            return "ok", dict(prior["record"]), "the evaluation already released for this model"
     if round_ in budget.rounds or (budget.rounds and round_ < budget.rounds[-1]):
-        if kept.is_file():
-            prior = json.loads(kept.read_text(encoding="utf-8"))
-            if prior["round"] == round_ and prior["model"] == model_digest:
-                return "ok", dict(prior["record"]), "the evaluation already released for this round"
         return "already-charged", {}, f"evaluation round {round_} was already charged"
     if not budget.can_train(noise_multiplier=sigma, sample_rate=q, steps=steps):
         return "capped", {}, f"no budget left for the DP evaluation (cap {budget.cap:g})"
