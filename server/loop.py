@@ -583,34 +583,38 @@ class _Federation:
             return
         self.apply(rd, mean)
 
-    def release_round(self, rd: _Round) -> None:
-        """Every tenant publishes its DP item release in the clear; the server checks and sums them."""
-        assert self.choice is not None
-        approach = self.choice.approach
-        messages = []
-        for nid in self.nodes:
-            config = ConfigRecord(
-                {
-                    "phase": ITEM_RELEASE_PHASE,
-                    "round": rd.rnd,
-                    "pop-share": pop_share(approach),
-                    "ledger-head": self.head_for(nid),
-                }
+    def collect_releases(
+        self, rd: _Round, share: float, problem_of: Callable[[Weights, int, int | None], str | None]
+    ) -> tuple[dict[str, np.ndarray], list[float], int]:
+        """Ask every node for its item release (``pop-share`` ``share``) in the clear, refuse a reply
+        that ``problem_of(release, users, manifest users)`` finds wrong, and sum the rest: (the summed
+        release in float64, the contributors' noise multipliers, their (noisy) user count)."""
+        messages = [
+            Message(
+                content=RecordDict(
+                    {
+                        "config": ConfigRecord(
+                            {
+                                "phase": ITEM_RELEASE_PHASE,
+                                "round": rd.rnd,
+                                "pop-share": share,
+                                "ledger-head": self.head_for(nid),
+                            }
+                        )
+                    }
+                ),
+                message_type=MessageType.TRAIN,
+                dst_node_id=nid,
+                group_id=str(rd.rnd),
             )
-            messages.append(
-                Message(
-                    content=RecordDict({"config": config}),
-                    message_type=MessageType.TRAIN,
-                    dst_node_id=nid,
-                    group_id=str(rd.rnd),
-                )
-            )
+            for nid in self.nodes
+        ]
         total: dict[str, np.ndarray] = {}
         sigmas: list[float] = []
         users = 0
         for tenant, info, met, rel in self.clear_replies(rd, messages, "release"):
             n = as_int(met["num-examples"])
-            problem = release_problem(rel, approach, self.catalog.n_items, n, self.max_users.get(tenant))
+            problem = problem_of(rel, n, self.max_users.get(tenant))
             if problem:
                 rd.reject(info, problem)
                 continue
@@ -620,44 +624,24 @@ class _Federation:
             sigmas.append(as_float(met["noise-multiplier"]))
             users += n
             rd.contributors.append(tenant)
+        return total, sigmas, users
+
+    def release_round(self, rd: _Round) -> None:
+        """Every tenant publishes its DP item release in the clear; the server checks and sums them."""
+        assert self.choice is not None
+        approach, n_items = self.choice.approach, self.catalog.n_items
+        total, sigmas, users = self.collect_releases(
+            rd, pop_share(approach), lambda rel, n, cap: release_problem(rel, approach, n_items, n, cap)
+        )
         self.fit_from_release(rd, total, sigmas, users, shares=1)
 
     def release_init_round(self, rd: _Round) -> None:
         """Round 1 with ``release-init``: each tenant's item release (charged at its share of ε),
         summed; the global MLP's prior and frozen item table are post-processed from the sum."""
-        messages = []
-        for nid in self.nodes:
-            config = ConfigRecord(
-                {
-                    "phase": ITEM_RELEASE_PHASE,
-                    "round": rd.rnd,
-                    "pop-share": INIT_POP_SHARE,
-                    "ledger-head": self.head_for(nid),
-                }
-            )
-            messages.append(
-                Message(
-                    content=RecordDict({"config": config}),
-                    message_type=MessageType.TRAIN,
-                    dst_node_id=nid,
-                    group_id=str(rd.rnd),
-                )
-            )
-        total: dict[str, np.ndarray] = {}
-        sigmas: list[float] = []
-        users = 0
-        for tenant, info, met, rel in self.clear_replies(rd, messages, "release"):
-            n = as_int(met["num-examples"])
-            problem = init_problem(rel, self.catalog.n_items, n, self.max_users.get(tenant))
-            if problem:
-                rd.reject(info, problem)
-                continue
-            info["aggregated"] = True
-            for k, v in rel.items():
-                total[k] = total[k] + v.astype(np.float64) if k in total else v.astype(np.float64)
-            sigmas.append(as_float(met["noise-multiplier"]))
-            users += n
-            rd.contributors.append(tenant)
+        n_items = self.catalog.n_items
+        total, sigmas, users = self.collect_releases(
+            rd, INIT_POP_SHARE, lambda rel, n, cap: init_problem(rel, n_items, n, cap)
+        )
         if len(rd.contributors) < max(1, self.cfg.min_tenants):
             rd.row["aggregated"] = 0
             raise FedrecError(
