@@ -54,13 +54,23 @@ def register(app: typer.Typer) -> None:
         max_batch: Annotated[
             int, typer.Option("--max-batch", min=1, max=1024, help="Most requests per ranking call.")
         ] = 64,
+        candidates: Annotated[
+            str,
+            typer.Option(
+                "--candidates",
+                help="MLP: re-rank this many candidates of its factorized part (u·v + b) instead of "
+                "scoring every item; 0 = exact; auto = exact up to 5 000 items, else 1 000.",
+            ),
+        ] = "auto",
     ) -> None:
         """Serve top-K over HTTP (POST /v1/recommend, GET /v1/items/{id}, /healthz, /docs).
 
         SIGHUP reloads the checkpoint; SIGINT/SIGTERM finish in-flight requests, then stop.
         """
         from fedrec.server.serve import run
+        from fedrec.shared_model.recommend import parse_candidates
 
+        n_cand = parse_candidates(candidates)  # a bad value: one-line error before anything loads
         logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
         run(
             model,
@@ -74,4 +84,5 @@ def register(app: typer.Typer) -> None:
             workers=workers,
             batch_wait_ms=batch_wait_ms,
             max_batch=max_batch,
+            candidates=n_cand,
         )

@@ -27,12 +27,21 @@ def recommend(
     explain_: Annotated[
         bool, typer.Option("--explain", help="Name the history items behind each item.")
     ] = False,
+    candidates: Annotated[
+        str,
+        typer.Option(
+            "--candidates",
+            help="MLP: re-rank this many candidates of its factorized part (u·v + b); 0 = exact; "
+            "auto = exact up to 5 000 items, else 1 000.",
+        ),
+    ] = "auto",
 ) -> None:
     """Top-K for a history with the global model (no user table needed: any user, a new one too)."""
     from fedrec.shared_model.artifacts import load_model
-    from fedrec.shared_model.recommend import Recommender
+    from fedrec.shared_model.recommend import Recommender, parse_candidates
 
-    rec = Recommender(load_model(model))
+    n_cand = parse_candidates(candidates)
+    rec = Recommender(load_model(model), candidates=n_cand)
     ids = [x for x in (s.strip() for s in history.split(",")) if x]
     if not ids:
         raise FedrecError("--history is empty; give comma-separated item ids, e.g. --history 50,172,181")
