@@ -289,13 +289,14 @@ class HistoryMLP(nn.Module):
     def retrieval_side(
         self, item_side: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Item vectors r (N, d) and offsets a (N,) of a cheap retrieval score u·r_i + a_i.
+        """Item vectors as columns r (d, N) and offsets a (N,) of a cheap retrieval score u·r_i + a_i.
 
         The whole logit of item i as a function of the user vector, f_i(u) = MLP([u; v_i + c]) + b_i +
         u·(v_i + c), linearized around ū, the catalogue's mean item vector (c: the mean hour and
         weekday): f_i(u) ≈ f_i(ū) + g_i·(u − ū), g_i = ∂f_i/∂u at ū (one batched backward pass at
         load). The dot-product term and the bias are kept exactly; the MLP enters by its value and
-        slope at ū. Ranking the catalogue by it costs one (B, d) × (d, N) product per request.
+        slope at ū. Ranking the catalogue by it costs one (B, d) × (d, N) product per request
+        (r is returned transposed and contiguous, the layout that product reads fastest).
         """
         item_vec = item_side[0]
         n, d = item_vec.shape
@@ -309,13 +310,13 @@ class HistoryMLP(nn.Module):
             own = torch.arange(n, device=item_vec.device).unsqueeze(1)  # (N, 1): row i scores item i
             f = self.score_items(u, c, item_side, own).squeeze(1)  # (N,)
             (g,) = torch.autograd.grad(f.sum(), u)  # (N, d)
-        return g.detach(), (f - g @ u0).detach()
+        return g.detach().T.contiguous(), (f - g @ u0).detach()
 
     @staticmethod
     def retrieval_scores(u: torch.Tensor, retrieval_side: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """u·r_i + a_i (B, N) for users ``u`` (B, d): see :meth:`retrieval_side`."""
-        vec, offset = retrieval_side
-        return torch.addmm(offset.unsqueeze(0), u, vec.T)  # (B, N)
+        cols, offset = retrieval_side  # (d, N), (N,)
+        return torch.addmm(offset.unsqueeze(0), u, cols)  # (B, N)
 
     @torch.no_grad()
     def item_side(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

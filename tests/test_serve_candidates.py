@@ -108,7 +108,7 @@ def test_retrieval_is_the_logit_linearized_at_the_mean_item(trained_dir: Path) -
         torch.testing.assert_close(model.retrieval_scores(u0[None], (vec, offset))[0], logit(u0))
         step = 1e-3 * torch.randn(d, generator=torch.Generator().manual_seed(0))
         fd = logit(u0 + step) - logit(u0)
-        close = torch.isclose(vec @ step, fd, atol=2e-5, rtol=0.05)
+        close = torch.isclose(step @ vec, fd, atol=2e-5, rtol=0.05)  # vec: (d, N)
         assert close.float().mean() >= 0.98, close.float().mean()  # a few items cross a ReLU kink
 
 
