@@ -1,16 +1,18 @@
 """How good and how fast is the MLP's candidate generation + re-rank (``fedrec serve --candidates C``)?
 
     .venv/bin/python scripts/measure_candidates.py --model RUN_DIR [--data DATA] \
-        [--candidates 50,100,200,500,1000] [--timing 200] [--json out.json]
+        [--candidates 50,100,200,500,1000] [--users 2000] [--timing 200] [--json out.json]
+    (a model of scripts/train_synthetic_mlp.py: --data synthetic --synth-users 8000 --synth-items 48000)
 
 For each C, against the exact full-catalogue ranking of the same model (``--candidates 0``):
 
 * **overlap@10**: the mean share of the exact top-10 that the re-rank also returns (1.0 = the same
   ten items), and the share of rows whose top-10 is exactly the same list;
 * with ``--data`` (the model's data set): histories and contexts are the validation ones (each user's
-  history before the validation item, its hour/weekday), and full-ranking HR@10 / NDCG@10 on
-  validation for the exact path and each C. Without ``--data``: histories of 20 items drawn with a
-  long-tailed popularity from the catalogue (as ``fedrec bench serve`` does), no metrics;
+  history before the validation item, its hour/weekday; at most ``--users`` users, a seeded sample),
+  and full-ranking HR@10 / NDCG@10 on validation for the exact path and each C. Without ``--data``:
+  histories of 20 items drawn with a long-tailed popularity from the catalogue (as ``fedrec bench
+  serve`` does), no metrics;
 * **ms per call** (in-process, one thread): median time of ``rank_scores`` + top-10 for one history at
   a time and for batches of 16, over ``--timing`` histories.
 
@@ -77,7 +79,9 @@ def main() -> None:
     ap.add_argument("--model", required=True, type=Path)
     ap.add_argument("--data", default=None)
     ap.add_argument("--candidates", default="50,100,200,500,1000")
-    ap.add_argument("--users", type=int, default=2000, help="Histories drawn without --data.")
+    ap.add_argument("--synth-users", type=int, default=None, help="With --data synthetic.")
+    ap.add_argument("--synth-items", type=int, default=None, help="With --data synthetic.")
+    ap.add_argument("--users", type=int, default=2000, help="Most histories (validation users or draws).")
     ap.add_argument("--timing", type=int, default=200, help="Histories timed per setting (0 = no timing).")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -90,11 +94,14 @@ def main() -> None:
         from fedrec.simulations.data.dataset import prepare_dataset
         from fedrec.simulations.data.sources import load
 
-        data = prepare_dataset(load(args.data))
+        data = prepare_dataset(load(args.data, synth_users=args.synth_users, synth_items=args.synth_items))
         if tuple(data.catalog.item_ids) != tuple(loaded.catalog.item_ids):
             sys.exit("error: --data is not the model's data set (its catalogue differs)")
-        split = data.split
-        users = np.flatnonzero(split.val_item >= 0)
+        users = np.flatnonzero(data.split.val_item >= 0)
+        if len(users) > args.users:
+            users = np.sort(np.random.default_rng(0).choice(users, args.users, replace=False))
+        split = data.split.subset(users)  # the sampled users only (their rows, renumbered 0..U-1)
+        users = np.arange(split.n_users)
         hists = [split.eval_history(int(u), "val") for u in users]
         ctx = split.val_ctx[users].astype(np.int64)
     else:
