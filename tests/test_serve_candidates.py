@@ -24,8 +24,7 @@ from fedrec.shared_model.model import HistoryMLP
 from fedrec.shared_model.recommend import AUTO_CANDIDATES, AUTO_EXACT_MAX_ITEMS, Recommender, parse_candidates
 from fedrec.simulations.data.dataset import prepare_dataset
 from fedrec.simulations.data.sources import load
-from fedrec.simulations.driver.centralized import CentralizedConfig, run_centralized
-from tests.test_serve import SERVE, served
+from tests.test_serve import SERVE, served, train_small
 from tests.test_serve_speed import queries, write_model
 
 N = 3000  # random-weight MLP catalogue
@@ -38,10 +37,7 @@ def mlp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = prepare_dataset(load("synthetic", seed=0, synth_users=300, synth_items=200))
-    out = tmp_path_factory.mktemp("cand-trained") / "run"
-    run_centralized(data, CentralizedConfig(epochs=2, seed=0), out)
-    return out
+    return train_small(tmp_path_factory.mktemp("cand-trained") / "run")
 
 
 def items_of(body: dict[str, object]) -> list[str]:
