@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--candidates",
                 help="MLP: re-rank this many candidates of its factorized part (u·v + b) instead of "
-                "scoring every item; 0 = exact; auto = exact up to 5 000 items, else 1 000.",
+                "scoring every item; 0 = exact; auto = exact up to 5 000 items, else 200.",
             ),
         ] = "auto",
     ) -> None:

@@ -32,7 +32,7 @@ def recommend(
         typer.Option(
             "--candidates",
             help="MLP: re-rank this many candidates of its factorized part (u·v + b); 0 = exact; "
-            "auto = exact up to 5 000 items, else 1 000.",
+            "auto = exact up to 5 000 items, else 200.",
         ),
     ] = "auto",
 ) -> None:
