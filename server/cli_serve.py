@@ -8,6 +8,17 @@ from typing import Annotated
 
 import typer
 
+#: ``--candidates`` of ``serve`` and ``recommend`` (parsed by ``fedrec.shared_model.recommend.parse_candidates``).
+CandidatesOpt = Annotated[
+    str,
+    typer.Option(
+        "--candidates",
+        help="MLP models: re-rank only this many candidates of a linear retrieval score (the logit "
+        "linearized in the user vector) instead of every item; 0 = exact; auto = exact up to 5 000 "
+        "items, else 200.",
+    ),
+]
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``serve`` command to ``app``."""
@@ -54,14 +65,7 @@ def register(app: typer.Typer) -> None:
         max_batch: Annotated[
             int, typer.Option("--max-batch", min=1, max=1024, help="Most requests per ranking call.")
         ] = 64,
-        candidates: Annotated[
-            str,
-            typer.Option(
-                "--candidates",
-                help="MLP: re-rank this many candidates of its factorized part (u·v + b) instead of "
-                "scoring every item; 0 = exact; auto = exact up to 5 000 items, else 200.",
-            ),
-        ] = "auto",
+        candidates: CandidatesOpt = "auto",
     ) -> None:
         """Serve top-K over HTTP (POST /v1/recommend, GET /v1/items/{id}, /healthz, /docs).
 

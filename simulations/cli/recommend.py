@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from fedrec.server.cli_serve import CandidatesOpt
 from fedrec.shared_model.errors import FedrecError
 from fedrec.simulations.cli.common import out_console
 
@@ -27,14 +28,7 @@ def recommend(
     explain_: Annotated[
         bool, typer.Option("--explain", help="Name the history items behind each item.")
     ] = False,
-    candidates: Annotated[
-        str,
-        typer.Option(
-            "--candidates",
-            help="MLP: re-rank this many candidates of its factorized part (u·v + b); 0 = exact; "
-            "auto = exact up to 5 000 items, else 200.",
-        ),
-    ] = "auto",
+    candidates: CandidatesOpt = "auto",
 ) -> None:
     """Top-K for a history with the global model (no user table needed: any user, a new one too)."""
     from fedrec.shared_model.artifacts import load_model
