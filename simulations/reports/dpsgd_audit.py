@@ -413,6 +413,8 @@ def run_gradient_audit(
     else:
         name = getattr(make_trainer, "__qualname__", "make_trainer")
     q, m = claim.sample_rate, cfg.canaries
+    if not 0 < q <= 1 or abs(1.0 / round(1.0 / q) - q) > 1e-12:
+        raise AuditError(f"cannot reproduce sample rate {q:g} (it must be 1/k for an integer k)")
     rng = np.random.default_rng([cfg.seed, 18])
     included = rng.random(m) < 0.5
     data = prepare_dataset(
