@@ -116,8 +116,14 @@ def _plots(outcome: AuditOutcome, run: RunFiles) -> dict[str, bytes]:
                 rep = replays[t]
                 if key == "recorded":
                     vals.append(rep.recorded[-1])
-                elif key == "empirical":
-                    vals.append(emp.epsilon_lb if emp is not None and emp.tenant == t else 0.0)
+                elif key == "empirical":  # the larger of the data- and gradient-canary bounds
+                    grad = outcome.gradient
+                    vals.append(
+                        max(
+                            emp.epsilon_lb if emp is not None and emp.tenant == t else 0.0,
+                            grad.epsilon_lb if grad is not None and grad.tenant == t else 0.0,
+                        )
+                    )
                 else:
                     vals.append(rep.final.get(key, 0.0))
             label = {"recorded": "claimed (ledger)", "empirical": "empirical lower bound"}.get(
