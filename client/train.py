@@ -247,24 +247,35 @@ def train_round(
     *,
     noise_multiplier: float,
     seed: int,
+    plan: StepPlan | None = None,
     canaries: RoundCanaries | None = None,
     make_trainer: TrainerFactory = make_private_trainer,
 ) -> RoundStats:
     """Run one round of local training in place on ``model``; returns what happened.
 
     With ``cfg.dp`` the caller must have checked and will charge the budget for
-    (``noise_multiplier``, ``plan.sample_rate``, ``plan.steps``). ``canaries`` and ``make_trainer``
-    are the audit's hooks (module docstring); with canaries the plan counts them among the users.
+    (``noise_multiplier``, ``plan.sample_rate``, ``plan.steps``). ``plan`` (default: from the exact
+    user count) may be planned from the tenant's noisy count ñ instead (``fedrec.privacy.mechanisms``):
+    every user is still sampled with rate ``plan.sample_rate``; ñ only sets q, the steps and the
+    expected batch size the noisy sum is divided by — all public then. ``canaries`` and
+    ``make_trainer`` are the audit's hooks (module docstring); with canaries the plan counts them
+    among the users (the audit plans its own round: no ``plan`` with canaries).
     """
     t0 = time.perf_counter()
     n_real = split.n_users
     if canaries is not None and not cfg.dp:
         raise ValueError("audit canaries need DP training (they go through the DP optimizer)")
-    plan = plan_round(n_real + (canaries.count if canaries is not None else 0), cfg)
+    if canaries is not None and plan is not None:
+        raise ValueError("audit canaries plan their own round (the plan counts them among the users)")
+    plan = plan or plan_round(n_real + (canaries.count if canaries is not None else 0), cfg)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     sampler = UniformWithReplacementSampler(
-        num_samples=plan.n_users, sample_rate=plan.sample_rate, generator=gen, steps=plan.steps
+        # every real user (and every audit canary) is sampled at rate q, whatever count planned q
+        num_samples=n_real + (canaries.count if canaries is not None else 0),
+        sample_rate=plan.sample_rate,
+        generator=gen,
+        steps=plan.steps,
     )
     model.to(cfg.device).train()
     losses: list[float] = []

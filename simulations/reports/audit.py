@@ -47,6 +47,7 @@ from fedrec.privacy.empirical import (
     threshold_confusion,
 )
 from fedrec.privacy.errors import PrivacyError
+from fedrec.privacy.mechanisms import is_side_entry
 from fedrec.shared_model.runconfig import RELEASE_APPROACHES
 from fedrec.simulations.reports.dpsgd_audit import GradientAuditResult
 from fedrec.simulations.reports.errors import AuditError
@@ -338,9 +339,10 @@ def _mechanism(run: RunFiles, tenant: str) -> dict[str, Any]:
     rc = run.run_config
     if run.dp:
         led = read_ledger(run.ledgers[tenant])
-        entries = [e for e in led.entries if isinstance(e, dict)]
+        # The DP-SGD rounds only: the round-0 noisy count and the DP evaluation are other mechanisms.
+        entries = [e for e in led.entries if isinstance(e, dict) and not is_side_entry(e)]
         if not entries:
-            raise AuditError(f"tenant {tenant} has no ledger entries: nothing to replicate")
+            raise AuditError(f"tenant {tenant} has no training round in its ledger: nothing to replicate")
         users = int(entries[-1]["users"])
         return {
             "users": users,

@@ -56,6 +56,7 @@ from scipy import stats
 
 from fedrec.privacy.audit import Check, Finding, read_ledger
 from fedrec.privacy.empirical import OneRunResult, one_run_audit
+from fedrec.privacy.mechanisms import is_side_entry
 from fedrec.simulations.reports.errors import AuditError
 
 DEFAULT_TRAINER = "fedrec.client.train:make_private_trainer"
@@ -132,6 +133,7 @@ def dpsgd_claim(run: RunFiles, tenant: str) -> DPSGDClaim:
         if isinstance(e, dict)
         and "steps" in e
         and not str(e.get("mechanism", "")).startswith("gaussian:item_release")
+        and not is_side_entry(e)  # the round-0 count and the DP evaluation are not DP-SGD rounds
     ]
     if not entries:
         raise AuditError(f"tenant {tenant} has no DP-SGD round in its ledger: nothing to audit with canaries")
