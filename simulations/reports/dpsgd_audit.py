@@ -38,8 +38,8 @@ audit follows the white-box setting of Steinke, Nasr and Jagielski (2023, "Priva
 The replica trains the tenant alone, rounds one after the other (no averaging with other tenants):
 the strongest position for the attacker, the same mechanism for the accountant. The claim audited is
 the ε of the DP-SGD rounds in the ledger (σ, q, steps per round), recomputed with the run's
-accountant; for a run that also spent part of its budget on a release (``--release-init``), only the
-DP-SGD part is audited here.
+accountant; the round-0 noisy user count, the DP evaluation and a ``--release-init`` release are
+other mechanisms in the same ledger and are not part of it (only the DP-SGD part is audited here).
 """
 
 from __future__ import annotations
