@@ -44,7 +44,6 @@ from fedrec.server.release import (
     shares_for,
     sum_noise,
 )
-from fedrec.server.release_init import POP_SHARE as INIT_POP_SHARE
 from fedrec.server.release_init import init_from_release, init_model_config, init_problem
 from fedrec.server.secagg import SecureAggregator, shares_and_threshold
 from fedrec.shared_model.artifacts import save_model, write_json_atomic
@@ -261,7 +260,11 @@ class _Federation:
         self.max_users = manifest_users(cfg)
         self.mcfg = model_config(self.catalog, cfg)
         if cfg.release_init > 0:
-            self.mcfg = init_model_config(self.mcfg)
+            self.mcfg = init_model_config(
+                self.mcfg,
+                dot_mix=cfg.dot_mix if cfg.dot_mix >= 0 else None,
+                trainable=cfg.train_modules(),
+            )
         self.model_json = json.dumps(self.mcfg.to_json())
         torch.manual_seed(cfg.seed)
         self.model: Ranker = HistoryMLP(self.mcfg, self.catalog.genres if self.mcfg.n_genres else None)
@@ -575,7 +578,7 @@ class _Federation:
                 {
                     "phase": ITEM_RELEASE_PHASE,
                     "round": rd.rnd,
-                    "pop-share": INIT_POP_SHARE,
+                    "pop-share": self.cfg.release_init_pop,
                     "ledger-head": self.head_for(nid),
                 }
             )
@@ -592,7 +595,9 @@ class _Federation:
         users = 0
         for tenant, info, met, rel in self.clear_replies(rd, messages, "release"):
             n = as_int(met["num-examples"])
-            problem = init_problem(rel, self.catalog.n_items, n, self.max_users.get(tenant))
+            problem = init_problem(
+                rel, self.catalog.n_items, n, self.max_users.get(tenant), self.cfg.release_init_pop
+            )
             if problem:
                 rd.reject(info, problem)
                 continue
@@ -612,7 +617,14 @@ class _Federation:
         sigma_sum = sum_noise(sigmas, 1) if self.cfg.dp else 0.0
         t0 = time.perf_counter()
         emb, prior, facts = init_from_release(
-            total, n_items=self.catalog.n_items, users=users, sigma_sum=sigma_sum, dim=self.mcfg.dim
+            total,
+            n_items=self.catalog.n_items,
+            users=users,
+            sigma_sum=sigma_sum,
+            dim=self.mcfg.dim,
+            pop_share=self.cfg.release_init_pop,
+            source=self.cfg.release_init_items,
+            genres=self.catalog.genres,
         )
         model = self.model
         assert isinstance(model, HistoryMLP)
@@ -623,7 +635,7 @@ class _Federation:
         rd.row["aggregated"] = len(rd.contributors)
         rd.row["release_init"] = {
             "share": self.cfg.release_init,
-            "pop_share": INIT_POP_SHARE,
+            "pop_share": self.cfg.release_init_pop,
             "users": users,
             "sum_noise_multiplier": round(sigma_sum, 6),
             **facts,
