@@ -78,6 +78,9 @@ def run_config(spec: dict[str, Any], fed: Path, splits: dict[str, Any], seed: in
     t0 = time.perf_counter()
     spec = dict(spec)
     name = spec.pop("name", "")
+    nodp = spec.get("epsilon") == float("inf")  # the same stages without noise (no guarantee)
+    if nodp:
+        spec["epsilon"] = 1.0
     cfg = RunConfig.from_mapping({"fed-dir": str(fed), "approach": "mlp", "seed": seed, **spec})
     f = open_federation(fed)
     catalog = f.catalog
@@ -88,8 +91,12 @@ def run_config(spec: dict[str, Any], fed: Path, splits: dict[str, Any], seed: in
     # DP popularity at the whole ε (the product's baseline)
     total_pop = np.zeros(n_items)
     for t, sp in splits.items():
-        sig = calibrate_noise(
-            target_epsilon=cfg.cap_for(t), delta=cfg.delta, sample_rate=1.0, steps=1, accountant="prv"
+        sig = (
+            0.0
+            if nodp
+            else calibrate_noise(
+                target_epsilon=cfg.cap_for(t), delta=cfg.delta, sample_rate=1.0, steps=1, accountant="prv"
+            )
         )
         total_pop += DPPopularity.release(sp, sig, rng)
     row["dp_popularity"] = val_hr(DPPopularity().fit_released(total_pop), union, catalog, cfg)
@@ -98,8 +105,12 @@ def run_config(spec: dict[str, Any], fed: Path, splits: dict[str, Any], seed: in
     total: dict[str, np.ndarray] = {}
     sig_rel: dict[str, float] = {}
     for t, sp in splits.items():
-        s = gram.calibrate_release_sigma(
-            target_epsilon=cfg.cap_for(t) * share, delta=cfg.delta, accountant="prv"
+        s = (
+            0.0
+            if nodp
+            else gram.calibrate_release_sigma(
+                target_epsilon=cfg.cap_for(t) * share, delta=cfg.delta, accountant="prv"
+            )
         )
         sig_rel[t] = s
         msg = release_message(
@@ -129,12 +140,15 @@ def run_config(spec: dict[str, Any], fed: Path, splits: dict[str, Any], seed: in
     row["before_sgd"] = val_hr(model, union, catalog, cfg)
     # stage 2: DP-SGD rounds, FedAvg
     local = local_config(cfg)
-    local = type(local)(**{**local.__dict__, "device": "cpu"})
+    local = type(local)(**{**local.__dict__, "device": "cpu", "dp": not nodp})
     sig_sgd: dict[str, float] = {}
     eps: dict[str, float] = {}
     for t, sp in splits.items():
         plan = plan_round(sp.n_users, local)
         hist = [(sig_rel[t], 1.0, 1)]
+        if nodp:
+            sig_sgd[t], eps[t] = 0.0, float("inf")
+            continue
         sig_sgd[t] = calibrate_noise(
             target_epsilon=cfg.cap_for(t), delta=cfg.delta, sample_rate=plan.sample_rate,
             steps=plan.steps * cfg.num_server_rounds, accountant="prv", history_before=hist,
@@ -159,7 +173,7 @@ def run_config(spec: dict[str, Any], fed: Path, splits: dict[str, Any], seed: in
     assert all(torch.equal(p, frozen0[k]) for k, p in model.named_parameters() if k in frozen0)
     row["after_sgd"] = val_hr(model, union, catalog, cfg)
     if model.mix is not None:
-        row["mix"] = round(float(model.mix.weight[0, 0]), 4)
+        row["mix"] = round(float(model.mix.weight.detach()[0, 0]), 4)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 

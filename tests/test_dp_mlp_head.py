@@ -174,3 +174,21 @@ def test_genre_release_init_trains_the_head_and_the_ledger_charges_both_stages(
 def test_head_settings_are_checked(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(FedrecError, match=match):
         RunConfig(approach="mlp", **kwargs)  # type: ignore[arg-type]
+
+
+def test_cli_refuses_a_head_setting_with_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrec", "simulate", "--data", "synthetic", "--synth-users", "60",
+         "--approach", "mlp", "--release-init", "0.5", "--dp-train", "mix", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error:") and "needs dot-mix >= 0" in lines[-1], proc.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
