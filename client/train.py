@@ -226,6 +226,7 @@ def train_round(
     sampler = UniformWithReplacementSampler(
         num_samples=plan.n_users, sample_rate=plan.sample_rate, generator=gen, steps=plan.steps
     )
+    neg_probs = model.negative_probs()  # None: uniform negatives
     model.to(cfg.device).train()
     losses: list[float] = []
     seen = empty = 0
@@ -238,7 +239,7 @@ def train_round(
                     empty += 1
                     _noise_only_step(trainer.optimizer)
                     continue
-                batch = make_user_batch(split, np.asarray(users), cfg.sampling, rng).to(cfg.device)
+                batch = make_user_batch(split, np.asarray(users), cfg.sampling, rng, neg_probs).to(cfg.device)
                 loss = per_user_loss(trainer.module, batch)  # (B,)
                 trainer.backward(loss)
                 trainer.optimizer.step()
@@ -253,7 +254,7 @@ def train_round(
             if len(users) == 0:
                 empty += 1
                 continue
-            batch = make_user_batch(split, np.asarray(users), cfg.sampling, rng).to(cfg.device)
+            batch = make_user_batch(split, np.asarray(users), cfg.sampling, rng, neg_probs).to(cfg.device)
             loss = per_user_loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.mean().backward()

@@ -127,6 +127,7 @@ def run_config(spec: dict[str, Any], fed: Path, splits: dict[str, Any], seed: in
         model_config(catalog, cfg),
         dot_mix=cfg.dot_mix if cfg.dot_mix >= 0 else None,
         trainable=cfg.train_modules(),
+        prior_negatives=cfg.prior_negatives,
     )
     torch.manual_seed(seed)
     model = HistoryMLP(mcfg, catalog.genres)

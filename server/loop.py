@@ -264,6 +264,7 @@ class _Federation:
                 self.mcfg,
                 dot_mix=cfg.dot_mix if cfg.dot_mix >= 0 else None,
                 trainable=cfg.train_modules(),
+                prior_negatives=cfg.prior_negatives,
             )
         self.model_json = json.dumps(self.mcfg.to_json())
         torch.manual_seed(cfg.seed)
@@ -924,9 +925,14 @@ def privacy_report(
                 "release_init": {
                     "share_of_epsilon": cfg.release_init,
                     "round": 1,
-                    "what": "one item release per tenant (popularity + Gram) calibrated alone to this "
-                    "share of the cap; the MLP's prior and frozen item embeddings are post-processing of "
-                    "its sum; the DP-SGD rounds are calibrated to the rest (one accountant history)",
+                    "what": "one item release per tenant (popularity + Gram, or popularity only) calibrated "
+                    "alone to this share of the cap; the MLP's prior and frozen item embeddings are "
+                    "post-processing of its sum (or public genre vectors); the DP-SGD rounds are "
+                    "calibrated to the rest (one accountant history)",
+                    "pop_share": cfg.release_init_pop,
+                    "item_table": cfg.release_init_items,
+                    "dot_mix": cfg.dot_mix if cfg.dot_mix >= 0 else None,
+                    "dp_train": list(cfg.train_modules()) or "all but the item table",
                 }
             }
             if cfg.release_init > 0 and not releasing

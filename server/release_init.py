@@ -50,12 +50,14 @@ def init_model_config(
     *,
     dot_mix: float | None = None,
     trainable: tuple[str, ...] = (),
+    prior_negatives: bool = False,
 ) -> ModelConfig:
     """The MLP trained on top of the release: fixed prior, frozen item table, no item bias, output at 0.
 
     ``dot_mix``: a learned weight on the dot term, started there, with the genre projection, user-feature
     and context embeddings started at 0 (the model then starts at prior + dot_mix · u·v).
     ``trainable``: the only modules DP-SGD trains (the rest keep their initial values).
+    ``prior_negatives``: training negatives drawn from the DP prior (``ModelConfig.prior_negatives``).
     """
     return replace(
         base,
@@ -66,6 +68,7 @@ def init_model_config(
         dot_mix=dot_mix,
         zero_init_side=dot_mix is not None,
         trainable=trainable,
+        prior_negatives=prior_negatives,
     )
 
 

@@ -13,6 +13,7 @@ rank for any user given a history, a new user included.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -51,6 +52,10 @@ class ModelConfig:
     # Names of the modules DP-SGD trains (prefixes of parameter names: "mix", "mlp", "genre_proj",
     # "user_feats", "hour_emb", "weekday_emb", "bias", "item_emb"); () = every parameter not frozen.
     trainable: tuple[str, ...] = ()
+    # Training negatives drawn from exp(prior) instead of uniformly (needs fixed_prior). The prior then
+    # explains nothing in training, so while training the logit leaves it out and the rest learns the
+    # log-odds of the user's items against prior-popular ones — the part ranking adds to the prior.
+    prior_negatives: bool = False
 
     def __post_init__(self) -> None:
         if self.n_items < 1:
@@ -62,6 +67,8 @@ class ModelConfig:
             raise ValueError(
                 f"trainable modules must be among {', '.join(TRAINABLE_MODULES)}, got {sorted(unknown)}"
             )
+        if self.prior_negatives and not self.fixed_prior:
+            raise ValueError("prior_negatives needs fixed_prior (negatives are drawn from the prior)")
         if "mix" in self.trainable and self.dot_mix is None:
             raise ValueError("trainable 'mix' needs dot_mix (the learned weight of the dot term)")
 
@@ -242,8 +249,23 @@ class HistoryMLP(nn.Module):
             dot = (uu * v).sum(-1)  # (B, C)
             logit = logit + (dot if self.mix is None else self.mix(dot.unsqueeze(-1)).squeeze(-1))
         if self.prior is not None:
-            logit = logit + self.prior[candidates]
+            if self.training and self.cfg.prior_negatives:
+                # Bayes logit of "a user's item vs an exp(prior)-drawn negative" is log-affinity plus
+                # log(positives/negatives); the prior holds log p + log(N/negatives), so that constant
+                # is logsumexp(prior) − log N. The per-item prior itself cancels.
+                n = self.cfg.n_items
+                logit = logit + (torch.logsumexp(self.prior[:n], 0) - math.log(n))
+            else:
+                logit = logit + self.prior[candidates]
         return logit
+
+    def negative_probs(self) -> np.ndarray | None:
+        """(n_items,) sampling distribution of training negatives: exp(prior) normalised, or None (uniform)."""
+        if not self.cfg.prior_negatives or self.prior is None:
+            return None
+        p = torch.softmax(self.prior[: self.cfg.n_items].double(), 0).cpu().numpy()
+        out: np.ndarray = p / p.sum()
+        return out
 
     @torch.no_grad()
     def score_all(

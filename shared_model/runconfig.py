@@ -103,6 +103,9 @@ class RunConfig:
     release_init_pop: float = 0.5
     dot_mix: float = -1.0
     dp_train: str = ""
+    # release-init: draw training negatives from the DP prior (exp(prior)) so DP-SGD learns what the user's
+    # items have beyond popularity, the part that changes the ranking (fedrec.shared_model.model)
+    prior_negatives: bool = False
     resume: bool = False  # continue run-dir from its checkpoint (rounds after the last complete one)
     # --- simulated faults (acted on only by simulated nodes, i.e. with partition-id; client/faults.py)
     fault_dropout: float = 0.0  # probability that a tenant misses a round (drawn from seed/tenant/round)
@@ -144,8 +147,10 @@ class RunConfig:
                 f"release-init-items {self.release_init_items!r} needs a Gram part: release-init-pop < 1"
             )
         self.train_modules()  # validates
-        if (self.dot_mix >= 0 or self.dp_train) and self.release_init <= 0:
-            raise FedrecError("dot-mix and dp-train shape the release-init model: they need release-init > 0")
+        if (self.dot_mix >= 0 or self.dp_train or self.prior_negatives) and self.release_init <= 0:
+            raise FedrecError(
+                "dot-mix, dp-train and prior-negatives shape the release-init model: they need release-init > 0"
+            )
         if self.release_init > 0 and self.secagg:
             raise FedrecError("release-init under SecAgg+ is not built yet; run it without --secagg")
         if self.final_model not in FINAL_MODELS:

@@ -25,6 +25,7 @@ from fedrec.simulations.data.dataset import prepare_dataset
 from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
 from fedrec.simulations.data.sources import load
 from fedrec.simulations.driver.loopback import LoopbackGrid
+from fedrec.simulations.reports.audit import check_run, load_run
 
 TENANTS = 2
 
@@ -68,6 +69,38 @@ def test_the_mixed_dot_term_scores_the_same_in_training_and_ranking(data) -> Non
     )
 
 
+def test_prior_negatives_are_drawn_from_the_prior_and_the_prior_leaves_the_training_logit(data) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    model = _head_model(data, ("mix",))
+    model = HistoryMLP(replace(model.cfg, prior_negatives=True), data.catalog.genres)
+    n = data.catalog.n_items
+    prior = np.full(n, -30.0)
+    prior[[3, 7]] = [np.log(0.25), np.log(0.75)]
+    model.set_prior(prior)
+    probs = model.negative_probs()
+    assert probs is not None
+    np.testing.assert_allclose(probs[[3, 7]], [0.25, 0.75], atol=1e-9)
+    rng = np.random.default_rng(0)
+    batch = make_user_batch(data.split, np.arange(20), SamplingConfig(), rng, probs)
+    assert batch.labels is not None
+    negs = batch.candidates[(batch.labels == 0) & (batch.candidates < n)]
+    assert len(negs) and set(negs.tolist()) <= {3, 7}
+    # Training: the per-item prior cancels; a constant logsumexp(prior) − log N stands for it.
+    args = (batch.history, batch.candidates, batch.user_features, batch.context)
+    model.eval()
+    ranked = model(*args)
+    model.train()
+    trained = model(*args)
+    const = float(torch.logsumexp(model.prior[:n], 0)) - np.log(n)
+    cand = batch.candidates.clamp(max=n)
+    np.testing.assert_allclose(
+        trained.detach().numpy(), (ranked - model.prior[cand] + const).detach().numpy(), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="needs fixed_prior"):
+        ModelConfig(n_items=n, prior_negatives=True)
+
+
 def test_dp_sgd_moves_only_the_listed_modules(data) -> None:  # type: ignore[no-untyped-def]
     model = _head_model(data, ("mix",))
     # The start is prior + 0.5·u·v: side embeddings and the output layer at 0, item table = genres.
@@ -100,6 +133,7 @@ def test_genre_release_init_trains_the_head_and_the_ledger_charges_both_stages(
         release_init_pop=1.0,
         dot_mix=0.0,
         dp_train="mix,genre_proj",
+        prior_negatives=True,
         num_server_rounds=2,
         batch_users=32,
         lr=0.1,
@@ -137,7 +171,9 @@ def test_genre_release_init_trains_the_head_and_the_ledger_charges_both_stages(
     np.testing.assert_array_equal(model.item_emb.weight[:n].detach().numpy(), emb)
     np.testing.assert_allclose(model.prior[:n].numpy(), prior, rtol=0, atol=1e-6)
     # Frozen at their start: everything DP-SGD does not list (re-built from the run's seed).
-    mcfg = init_model_config(model_config(catalog, cfg), dot_mix=0.0, trainable=("mix", "genre_proj"))
+    mcfg = init_model_config(
+        model_config(catalog, cfg), dot_mix=0.0, trainable=("mix", "genre_proj"), prior_negatives=True
+    )
     torch.manual_seed(cfg.seed)
     start = HistoryMLP(mcfg, catalog.genres)
     trained = dict(model.named_parameters())
@@ -158,6 +194,9 @@ def test_genre_release_init_trains_the_head_and_the_ledger_charges_both_stages(
         assert privacy["tenants"][f"tenant-{t}"]["epsilon"] == pytest.approx(sgd2["epsilon"])
     rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
     assert rows[0]["release_init"]["pop_share"] == 1.0 and rows[0]["release_init"]["source"] == "genres"
+    # `fedrec audit` checks round 1 as the release (q = 1, one step) and rounds 2–3 against the DP-SGD plan.
+    report = check_run(load_run(run))
+    assert not report.failed(), [(c.name, c.tenant, c.findings) for c in report.failed()]
 
 
 @pytest.mark.parametrize(
@@ -169,6 +208,7 @@ def test_genre_release_init_trains_the_head_and_the_ledger_charges_both_stages(
         ({"release_init": 0.5, "release_init_pop": 1.0}, "needs a Gram part"),
         ({"release_init": 0.5, "release_init_pop": 0.0}, r"release-init-pop must be in \(0, 1\]"),
         ({"dot_mix": 1.0}, "need release-init > 0"),
+        ({"prior_negatives": True}, "need release-init > 0"),
     ],
 )
 def test_head_settings_are_checked(kwargs: dict[str, object], match: str) -> None:

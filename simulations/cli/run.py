@@ -171,6 +171,14 @@ def simulate(
             "genre_proj, user_feats, hour_emb, weekday_emb [all but the frozen item table].",
         ),
     ] = "",
+    prior_negatives: Annotated[
+        bool,
+        typer.Option(
+            "--prior-negatives",
+            help="With --release-init: draw training negatives from the DP prior, so DP-SGD learns what a "
+            "user's items have beyond popularity.",
+        ),
+    ] = False,
     secagg: Annotated[
         bool,
         typer.Option("--secagg", help="SecAgg+: the server sees only the masked sum of the tenants' deltas."),
@@ -293,6 +301,7 @@ def simulate(
         release_init_pop=release_init_pop,
         dot_mix=dot_mix,
         dp_train=dp_train.strip(),
+        prior_negatives=prior_negatives,
         secagg=secagg,
         aggregation=aggregation.strip(),
         max_update_norm=max_update_norm or 0.0,
