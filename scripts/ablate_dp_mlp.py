@@ -201,17 +201,17 @@ def main() -> None:
         )
     for seed in args.seeds:
         data = prepare_dataset(load(args.data, seed=seed))
-        fed = Path(tempfile.mkdtemp(prefix="fedrec-abl-")) / "fed"
-        prepare_federation(
-            data, fed, PrepareConfig(tenants=args.tenants, partition=args.partition, seed=seed, k_anonymity=5)
-        )
-        splits = load_tenant_splits(open_federation(fed))
-        for spec in specs:
-            row = run_config(spec, fed, splits, seed)
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(row) + "\n")
+        with tempfile.TemporaryDirectory(prefix="fedrec-abl-") as tmp:  # tenant folders: removed after
+            fed = Path(tmp) / "fed"
+            pcfg = PrepareConfig(tenants=args.tenants, partition=args.partition, seed=seed, k_anonymity=5)
+            prepare_federation(data, fed, pcfg)
+            splits = load_tenant_splits(open_federation(fed))
+            for spec in specs:
+                row = run_config(spec, fed, splits, seed)
+                print(json.dumps(row), flush=True)
+                if args.out:
+                    with open(args.out, "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
