@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from fedrec.privacy import gram
+from fedrec.server.release import shape_problem
 from fedrec.shared_model.codec import Weights
 from fedrec.shared_model.dp_item import DPEASERule, EigenGram
 from fedrec.shared_model.errors import FedrecError
@@ -72,34 +73,16 @@ def init_model_config(
     )
 
 
-def release_keys(n_items: int, pop_share: float) -> dict[str, tuple[int]]:
-    """The arrays (and shapes) an initialising release of popularity share ``pop_share`` holds."""
-    want: dict[str, tuple[int]] = {}
-    if pop_share > 0:
-        want["popularity"] = (n_items,)
-    if pop_share < 1:
-        want["gram"] = (n_items * (n_items + 1) // 2,)
-    return want
+def release_keys(pop_share: float) -> tuple[str, ...]:
+    """The arrays an initialising release of popularity share ``pop_share`` holds."""
+    return tuple(k for k, on in (("popularity", pop_share > 0), ("gram", pop_share < 1)) if on)
 
 
 def init_problem(
     weights: Weights, n_items: int, users: int, max_users: int | None, pop_share: float = POP_SHARE
 ) -> str | None:
-    """Why a tenant's initialising release must not be summed, or None."""
-    want = release_keys(n_items, pop_share)
-    if set(weights) != set(want):
-        return f"release has keys {sorted(weights)}, expected {sorted(want)}"
-    for k, shape in want.items():
-        v = weights[k]
-        if tuple(v.shape) != shape or v.dtype != np.float32:
-            return f"{k}: shape {tuple(v.shape)} dtype {v.dtype}, expected {shape} float32"
-        if not np.isfinite(v).all():
-            return f"{k}: non-finite values"
-    if users <= 0:
-        return f"user count {users} must be positive"
-    if max_users is not None and users > max_users:
-        return f"user count {users} exceeds the tenant's manifest ({max_users})"
-    return None
+    """Why a tenant's initialising release must not be summed, or None (it holds the parts ρ asks for)."""
+    return shape_problem(weights, release_keys(pop_share), n_items, users, max_users)
 
 
 def genre_embeddings(genres: np.ndarray, dim: int) -> np.ndarray:

@@ -186,12 +186,14 @@ def test_genre_release_init_trains_the_head_and_the_ledger_charges_both_stages(
     privacy = json.loads((run / "privacy.json").read_text())
     for t in range(TENANTS):
         entries, problems = read_entries(run / "ledger" / f"tenant-{t}.jsonl")
-        assert not problems and [e["round"] for e in entries] == [1, 2, 3]
-        rel, sgd1, sgd2 = entries
+        # round 0: the noisy user count; 1: the release; 2–3: DP-SGD; 4: the DP test evaluation
+        assert not problems and [e["round"] for e in entries] == [0, 1, 2, 3, 4]
+        count, rel, sgd1, sgd2, final = entries
         assert rel["purpose"] == "mlp-init" and rel["release_share"] == 0.8 and rel["pop_share"] == 1.0
-        assert 4.7 <= rel["epsilon"] <= 4.8 + 1e-9, "the release alone spends its share of the cap"
-        assert rel["epsilon"] < sgd1["epsilon"] < sgd2["epsilon"] <= 6.0 + 1e-9
-        assert privacy["tenants"][f"tenant-{t}"]["epsilon"] == pytest.approx(sgd2["epsilon"])
+        assert count["epsilon"] < rel["epsilon"] and rel["sample_rate"] == 1.0 and rel["steps"] == 1
+        assert 4.7 <= rel["epsilon"] <= 4.8 + 1e-9, "the count and the release spend the release's share"
+        assert rel["epsilon"] < sgd1["epsilon"] < sgd2["epsilon"] < final["epsilon"] <= 6.0 + 1e-9
+        assert privacy["tenants"][f"tenant-{t}"]["epsilon"] == pytest.approx(final["epsilon"])
     rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
     assert rows[0]["release_init"]["pop_share"] == 1.0 and rows[0]["release_init"]["source"] == "genres"
     # `fedrec audit` checks round 1 as the release (q = 1, one step) and rounds 2–3 against the DP-SGD plan.
