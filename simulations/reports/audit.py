@@ -48,6 +48,7 @@ from fedrec.privacy.empirical import (
 )
 from fedrec.privacy.errors import PrivacyError
 from fedrec.shared_model.runconfig import RELEASE_APPROACHES
+from fedrec.simulations.reports.dpsgd_audit import GradientAuditResult
 from fedrec.simulations.reports.errors import AuditError
 from fedrec.simulations.reports.release_audit import ReleaseAuditResult
 
@@ -284,7 +285,7 @@ def check_run(run: RunFiles, *, log: Log = lambda _: None) -> CheckReport:
 class EmpiricalConfig:
     """The canary experiment (defaults sized for a few minutes on 2 CPU cores)."""
 
-    canaries: int = 250  # m per replica; each included with probability ½
+    canaries: int = 250  # m per replica; each included with probability ½ (0: no data canaries)
     runs: int = 4  # independent replicas (each with fresh canaries); pooled into one bound
     canary_items: int = 16  # distinctive items per canary (half history, half scored)
     confidence: float = 0.95  # of the lower bound
@@ -292,9 +293,9 @@ class EmpiricalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.canaries < 4 or self.runs < 1 or self.canary_items < 2:
+        if (self.canaries < 4 and self.canaries != 0) or self.runs < 1 or self.canary_items < 2:
             raise AuditError(
-                f"need ≥ 4 canaries, ≥ 1 run and ≥ 2 items per canary, got {self.canaries}, {self.runs}, "
+                f"need 0 or ≥ 4 canaries, ≥ 1 run and ≥ 2 items per canary, got {self.canaries}, {self.runs}, "
                 f"{self.canary_items}"
             )
         if not 0 < self.confidence < 1:
@@ -542,9 +543,12 @@ class AuditOutcome:
     seconds: float = 0.0
     environment: dict[str, str] = field(default_factory=dict)
     release: ReleaseAuditResult | None = None  # --empirical on a release run
+    gradient: GradientAuditResult | None = None  # --empirical on a DP-SGD run: white-box gradient canaries
 
     def failed(self) -> list[Check]:
         out = self.checks.failed()
+        if self.gradient is not None:
+            out += [c for c in self.gradient.checks() if not c.passed]
         if self.empirical is not None and not self.empirical.check().passed:
             out.append(self.empirical.check())
         if self.release is not None:
