@@ -277,6 +277,7 @@ def train_round(
         generator=gen,
         steps=plan.steps,
     )
+    neg_probs = model.negative_probs()  # None: uniform negatives
     model.to(cfg.device).train()
     losses: list[float] = []
     seen = empty = 0
@@ -294,7 +295,7 @@ def train_round(
                 ids = np.asarray(users)
                 real = ids[ids < n_real] if canaries is not None else ids
                 if len(real):
-                    batch = make_user_batch(split, real, cfg.sampling, rng).to(cfg.device)
+                    batch = make_user_batch(split, real, cfg.sampling, rng, neg_probs).to(cfg.device)
                     loss = per_user_loss(trainer.module, batch)  # (B,)
                     trainer.backward(loss)
                     losses.append(float(loss.detach().mean()))
@@ -313,7 +314,7 @@ def train_round(
             if len(users) == 0:
                 empty += 1
                 continue
-            batch = make_user_batch(split, np.asarray(users), cfg.sampling, rng).to(cfg.device)
+            batch = make_user_batch(split, np.asarray(users), cfg.sampling, rng, neg_probs).to(cfg.device)
             loss = per_user_loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.mean().backward()

@@ -169,6 +169,8 @@ def run_plan(run: RunFiles, tenant: str) -> RunPlan:
             sample_rate=1.0,
             steps=1,
         )
+    rounds = rc.get("num-server-rounds")
+    initing = "release_init" in run.privacy  # round 1 was the item release initialising the MLP
     return RunPlan(
         delta=run.privacy.get("delta", rc.get("delta")),
         accountant=run.privacy.get("accountant", rc.get("accountant")),
@@ -176,7 +178,8 @@ def run_plan(run: RunFiles, tenant: str) -> RunPlan:
         local_epochs=rc.get("local-epochs"),
         batch_users=rc.get("batch-users"),
         max_grad_norm=rc.get("max-grad-norm"),
-        planned_rounds=rc.get("num-server-rounds"),
+        planned_rounds=rounds + 1 if initing and rounds is not None else rounds,
+        init_rounds=(1,) if initing else (),
     )
 
 
