@@ -15,6 +15,10 @@ from fedrec.simulations.cli.common import (
     MinRatingOpt,
     SeedOpt,
     SynthItemsOpt,
+    SynthNoiseOpt,
+    SynthPerUserOpt,
+    SynthProfileOpt,
+    SynthRankOpt,
     SynthUsersOpt,
     TestOpt,
     err_console,
@@ -22,6 +26,7 @@ from fedrec.simulations.cli.common import (
     out_console,
     print_metrics_table,
     print_run_summary,
+    synth_spec,
 )
 
 
@@ -48,6 +53,10 @@ def centralized(
     min_rating: MinRatingOpt = None,
     synth_users: SynthUsersOpt = None,
     synth_items: SynthItemsOpt = None,
+    synth_profile: SynthProfileOpt = "movielens",
+    synth_per_user: SynthPerUserOpt = None,
+    synth_rank: SynthRankOpt = None,
+    synth_noise: SynthNoiseOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing RUN_DIR.")] = False,
 ) -> None:
     """Train the MLP recommender on all data (no federation, no DP) and compare with baselines."""
@@ -57,7 +66,16 @@ def centralized(
     from fedrec.simulations.driver.rundir import check_out_dir
 
     check_out_dir(out, overwrite=overwrite)
-    prepared = load_prepared(data, columns, seed, min_rating, synth_users, synth_items, test)
+    prepared = load_prepared(
+        data,
+        columns,
+        seed,
+        min_rating,
+        synth_users,
+        synth_items,
+        test,
+        synth=synth_spec(synth_profile, synth_per_user, synth_rank, synth_noise),
+    )
     given = {"epochs": epochs, "patience": patience, "lr": lr}
     cfg = CentralizedConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
     resolved = {"data": data, "test": test, "columns": columns, "min_rating": min_rating, "seed": seed}
@@ -159,6 +177,10 @@ def simulate(
     min_rating: MinRatingOpt = None,
     synth_users: SynthUsersOpt = None,
     synth_items: SynthItemsOpt = None,
+    synth_profile: SynthProfileOpt = "movielens",
+    synth_per_user: SynthPerUserOpt = None,
+    synth_rank: SynthRankOpt = None,
+    synth_noise: SynthNoiseOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing RUN_DIR.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's and Ray's logs.")] = False,
     ray_address: Annotated[
@@ -225,7 +247,14 @@ def simulate(
         from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
 
         prepared = load_prepared(
-            data or "synthetic", columns, seed, min_rating, synth_users, synth_items, test
+            data or "synthetic",
+            columns,
+            seed,
+            min_rating,
+            synth_users,
+            synth_items,
+            test,
+            synth=synth_spec(synth_profile, synth_per_user, synth_rank, synth_noise),
         )
 
         def prepare(fed_dir: Path) -> None:
