@@ -112,7 +112,11 @@ def _run_release(
     """
     rnd = as_int(conf["round"])
     maybe_drop(cfg, context.node_config, paths.tenant_id, rnd)
-    out = tenant_release(cfg, paths, rnd, pop_share=float(conf["pop-share"]), shares=shares)
+    stage = as_int(conf.get("stage", 0))
+    selection = np.asarray(json.loads(str(conf["items"])), dtype=np.int64) if stage == 2 else None
+    out = tenant_release(
+        cfg, paths, rnd, pop_share=float(conf["pop-share"]), shares=shares, stage=stage, selection=selection
+    )
     maybe_crash(cfg, context.node_config, paths.tenant_id, rnd)  # charged, release not yet sent
     return out, (out.users if out.status == "ok" else 0)
 

@@ -40,6 +40,7 @@ from fedrec.client.vault import TenantData, load_tenant_cached
 from fedrec.privacy import gram
 from fedrec.privacy.accounting import calibrate_noise, check_delta
 from fedrec.privacy.budget import TenantBudget
+from fedrec.privacy.errors import BudgetError
 from fedrec.privacy.ledger import GENESIS, Ledger
 from fedrec.shared_model.codec import Weights, load_weights, parameter_weights, update_problem
 from fedrec.shared_model.data import Catalog
@@ -273,25 +274,46 @@ def tenant_train(
 
 
 def tenant_release(
-    cfg: RunConfig, paths: TenantPaths, round_: int, *, pop_share: float, shares: int = 1
+    cfg: RunConfig,
+    paths: TenantPaths,
+    round_: int,
+    *,
+    pop_share: float,
+    shares: int = 1,
+    stage: int = 0,
+    selection: np.ndarray | None = None,
 ) -> TrainOutcome:
-    """This tenant's one-shot item release (module docstring); ``weights`` holds what is published.
+    """This tenant's item release (module docstring); ``weights`` holds what is published.
 
     ``pop_share`` = 1: the DP popularity vector only; 0: the Gram only (DP-EASE). ``shares`` > 1: the
     distributed-noise mode of SecAgg+ — this tenant adds 1/shares of the noise variance, and the
-    ledger records both the ε of the sum and the ε if its share were seen alone. Without DP the exact
+    ledger records both the ε of the sum and the ε if its share were seen alone. ``stage`` 1/2: the
+    two releases of ``dp_two_stage`` (``fedrec.privacy.gram``, "Two stages"): stage 1 is the popularity
+    release at σ/√select-share (select-share from the run config, never from the server's message),
+    stage 2 the Gram over ``selection`` at the σ that spends the rest of the cap. Without DP the exact
     sums are released (no noise, no charge): only for ``--no-dp`` runs.
     """
     data = load_data(paths)
     split = data.split
     n = split.n_users
     n_items = split.n_items
-    if pop_share < 1 and n_items > gram.MAX_GRAM_ITEMS:
+    if stage not in (0, 1, 2) or (stage == 1 and pop_share != 1.0) or (stage == 2 and pop_share != 0.0):
+        raise FedrecError(f"release stage {stage!r} with pop-share {pop_share!r} is not a known release")
+    if (stage == 2) != (selection is not None):
+        raise FedrecError("a stage-2 release needs the item selection, and only it takes one")
+    try:
+        columns = n_items if selection is None else len(gram.check_selection(selection, n_items))
+    except BudgetError as err:
+        raise FedrecError(f"refusing the stage-2 release: {err}") from None
+    if pop_share < 1 and columns > cfg.gram_limit:
         raise FedrecError(
-            f"the item–item Gram of {n_items} items is too large to release (limit {gram.MAX_GRAM_ITEMS}); "
-            "use the dp_popularity or mlp approach"
+            f"the item–item Gram of {columns} items is too large to release (gram-limit {cfg.gram_limit}); "
+            "use the dp_two_stage, dp_popularity or mlp approach"
         )
-    x = gram.unit_rows(split.indptr, split.train_items, n_items)
+    if selection is None:
+        x = gram.unit_rows(split.indptr, split.train_items, n_items)
+    else:
+        x = gram.selected_rows(split.indptr, split.train_items, n_items, selection)
 
     def published(rel: gram.ItemRelease) -> Weights:
         out: Weights = {}
@@ -317,6 +339,8 @@ def tenant_release(
         accountant=cfg.accountant,  # type: ignore[arg-type]
         history_before=budget.history,
     )
+    if stage == 1:
+        sigma = gram.stage_one_sigma(sigma, cfg.select_share)
     if not budget.can_train(noise_multiplier=sigma, sample_rate=1.0, steps=1):
         return TrainOutcome(
             paths.tenant_id, "capped", n, epsilon=budget.spent(), cap=budget.cap, noise_multiplier=sigma,
@@ -333,7 +357,12 @@ def tenant_release(
         accountant=cfg.accountant,  # type: ignore[arg-type]
         cap=budget.cap,
         history_before=budget.history,
+        mechanism={0: gram.MECHANISM, 1: gram.MECHANISM_SELECT, 2: gram.MECHANISM_SELECTED_GRAM}[stage],
     )
+    if stage:
+        fields["stage"] = stage
+    if stage == 2:
+        fields["selected_items"] = columns
     # Charge and log BEFORE anything is computed that could leave the tenant.
     eps = budget.charge(round=round_, noise_multiplier=sigma, sample_rate=1.0, steps=1)
     entry = Ledger(paths.state_dir / LEDGER_FILE).append(

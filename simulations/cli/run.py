@@ -137,9 +137,24 @@ def simulate(
         typer.Option(
             "--approach",
             help="auto (pick from tenant sizes and ε, docs/PRIVACY_UTILITY.md) | mlp (DP-SGD rounds) | "
-            "dp_ease | dp_popularity (one DP item release per tenant; --rounds does not apply).",
+            "dp_ease | dp_popularity (one DP item release per tenant; --rounds does not apply) | "
+            "dp_two_stage (catalogues above --gram-limit: a DP popularity release selects the top "
+            "--gram-limit items, DP-EASE on their Gram; two releases, --select-share of the μ² budget on the first).",
         ),
     ] = "auto",
+    gram_limit: Annotated[
+        int,
+        typer.Option(
+            "--gram-limit",
+            min=2,
+            help="Most items one item–item Gram release covers (O(M³) fit, M(M+1)/2 floats per tenant); "
+            "above it auto picks dp_two_stage.",
+        ),
+    ] = 4000,
+    select_share: Annotated[
+        float,
+        typer.Option("--select-share", help="dp_two_stage: share of the μ² budget on the selecting release."),
+    ] = 0.1,
     secagg: Annotated[
         bool,
         typer.Option("--secagg", help="SecAgg+: the server sees only the masked sum of the tenants' deltas."),
@@ -234,6 +249,8 @@ def simulate(
         max_grad_norm=max_grad_norm,
         seed=seed,
         approach=approach.strip().replace("-", "_"),
+        gram_limit=gram_limit,
+        select_share=select_share,
         secagg=secagg,
         aggregation=aggregation.strip(),
         max_update_norm=max_update_norm,

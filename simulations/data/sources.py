@@ -784,7 +784,7 @@ def synthetic(
     affinity plus noise.
     """
     if spec is not None and spec.profile == "scale":
-        inter_s, items_s = scale_synthetic(users=users, items=items, seed=seed, spec=spec)
+        inter_s, items_s = scale_synthetic(users=users, items=items, seed=seed, spec=spec, genres=GENRES)
         return RawDataset(
             interactions=inter_s,
             items=items_s,

@@ -79,9 +79,12 @@ def _inverse_cdf(cum: np.ndarray, row: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 
 def scale_synthetic(
-    *, users: int, items: int, seed: int, spec: SynthSpec
+    *, users: int, items: int, seed: int, spec: SynthSpec, genres: tuple[str, ...]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(interactions, items) frames of the ``scale`` generator (module docstring), ids as strings."""
+    """(interactions, items) frames of the ``scale`` generator (module docstring), ids as strings.
+
+    An item's genre is ``genres[topic mod len(genres)]`` (a public, readable trace of its topic).
+    """
     if users < 1 or items < 10:
         raise DataError(f"A synthetic data set needs at least 1 user and 10 items (got {users} and {items}).")
     rng = np.random.default_rng(seed)
@@ -145,13 +148,11 @@ def scale_synthetic(
             "timestamp": ts.astype(np.int64),
         }
     ).astype({"user": "str", "item": "str"})
-    from fedrec.simulations.data.sources import GENRES
-
     item_ids = np.arange(1, items + 1).astype(str)
     item_frame = pd.DataFrame(
         {
             "title": [f"Synthetic item {i}" for i in item_ids],
-            "genres": np.array(GENRES)[topic % len(GENRES)],
+            "genres": np.array(genres)[topic % len(genres)],
             "year": np.zeros(items, dtype=np.int64),
         },
         index=pd.Index(item_ids, name="item", dtype="str"),
