@@ -84,9 +84,22 @@ def top_k(scores: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.nda
     assert s.ndim == 2, f"scores must be (B, N), got shape {s.shape}"
     if np.isnan(s).any():
         raise ValueError("scores contain NaN; cannot rank")
-    k = min(k, s.shape[1])
+    b, n = s.shape
+    k = min(k, n)
+    if k < n:
+        # O(N) selection first (40 000-item catalogues): the k-th largest score per row, every item
+        # above it, then the lowest-index items equal to it until k; only those k are sorted.
+        kth = -np.partition(-s, k - 1, axis=1)[:, k - 1 : k]  # (B, 1)
+        above = s > kth  # (B, N)
+        tie = s == kth  # (B, N)
+        need = k - above.sum(axis=1, keepdims=True)  # (B, 1) ≥ 1
+        keep = above | (tie & (np.cumsum(tie, axis=1) <= need))  # exactly k per row
+        cand = np.nonzero(keep)[1].reshape(b, k)  # (B, k) ascending item index
+    else:
+        cand = np.broadcast_to(np.arange(n), (b, n))
     # Stable sort of the negated scores: descending by score, ascending by index among equals.
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]  # (B, k)
+    cand_scores = np.take_along_axis(s, cand, axis=1)  # (B, k)
+    order = np.take_along_axis(cand, np.argsort(-cand_scores, axis=1, kind="stable"), axis=1)  # (B, k)
     best = np.take_along_axis(s, order, axis=1)  # (B, k)
     masked = np.isneginf(best)  # (B, k)
     order[masked] = -1

@@ -236,3 +236,19 @@ def test_nothing_per_user_in_the_release_sums() -> None:
     assert rel.gram is not None and rel.popularity is None and rel.users == 1
     expect = sp.csr_matrix(x).T @ sp.csr_matrix(x)
     assert np.allclose(rel.gram, expect.toarray())
+
+
+def test_top_k_by_argpartition_equals_the_full_stable_sort() -> None:
+    """The O(N) selection keeps the documented rule: best first, ties to the lower index, -inf never."""
+    from fedrec.shared_model.ranking import top_k
+
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 5, size=(50, 300)).astype(np.float64)  # many ties
+    s[rng.random(s.shape) < 0.3] = -np.inf
+    s[3] = -np.inf  # a row with nothing rankable
+    for k in (1, 7, 120, 300, 400):
+        idx, sc = top_k(s, k)
+        ref = np.argsort(-s, axis=1, kind="stable")[:, : min(k, 300)]
+        ref_sc = np.take_along_axis(s, ref, axis=1)
+        ref = np.where(np.isneginf(ref_sc), -1, ref)
+        assert np.array_equal(idx, ref) and np.array_equal(sc, ref_sc)
