@@ -275,3 +275,21 @@ def test_optimal_shrinkage_recovers_a_spike_better_than_soft_thresholding() -> N
     assert _shrink(np.array([2 * s]), s, "optimal")[0] == pytest.approx(0.0, abs=1e-6)  # 0 at the edge
     with pytest.raises(ValueError, match="shrinkage"):
         _shrink(vals, s, "hard")
+
+
+def test_item_model_gathers_history_rows_with_the_same_scores_as_the_dense_product() -> None:
+    from fedrec.shared_model.dp_item import DPEASE
+
+    rng = np.random.default_rng(0)
+    n, m = 300, 120
+    a = rng.normal(size=(m, m))
+    fitted = DPEASE(denoise=False).fit_gram(a @ a.T, offdiag_std=0.0, diag_std=0.0, users=100)
+    fitted.items = np.sort(rng.choice(n, m, replace=False))
+    model = ItemReleaseModel.from_ease(fitted, n, kind="ease", prior=rng.random(n))
+    import torch
+
+    hist = torch.from_numpy(rng.integers(0, n + 1, size=(16, 9)))  # pads (n) and out-of-support items
+    hist[0, :3] = hist[0, 3]  # a repeated item counts once
+    fast = model._inside_scores(hist)
+    dense = model._support_rows(hist) @ model.weights
+    assert torch.allclose(fast, dense, atol=1e-4)
