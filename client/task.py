@@ -125,7 +125,8 @@ def noise_plan(paths: TenantPaths, budget: TenantBudget, plan: StepPlan, cfg: Ru
         stored = json.loads(path.read_text(encoding="utf-8"))
         if stored["sample_rate"] == plan.sample_rate and stored["steps"] == plan.steps:
             return float(stored["noise_multiplier"])
-    rounds_left = max(1, cfg.num_server_rounds - len(budget.rounds))
+    # The initialising release (release-init) is a charged round too: count it among the planned ones.
+    rounds_left = max(1, cfg.planned_rounds() - len(budget.rounds))
     sigma = calibrate_noise(
         target_epsilon=budget.cap,
         delta=cfg.delta,
@@ -142,7 +143,7 @@ def noise_plan(paths: TenantPaths, budget: TenantBudget, plan: StepPlan, cfg: Ru
                 "noise_multiplier": sigma,
                 "sample_rate": plan.sample_rate,
                 "steps": plan.steps,
-                "planned_rounds": cfg.num_server_rounds,
+                "planned_rounds": cfg.planned_rounds(),
                 "cap": budget.cap,
                 "delta": cfg.delta,
                 "accountant": cfg.accountant,
@@ -273,6 +274,38 @@ def tenant_train(
     )
 
 
+def release_message(
+    indptr: np.ndarray,
+    items: np.ndarray,
+    n_items: int,
+    noise: gram.ReleaseNoise,
+    rng: np.random.Generator,
+    selection: np.ndarray | None = None,
+) -> Weights:
+    """What a tenant publishes for its item release, exactly as sent: unit rows from the CSR history
+    (``indptr``/``items``), the exact sums plus this tenant's noise share drawn from ``rng``, packed
+    (``popularity`` float32; ``gram`` the packed upper triangle). ``selection`` (``dp_two_stage``
+    stage 2): the rows are restricted to those items, unit norm over the selection, and the Gram is
+    over them only.
+
+    The one function between a tenant's data and its release message: :func:`tenant_release` calls it
+    after charging the budget, and ``fedrec audit --empirical`` calls it in its trials (the audit's
+    ``--release-mechanism`` hook takes any function with this signature).
+    """
+    x = (
+        gram.unit_rows(indptr, items, n_items)
+        if selection is None
+        else gram.selected_rows(indptr, items, n_items, selection)
+    )
+    rel = gram.release(x, noise, rng)
+    out: Weights = {}
+    if rel.popularity is not None:
+        out["popularity"] = rel.popularity.astype(np.float32)
+    if rel.gram is not None:
+        out["gram"] = gram.pack_gram(rel.gram)
+    return out
+
+
 def tenant_release(
     cfg: RunConfig,
     paths: TenantPaths,
@@ -282,6 +315,7 @@ def tenant_release(
     shares: int = 1,
     stage: int = 0,
     selection: np.ndarray | None = None,
+    epsilon_share: float = 1.0,
 ) -> TrainOutcome:
     """This tenant's item release (module docstring); ``weights`` holds what is published.
 
@@ -291,7 +325,9 @@ def tenant_release(
     two releases of ``dp_two_stage`` (``fedrec.privacy.gram``, "Two stages"): stage 1 is the popularity
     release at σ/√select-share (select-share from the run config, never from the server's message),
     stage 2 the Gram over ``selection`` at the σ that spends the rest of the cap. Without DP the exact
-    sums are released (no noise, no charge): only for ``--no-dp`` runs.
+    sums are released (no noise, no charge): only for ``--no-dp`` runs. ``epsilon_share`` < 1: the
+    release that initialises the MLP (``release-init``), calibrated alone to that share of the cap
+    (the tenant's own run config decides it); the ledger entry states the share.
     """
     data = load_data(paths)
     split = data.split
@@ -301,6 +337,8 @@ def tenant_release(
         raise FedrecError(f"release stage {stage!r} with pop-share {pop_share!r} is not a known release")
     if (stage == 2) != (selection is not None):
         raise FedrecError("a stage-2 release needs the item selection, and only it takes one")
+    if stage and epsilon_share < 1:
+        raise FedrecError("a dp_two_stage release spends the whole cap; it never initialises an MLP")
     try:
         columns = n_items if selection is None else len(gram.check_selection(selection, n_items))
     except BudgetError as err:
@@ -310,22 +348,12 @@ def tenant_release(
             f"the item–item Gram of {columns} items is too large to release (gram-limit {cfg.gram_limit}); "
             "use the dp_two_stage, dp_popularity or mlp approach"
         )
-    if selection is None:
-        x = gram.unit_rows(split.indptr, split.train_items, n_items)
-    else:
-        x = gram.selected_rows(split.indptr, split.train_items, n_items, selection)
-
-    def published(rel: gram.ItemRelease) -> Weights:
-        out: Weights = {}
-        if rel.popularity is not None:
-            out["popularity"] = rel.popularity.astype(np.float32)
-        if rel.gram is not None:
-            out["gram"] = gram.pack_gram(rel.gram)
-        return out
-
     if not cfg.dp:
-        exact = gram.release(x, gram.ReleaseNoise(sigma=0.0, pop_share=pop_share), np.random.default_rng(0))
-        return TrainOutcome(paths.tenant_id, "ok", n, published(exact), steps=1, sample_rate=1.0)
+        exact = release_message(
+            split.indptr, split.train_items, n_items,
+            gram.ReleaseNoise(sigma=0.0, pop_share=pop_share), np.random.default_rng(0), selection,
+        )  # fmt: skip
+        return TrainOutcome(paths.tenant_id, "ok", n, exact, steps=1, sample_rate=1.0)
 
     budget = tenant_budget(cfg, paths, n)
     if round_ in budget.rounds:  # re-sent (a crash after charging): never charge twice, never re-release
@@ -334,7 +362,7 @@ def tenant_release(
             message=f"the release of round {round_} was already charged",
         )  # fmt: skip
     sigma = gram.calibrate_release_sigma(
-        target_epsilon=budget.cap,
+        target_epsilon=budget.cap * epsilon_share,
         delta=cfg.delta,
         accountant=cfg.accountant,  # type: ignore[arg-type]
         history_before=budget.history,
@@ -373,15 +401,16 @@ def tenant_release(
             "max_grad_norm": gram.sensitivity(pop_share),  # each user's contribution has L2 norm exactly 1
             "poisson": True,  # q = 1: every user is in the one release (the accountant's q = 1 case)
             "status": "ok",
+            **({"purpose": "mlp-init", "release_share": epsilon_share} if epsilon_share < 1 else {}),
         }
     )
     rng = np.random.default_rng(secrets.randbits(128))
-    rel = gram.release(x, noise, rng)
+    message = release_message(split.indptr, split.train_items, n_items, noise, rng, selection)
     return TrainOutcome(
         paths.tenant_id,
         "ok",
         n,
-        published(rel),
+        message,
         epsilon=eps,
         cap=budget.cap,
         noise_multiplier=sigma,
