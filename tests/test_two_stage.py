@@ -129,6 +129,8 @@ def test_a_tenant_refuses_a_bad_stage_request_before_any_charge(fed: Path) -> No
         ({"pop_share": 0.0, "stage": 2, "selection": np.arange(LIMIT + 1)}, "too large to release"),
         ({"pop_share": 0.0, "stage": 2, "selection": np.array([5, 5])}, "sorted, distinct"),
         ({"pop_share": 0.0}, "too large to release"),  # the whole catalogue is above the limit
+        # an MLP tenant's release-init share never pays for a two-stage release
+        ({"pop_share": 1.0, "stage": 1, "epsilon_share": 0.5}, "never initialises an MLP"),
     ]
     for kw, needle in cases:
         with pytest.raises(FedrecError, match=needle):
