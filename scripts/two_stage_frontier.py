@@ -30,22 +30,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedrec.privacy import gram
 from fedrec.server.release import fit_release
+from fedrec.shared_model.dp_item import DPEASERule
 from fedrec.shared_model.item_model import ItemReleaseModel
 from fedrec.shared_model.ranking import top_k
 from fedrec.simulations.data.sources import synthetic
 from fedrec.simulations.data.synth_scale import SynthSpec
 
 
-def split(
-    users: int, items: int, seed: int, which: str
-) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], int]:
-    """(indptr, train items) CSR and each user's held-out items (test, or val carved from train)."""
-    raw = synthetic(users=users, items=items, seed=seed, spec=SynthSpec(profile="scale")).interactions
-    u = raw["user"].astype(np.int64).to_numpy() - 1
-    i = raw["item"].astype(np.int64).to_numpy() - 1
+def _carve(
+    u: np.ndarray, i: np.ndarray, users: int, seed: int, which: str
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Each user's items split 80/20 at random (seeded) into train/test; ``which`` = val: test dropped,
+    20% of what is left held out as validation (tuning never sees test)."""
     r = np.random.default_rng(seed + 1000).random(len(u))
     test = r < 0.2  # 20% of each user's items (in expectation) are test
-    if which == "val":  # test dropped; validation = 20% of what is left, carved out of train
+    if which == "val":
         keep = ~test
         u, i, held = u[keep], i[keep], (r[keep] < 0.36)
     else:
@@ -57,6 +56,30 @@ def split(
     te_ptr = np.concatenate([[0], np.cumsum(np.bincount(u[held], minlength=users))])
     te_items = i[held]
     tests = [te_items[te_ptr[k] : te_ptr[k + 1]] for k in range(users)]
+    return indptr, tr_i, tests
+
+
+def split(
+    users: int, items: int, seed: int, which: str, spec: SynthSpec | None = None
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], int]:
+    """(indptr, train items) CSR and each user's held-out items (test, or val carved from train)."""
+    raw = synthetic(users=users, items=items, seed=seed, spec=spec or SynthSpec(profile="scale")).interactions
+    u = raw["user"].astype(np.int64).to_numpy() - 1
+    i = raw["item"].astype(np.int64).to_numpy() - 1
+    indptr, tr_i, tests = _carve(u, i, users, seed, which)
+    return indptr, tr_i, tests, items
+
+
+def split_movielens(
+    folder: Path, seed: int, which: str
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], int]:
+    """The same split of a MovieLens-100K folder's ``u.data`` (every rating an interaction), read in
+    place (never copied)."""
+    raw = np.loadtxt(folder / "u.data", dtype=np.int64, usecols=(0, 1))
+    _, u = np.unique(raw[:, 0], return_inverse=True)
+    _, i = np.unique(raw[:, 1], return_inverse=True)
+    users, items = int(u.max()) + 1, int(i.max()) + 1
+    indptr, tr_i, tests = _carve(u.astype(np.int64), i.astype(np.int64), users, seed, which)
     return indptr, tr_i, tests, items
 
 
@@ -83,82 +106,113 @@ def recall_at(
     return total / len(users)
 
 
+def _lam_rule(m: int, lam_per_user: float | None) -> DPEASERule:
+    base = DPEASERule()
+    return DPEASERule(
+        max_items=max(base.max_items, m),
+        lam_per_user=base.lam_per_user if lam_per_user is None else lam_per_user,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="scale", help="scale (synthetic) or a MovieLens-100K folder (u.data)")
     ap.add_argument("--users", type=int, default=30000)
     ap.add_argument("--items", type=int, default=40000)
+    ap.add_argument("--synth-noise", type=float, default=SynthSpec.noise)
+    ap.add_argument("--synth-rank", type=int, default=SynthSpec.rank)
+    ap.add_argument("--synth-alpha", type=float, default=SynthSpec.alpha)
     ap.add_argument("--tenants", type=int, default=5)
     ap.add_argument("--eps", default="8,3")
     ap.add_argument("--modes", default="secagg,local")
-    ap.add_argument("--m", type=int, default=4000, help="items selected for the Gram (gram-limit)")
+    ap.add_argument("--m", default="4000", help="items selected for the Gram (gram-limit); a comma list")
     ap.add_argument("--select-share", type=float, default=0.1)
+    ap.add_argument("--lam-per-user", default="", help="EASE ridge per user, comma list [the rule's 0.002]")
     ap.add_argument("--delta", type=float, default=1e-5)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="data/split seed")
+    ap.add_argument("--noise-seeds", default="0", help="seeds of the DP noise draws, comma list")
     ap.add_argument("--which", default="test", choices=("test", "val"))
     ap.add_argument("--shrinkage", default="soft", help="soft, optimal or soft,optimal (same noisy release)")
     ap.add_argument("--no-ease", action="store_true", help="skip the non-private EASE reference")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    indptr, items, tests, n = split(args.users, args.items, args.seed, args.which)
+    if args.data == "scale":
+        spec = SynthSpec(
+            profile="scale", noise=args.synth_noise, rank=args.synth_rank, alpha=args.synth_alpha
+        )
+        indptr, items, tests, n = split(args.users, args.items, args.seed, args.which, spec)
+        name = f"scale {args.users}x{args.items} noise {args.synth_noise} rank {args.synth_rank} alpha {args.synth_alpha}"
+    else:
+        indptr, items, tests, n = split_movielens(Path(args.data), args.seed, args.which)
+        name = Path(args.data).name
+    users = len(indptr) - 1
+    ms = [min(int(m), n) for m in args.m.split(",")]
+    lams: list[float | None] = (
+        [float(x) for x in args.lam_per_user.split(",")] if args.lam_per_user else [None]
+    )
     x_all = gram.unit_rows(indptr, items, n)
     p_exact = np.asarray(x_all.sum(axis=0)).ravel()
-    rng = np.random.default_rng(args.seed + 7)
     out: list[dict] = []
 
     def emit(**row: object) -> None:
-        row = {"which": args.which, "m": args.m, "select_share": args.select_share, **row}
+        row = {"data": name, "which": args.which, "seed": args.seed, "select_share": args.select_share, **row}
         out.append(row)
         print(json.dumps(row), flush=True)
 
+    emit(approach="popularity (non-private)", recall20=recall_at(ItemReleaseModel.from_popularity(p_exact, 0.0),
+         indptr, items, tests))  # fmt: skip
     if not args.no_ease:
-        sel = gram.select_top(p_exact, args.m)
-        xs = gram.selected_rows(indptr, items, n, sel)
-        g = (xs.T @ xs).toarray()
-        model = fit_release(
-            {"gram": gram.pack_gram(g)}, "dp_two_stage", n_items=n, users=args.users, sigma_sum=0.0, dp=False,
-            stage=2, selection=sel, prior=np.log1p(p_exact),
-        )  # fmt: skip
-        recall = recall_at(model, indptr, items, tests)
-        emit(approach="ease (non-private, same M items)", epsilon=None, mode=None, recall20=recall)
-    for eps in [float(e) for e in args.eps.split(",")]:
-        sigma = gram.calibrate_release_sigma(target_epsilon=eps, delta=args.delta)
-        sigma1 = gram.stage_one_sigma(sigma, args.select_share)
-        sigma2 = gram.calibrate_release_sigma(
-            target_epsilon=eps, delta=args.delta, history_before=[(sigma1, 1.0, 1)]
-        )
-        for mode in args.modes.split(","):
-            scale = 1.0 if mode == "secagg" else math.sqrt(args.tenants)  # noise of the server's sum
-            pop_noise = gram.ReleaseNoise(sigma=sigma * scale, pop_share=1.0)
-            pop = p_exact + rng.normal(0, pop_noise.pop_std(), n)
-            dp_pop = ItemReleaseModel.from_popularity(pop, pop_noise.pop_std())
-            emit(
-                approach="dp_popularity",
-                epsilon=eps,
-                mode=mode,
-                recall20=recall_at(dp_pop, indptr, items, tests),
-            )
-            n1 = gram.ReleaseNoise(sigma=sigma1 * scale, pop_share=1.0)
-            stage1 = fit_release(
-                {"popularity": p_exact + rng.normal(0, n1.pop_std(), n)}, "dp_two_stage", n_items=n,
-                users=args.users, sigma_sum=sigma1 * scale, dp=True, stage=1,
-            )  # fmt: skip
-            prior = stage1.prior.numpy().astype(np.float64)
-            sel = gram.select_top(prior, args.m)
+        for m in ms:
+            sel = gram.select_top(p_exact, m)
             xs = gram.selected_rows(indptr, items, n, sel)
-            n2 = gram.ReleaseNoise(sigma=sigma2 * scale, pop_share=0.0)
-            g = (xs.T @ xs).toarray() + gram.symmetric_noise(args.m, n2.offdiag_std(), n2.diag_std(), rng)
-            for shrinkage in args.shrinkage.split(","):
-                t1 = time.perf_counter()
+            g = (xs.T @ xs).toarray()
+            for lpu in lams:
                 model = fit_release(
-                    {"gram": gram.pack_gram(g)}, "dp_two_stage", n_items=n, users=args.users,
-                    sigma_sum=sigma2 * scale, dp=True, stage=2, selection=sel, prior=prior, shrinkage=shrinkage,
+                    {"gram": gram.pack_gram(g)}, "dp_two_stage", n_items=n, users=users, sigma_sum=0.0,
+                    dp=False, stage=2, selection=sel, prior=np.log1p(p_exact), rule=_lam_rule(m, lpu),
                 )  # fmt: skip
-                emit(
-                    approach="dp_two_stage", epsilon=eps, mode=mode, shrinkage=shrinkage,
-                    recall20=recall_at(model, indptr, items, tests), sigma_stage1=round(sigma1, 4),
-                    sigma_stage2=round(sigma2, 4), support=model.cfg.n_support,
-                    fit_s=round(time.perf_counter() - t1, 1),
+                emit(approach="ease (non-private, same M items)", m=m, lam_per_user=lpu,
+                     recall20=recall_at(model, indptr, items, tests))  # fmt: skip
+    for noise_seed in [int(x) for x in args.noise_seeds.split(",")]:
+        rng = np.random.default_rng([noise_seed, 7])
+        for eps in [float(e) for e in args.eps.split(",")]:
+            sigma = gram.calibrate_release_sigma(target_epsilon=eps, delta=args.delta)
+            sigma1 = gram.stage_one_sigma(sigma, args.select_share)
+            sigma2 = gram.calibrate_release_sigma(
+                target_epsilon=eps, delta=args.delta, history_before=[(sigma1, 1.0, 1)]
+            )
+            for mode in args.modes.split(","):
+                scale = 1.0 if mode == "secagg" else math.sqrt(args.tenants)  # noise of the server's sum
+                common = {"epsilon": eps, "mode": mode, "noise_seed": noise_seed}
+                pop_noise = gram.ReleaseNoise(sigma=sigma * scale, pop_share=1.0)
+                pop = p_exact + rng.normal(0, pop_noise.pop_std(), n)
+                dp_pop = ItemReleaseModel.from_popularity(pop, pop_noise.pop_std())
+                emit(approach="dp_popularity", **common, recall20=recall_at(dp_pop, indptr, items, tests))
+                n1 = gram.ReleaseNoise(sigma=sigma1 * scale, pop_share=1.0)
+                stage1 = fit_release(
+                    {"popularity": p_exact + rng.normal(0, n1.pop_std(), n)}, "dp_two_stage", n_items=n,
+                    users=users, sigma_sum=sigma1 * scale, dp=True, stage=1,
                 )  # fmt: skip
+                prior = stage1.prior.numpy().astype(np.float64)
+                for m in ms:
+                    sel = gram.select_top(prior, m)
+                    xs = gram.selected_rows(indptr, items, n, sel)
+                    n2 = gram.ReleaseNoise(sigma=sigma2 * scale, pop_share=0.0)
+                    g = (xs.T @ xs).toarray() + gram.symmetric_noise(m, n2.offdiag_std(), n2.diag_std(), rng)
+                    for shrinkage in args.shrinkage.split(","):
+                        for lpu in lams:
+                            t1 = time.perf_counter()
+                            model = fit_release(
+                                {"gram": gram.pack_gram(g)}, "dp_two_stage", n_items=n, users=users,
+                                sigma_sum=sigma2 * scale, dp=True, stage=2, selection=sel, prior=prior,
+                                shrinkage=shrinkage, rule=_lam_rule(m, lpu),
+                            )  # fmt: skip
+                            emit(
+                                approach="dp_two_stage", **common, m=m, shrinkage=shrinkage, lam_per_user=lpu,
+                                recall20=recall_at(model, indptr, items, tests), sigma_stage1=round(sigma1, 4),
+                                sigma_stage2=round(sigma2, 4), support=model.cfg.n_support,
+                                fit_s=round(time.perf_counter() - t1, 1),
+                            )  # fmt: skip
     print(json.dumps({"total_s": round(time.perf_counter() - t0, 1)}))
 
 

@@ -179,6 +179,7 @@ def fit_release(
     selection: np.ndarray | None = None,
     prior: np.ndarray | None = None,
     shrinkage: str = "soft",
+    rule: DPEASERule | None = None,
 ) -> ItemReleaseModel:
     """The server's model from the summed release ``total`` (natural units).
 
@@ -193,7 +194,7 @@ def fit_release(
         )
     m = n_items if selection is None else len(selection)
     g = gram.unpack_gram(np.asarray(total["gram"], dtype=np.float64), m)
-    rule = DPEASERule(max_items=max(DPEASERule().max_items, m))
+    rule = rule or DPEASERule(max_items=max(DPEASERule().max_items, m))
     fitted = DPEASE(rule=rule, shrinkage=shrinkage).fit_gram(
         g,
         offdiag_std=noise.offdiag_std() if dp and sigma_sum > 0 else 0.0,
