@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--synth-noise", type=float, default=SynthSpec.noise)
     ap.add_argument("--synth-rank", type=int, default=SynthSpec.rank)
     ap.add_argument("--synth-alpha", type=float, default=SynthSpec.alpha)
+    ap.add_argument("--synth-topic-zipf", type=float, default=SynthSpec.topic_zipf)
     ap.add_argument("--tenants", type=int, default=5)
     ap.add_argument("--eps", default="8,3")
     ap.add_argument("--modes", default="secagg,local")
@@ -138,10 +139,14 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.data == "scale":
         spec = SynthSpec(
-            profile="scale", noise=args.synth_noise, rank=args.synth_rank, alpha=args.synth_alpha
-        )
+            profile="scale", noise=args.synth_noise, rank=args.synth_rank, alpha=args.synth_alpha,
+            topic_zipf=args.synth_topic_zipf,
+        )  # fmt: skip
         indptr, items, tests, n = split(args.users, args.items, args.seed, args.which, spec)
-        name = f"scale {args.users}x{args.items} noise {args.synth_noise} rank {args.synth_rank} alpha {args.synth_alpha}"
+        name = (
+            f"scale {args.users}x{args.items} noise {args.synth_noise} rank {args.synth_rank} "
+            f"alpha {args.synth_alpha} topic-zipf {args.synth_topic_zipf}"
+        )
     else:
         indptr, items, tests, n = split_movielens(Path(args.data), args.seed, args.which)
         name = Path(args.data).name

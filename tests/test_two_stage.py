@@ -40,8 +40,12 @@ LIMIT = 150  # gram-limit of the test runs: 600 items is "above the Gram limit"
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 tenants × 1 000 users of the scale generator over 600 items."""
-    raw = load("synthetic", synth_users=3000, synth_items=600, seed=1, synth=SynthSpec(profile="scale"))
+    """3 tenants × 1 000 users of the scale generator over 600 items.
+
+    The shape is pinned to 40 equally popular topics (15 items each here): the defaults' 200 niche
+    topics are sized for 40 000 items and would leave 3 items per topic at this size."""
+    shape = SynthSpec(profile="scale", rank=40, alpha=0.1, topic_zipf=0.0)
+    raw = load("synthetic", synth_users=3000, synth_items=600, seed=1, synth=shape)
     out = tmp_path_factory.mktemp("two-stage") / "fed"
     prepare_federation(
         prepare_dataset(raw), out, PrepareConfig(tenants=TENANTS, partition="iid", seed=1, k_anonymity=2)

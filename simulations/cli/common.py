@@ -54,7 +54,7 @@ SynthPerUserOpt = Annotated[
     typer.Option("--synth-per-user", help="Median items per user of --synth-profile scale [20]."),
 ]
 SynthRankOpt = Annotated[
-    int | None, typer.Option("--synth-rank", help="Taste topics of --synth-profile scale [40].")
+    int | None, typer.Option("--synth-rank", help="Taste topics of --synth-profile scale [200].")
 ]
 SynthNoiseOpt = Annotated[
     float | None,
