@@ -65,6 +65,10 @@ OPTIONAL_FIELDS: dict[str, type | tuple[type, ...]] = {
     "epsilon_if_alone": (int, float),
     "stage": int,  # dp_two_stage: 1 = the selecting popularity release, 2 = the Gram on the selection
     "selected_items": int,  # dp_two_stage stage 2: how many items the Gram covers
+    # the neighbouring relation the ε is for, and σ_c of the noisy count that ``users`` holds
+    # (fedrec.privacy.mechanisms; absent in ledgers written before counts were noised)
+    "relation": str,
+    "count_noise_multiplier": (int, float),
     # release-init (issue 16): the release initialises the MLP and was calibrated alone to this share of
     # the cap; the DP-SGD rounds that follow compose with it under the same cap.
     "purpose": str,

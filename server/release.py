@@ -144,7 +144,9 @@ def resolve_approach(
 def release_problem(
     weights: Weights, want: Mapping[str, tuple[int, ...]], users: int, max_users: int | None
 ) -> str | None:
-    """Why a tenant's release must not be summed (``want``: :func:`release_shapes`), or None."""
+    """Why a tenant's release must not be summed (``want``: :func:`release_shapes`), or None: exactly
+    the keys and shapes of ``want`` ('popularity' (N,), 'gram' the packed upper triangle), float32,
+    finite, and a user count in (0, manifest]."""
     if set(weights) != set(want):
         return f"release has keys {sorted(weights)}, expected {sorted(want)}"
     for k, shape in want.items():
@@ -160,6 +162,15 @@ def release_problem(
     if max_users is not None and users > max_users:
         return f"user count {users} exceeds the tenant's manifest ({max_users})"
     return None
+
+
+def shape_problem(
+    weights: Weights, keys: Sequence[str], n_items: int, users: int, max_users: int | None
+) -> str | None:
+    """:func:`release_problem` for a release of ``keys`` over the whole catalogue (the release-init
+    release: 'popularity' and 'gram' of n_items)."""
+    sizes = {"popularity": (n_items,), "gram": (n_items * (n_items + 1) // 2,)}
+    return release_problem(weights, {k: sizes[k] for k in keys}, users, max_users)
 
 
 def sum_noise(sigmas: Sequence[float], shares: int) -> float:

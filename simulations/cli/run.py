@@ -164,6 +164,15 @@ def simulate(
         float,
         typer.Option("--select-share", help="dp_two_stage: share of the μ² budget on the selecting release."),
     ] = 0.1,
+    eval_privacy: Annotated[
+        str,
+        typer.Option(
+            "--eval-privacy",
+            help="exact: exact validation/test sums every round, NOT covered by ε (labelled in every report; "
+            "the simulation default, for research) | dp: only the final test sums leave a tenant, "
+            "Gaussian-noised and charged (the deployment default).",
+        ),
+    ] = "exact",
     release_init: Annotated[
         float,
         typer.Option(
@@ -297,6 +306,7 @@ def simulate(
         select_share=select_share,
         release_init=release_init,
         secagg=secagg,
+        eval_privacy=eval_privacy.strip(),
         aggregation=aggregation.strip(),
         max_update_norm=max_update_norm or 0.0,
         server_opt=server_opt.strip(),
