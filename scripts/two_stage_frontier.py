@@ -4,14 +4,17 @@ large catalogue (docs/PRIVACY_UTILITY.md, "Large catalogues"), with the product'
 ``fedrec.server.release.fit_release`` (DP-EASE on the noisy Gram of the selection, the rest by the
 stage-1 DP popularity), scored by :class:`ItemReleaseModel` over the whole catalogue.
 
-Data: the ``scale`` synthetic set (default 30 000 users × 40 000 items), each user's items split 80/20
+Data: the ``scale`` synthetic set (default 30 000 users × 40 000 items; ``--synth-*`` change its shape) or
+a MovieLens-100K folder (``--data /work/shared/data/ml-100k``, read in place), each user's items split 80/20
 at random into train/test (a given split, as in the LightGCN family); full ranking over all items not
 in the user's train set, Recall@20 = hits / |test items|. Noise of the server's sum: ``secagg`` = one
 release's σ (SecAgg+ distributed noise), ``local`` = every one of ``--tenants`` tenants adds its full σ
 (σ·√tenants). ``--which val`` scores a validation split carved out of train instead (for tuning M and
 the selection share without touching test).
 
-    python scripts/two_stage_frontier.py --eps 8,3 --modes secagg,local
+    python scripts/two_stage_frontier.py --eps 8,3 --modes secagg,local --m 2000
+    python scripts/two_stage_frontier.py --data /work/shared/data/ml-100k --which val --m 300,800,1682
+    python scripts/two_stage_frontier.py --data /work/shared/data/ml-100k --m 300 --noise-seeds 0,1,2
 """
 
 from __future__ import annotations
