@@ -250,9 +250,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         sums = tenant_evaluate_items(weights, item_cfg, genres, cfg, paths, str(conf["which"]))
     else:
         sums = tenant_evaluate(weights, ModelConfig.from_json(model_json), cfg, paths, str(conf["which"]))
-    content = RecordDict(
-        {"sums": MetricRecord(sums), "status": ConfigRecord({"tenant": paths.tenant_id, "status": "ok"})}
-    )
+    status: dict[str, Any] = {"tenant": paths.tenant_id, "status": "ok"}
+    if "ledger-head" in conf:  # entries the server lacks (a round charged whose reply was lost)
+        status["ledger-entries"] = json.dumps(ledger_since(paths, str(conf["ledger-head"])))
+    content = RecordDict({"sums": MetricRecord(sums), "status": ConfigRecord(status)})
     return Message(content=content, reply_to=msg)
 
 

@@ -159,6 +159,7 @@ class TrainOutcome:
 
     tenant_id: str
     status: str  # "ok" | "capped" | "already-charged" (a re-sent round: no update, no new charge)
+    # | "refused" (its state dir cannot be written, so the round could not be charged: no training)
     users: int
     weights: Weights | None = None  # shared parameters (None when capped)
     epsilon: float | None = None  # cumulative ε after this round (None without DP)
@@ -170,6 +171,28 @@ class TrainOutcome:
     ledger_entry: dict[str, Any] | None = None
     message: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def state_dir_problem(state_dir: Path) -> str | None:
+    """Why the budget and ledger in ``state_dir`` cannot be written now (None: they can).
+
+    Tried, not guessed from permission bits (root ignores them; a read-only mount or an immutable
+    directory does not): a file is created and removed beside the budget, and the ledger is opened
+    for appending, as a charge does."""
+    probe = state_dir / f".write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"x")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+        ledger = state_dir / LEDGER_FILE
+        if ledger.exists():
+            with open(ledger, "ab"):
+                pass
+    except OSError as e:
+        return f"state dir {state_dir} is not writable: {e.strerror or e}"
+    return None
 
 
 def load_data(paths: TenantPaths) -> TenantData:
@@ -235,6 +258,11 @@ def tenant_train(
     if not budget.can_train(noise_multiplier=sigma, sample_rate=q, steps=steps):
         after = budget.preview(noise_multiplier=sigma, sample_rate=q, steps=steps)
         return refuse(f"training round {round_} would reach ε={after:.3f} > cap {budget.cap:g}")
+    unwritable = state_dir_problem(paths.state_dir)
+    if unwritable:  # it could not charge the round: refuse before training, release nothing
+        return refuse(
+            f"cannot charge round {round_} to the ledger ({unwritable}); refusing to train", "refused"
+        )
     stats = train_round(model, split, local, noise_multiplier=sigma, seed=secrets.randbits(63))
     # Charge and log BEFORE the update leaves the tenant.
     eps = budget.charge(round=round_, noise_multiplier=sigma, sample_rate=q, steps=steps)
@@ -321,6 +349,12 @@ def tenant_release(
         return TrainOutcome(
             paths.tenant_id, "capped", n, epsilon=budget.spent(), cap=budget.cap, noise_multiplier=sigma,
             sample_rate=1.0, steps=1, message=f"no budget left for the release (cap {budget.cap:g})",
+        )  # fmt: skip
+    unwritable = state_dir_problem(paths.state_dir)
+    if unwritable:
+        return TrainOutcome(
+            paths.tenant_id, "refused", n, epsilon=budget.spent(), cap=budget.cap, noise_multiplier=sigma,
+            sample_rate=1.0, steps=1, message=f"cannot charge the release to the ledger ({unwritable})",
         )  # fmt: skip
     noise = gram.ReleaseNoise(sigma=sigma, pop_share=pop_share, shares=shares)
     fields = gram.release_ledger_fields(

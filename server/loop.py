@@ -44,7 +44,7 @@ from fedrec.server.release import (
     shares_for,
     sum_noise,
 )
-from fedrec.server.secagg import SecureAggregator, shares_and_threshold
+from fedrec.server.secagg import SecureAggregator, reply_node, shares_and_threshold
 from fedrec.shared_model.artifacts import save_model, write_json_atomic
 from fedrec.shared_model.codec import (
     Weights,
@@ -171,19 +171,36 @@ class TenantStatus:
 
 
 def federated_eval(
-    grid: Grid, nodes: list[int], weights: Weights, model_json: str, which: str, timeout: float, group: str
+    grid: Grid,
+    nodes: list[int],
+    weights: Weights,
+    model_json: str,
+    which: str,
+    timeout: float,
+    group: str,
+    fed: _Federation | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Merge the tenants' running sums and divide once."""
-    replies = grid.send_and_receive(
-        _messages(nodes, MessageType.EVALUATE, weights, {"which": which, "model-config": model_json}, group),
-        timeout=timeout,
-    )
+    """Merge the tenants' running sums and divide once. With ``fed`` each reply also brings the
+    tenant's ledger entries the server lacks (a round charged whose update was lost to a crash is
+    recorded even when no training round follows)."""
+    sent: list[Message] = []
+    for nid in nodes:
+        config: dict[str, Any] = {"which": which, "model-config": model_json}
+        if fed is not None:
+            config["ledger-head"] = fed.head_for(nid)
+        sent += _messages([nid], MessageType.EVALUATE, weights, config, group)
+    replies = grid.send_and_receive(sent, timeout=timeout)
     total: EvalResult | None = None
     errors = []
     for rep in replies:
+        nid = reply_node(rep, sent)
         if rep.has_error():
-            errors.append(f"node {rep.metadata.src_node_id}: {_short(rep.error.reason or '')}")
+            errors.append(f"node {nid}: {_short(rep.error.reason or '')}")
             continue
+        if fed is not None:
+            problem = fed.sync_ledger(nid, config_of(rep.content, "status"))
+            if problem:
+                errors.append(f"node {nid}: ledger: {problem}")
         part = EvalResult.from_record(dict(metrics_of(rep.content, "sums")))
         total = part if total is None else total + part
     if total is None:
@@ -326,6 +343,19 @@ class _Federation:
             ts.ledger_head = str(new[-1]["hash"])
         return None
 
+    def sync_ledger(self, nid: int, st: Mapping[str, Any]) -> str | None:
+        """Record the ledger entries an evaluation reply brought (none: nothing to do)."""
+        if "ledger-entries" not in st:
+            return None
+        tenant = str(st["tenant"])
+        self.node_tenant[nid] = tenant
+        ts = self.status.setdefault(tenant, TenantStatus())
+        entries = json.loads(str(st["ledger-entries"]) or "[]")
+        problem = self.record_ledger(tenant, ts, entries, self.sent_heads.get(nid, ""))
+        if not problem and entries:
+            ts.epsilon = max(ts.epsilon or 0.0, float(entries[-1]["epsilon"]))
+        return problem
+
     # ---------------------------------------------------------- resume
     def restore(self) -> int:
         """Load the last complete round from RUN_DIR; returns it (0: start over, keeping the ledgers)."""
@@ -391,7 +421,7 @@ class _Federation:
         """
         seen = set()
         for rep in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
-            nid = rep.metadata.src_node_id
+            nid = reply_node(rep, messages)  # not the SuperLink's id when it answers for a lost node
             seen.add(nid)
             if rep.has_error():
                 rd.failure(nid, rep.error.reason or "")
@@ -689,7 +719,14 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
         row = rd.row
         if rnd % max(1, cfg.eval_every) == 0 or rnd == n_rounds:
             val, errs = federated_eval(
-                grid, fed.nodes, fed.eval_weights(), fed.model_json, "val", cfg.round_timeout, f"val-{rnd}"
+                grid,
+                fed.nodes,
+                fed.eval_weights(),
+                fed.model_json,
+                "val",
+                cfg.round_timeout,
+                f"val-{rnd}",
+                fed,
             )
             row["val"] = val.get("full", {})
             row["failures"] += [{"reason": e, "phase": "val"} for e in errs]
@@ -712,10 +749,12 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
         )
 
     test, errs = federated_eval(
-        grid, fed.nodes, fed.eval_weights(), fed.model_json, "test", cfg.round_timeout, "test"
+        grid, fed.nodes, fed.eval_weights(), fed.model_json, "test", cfg.round_timeout, "test", fed
     )
     if not test:
         raise FedrecError("final test evaluation got no result from any tenant: " + "; ".join(errs[:3]))
+    for err in errs:
+        log(f"test evaluation: {err}")
     metrics: dict[str, Any] = dict(test)
     metrics["dataset"] = {
         "source": "federation",

@@ -344,3 +344,38 @@ def test_deploy_json_has_no_key_material(tmp_path: Path) -> None:
     init_deployment(root, address="127.0.0.1:9555", partners=["tenant-0"], app_dir=APP_DIR)
     text = (root / "deploy.json").read_text()
     assert "PRIVATE" not in text and json.loads(text)["format"] == deploy.DEPLOY_FORMAT
+
+
+def test_resume_point_reads_the_checkpoint_and_refuses_what_it_cannot_continue(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(FedrecError, match="no checkpoint to resume from"):
+        deploy.resume_point(run, "r1", 3)
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "round.json").write_text('{"round": 2}')
+    (run / "checkpoint" / "model.json").write_text('{"run_id": "r1"}')
+    assert deploy.resume_point(run, "r1", 3) == 2
+    with pytest.raises(FedrecError, match="run name 'r1'"):
+        deploy.resume_point(run, "other", 3)
+    with pytest.raises(FedrecError, match="already has 2 of 2"):
+        deploy.resume_point(run, "r1", 2)
+
+
+def test_cli_launch_resume_without_a_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
+    root = tmp_path / "op"
+    ok = subprocess.run(
+        [*FEDREC, "deploy", "init", str(root), "--address", "127.0.0.1:9555", "--partner", "tenant-0",
+         "--partner", "tenant-1", "--app-dir", str(APP_DIR)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text("{}")
+    run = tmp_path / "run"
+    bad = subprocess.run(
+        [*FEDREC, "deploy", "launch", str(root), "--run-dir", str(run), "--catalog", str(catalog),
+         "--max-users", "10", "--resume", "--dry-run"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0 and "no checkpoint to resume from" in bad.stderr
+    assert not run.exists() and not (root / "runs").exists(), "nothing written"
