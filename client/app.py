@@ -112,7 +112,11 @@ def _run_release(
     """
     rnd = as_int(conf["round"])
     maybe_drop(cfg, context.node_config, paths.tenant_id, rnd)
-    out = tenant_release(cfg, paths, rnd, pop_share=float(conf["pop-share"]), shares=shares)
+    # The share of ε this release may spend comes from the tenant's own run config, never the message.
+    share = cfg.release_init if cfg.approach == "mlp" and cfg.release_init > 0 else 1.0
+    out = tenant_release(
+        cfg, paths, rnd, pop_share=float(conf["pop-share"]), shares=shares, epsilon_share=share
+    )
     maybe_crash(cfg, context.node_config, paths.tenant_id, rnd)  # charged, release not yet sent
     return out, (out.users if out.status == "ok" else 0)
 

@@ -124,7 +124,8 @@ def noise_plan(paths: TenantPaths, budget: TenantBudget, plan: StepPlan, cfg: Ru
         stored = json.loads(path.read_text(encoding="utf-8"))
         if stored["sample_rate"] == plan.sample_rate and stored["steps"] == plan.steps:
             return float(stored["noise_multiplier"])
-    rounds_left = max(1, cfg.num_server_rounds - len(budget.rounds))
+    # The initialising release (release-init) is a charged round too: count it among the planned ones.
+    rounds_left = max(1, cfg.planned_rounds() - len(budget.rounds))
     sigma = calibrate_noise(
         target_epsilon=budget.cap,
         delta=cfg.delta,
@@ -141,7 +142,7 @@ def noise_plan(paths: TenantPaths, budget: TenantBudget, plan: StepPlan, cfg: Ru
                 "noise_multiplier": sigma,
                 "sample_rate": plan.sample_rate,
                 "steps": plan.steps,
-                "planned_rounds": cfg.num_server_rounds,
+                "planned_rounds": cfg.planned_rounds(),
                 "cap": budget.cap,
                 "delta": cfg.delta,
                 "accountant": cfg.accountant,
@@ -300,15 +301,43 @@ def tenant_train(
     )
 
 
+def release_message(
+    indptr: np.ndarray, items: np.ndarray, n_items: int, noise: gram.ReleaseNoise, rng: np.random.Generator
+) -> Weights:
+    """What a tenant publishes for its item release, exactly as sent: unit rows from the CSR history
+    (``indptr``/``items``), the exact sums plus this tenant's noise share drawn from ``rng``, packed
+    (``popularity`` float32; ``gram`` the packed upper triangle).
+
+    The one function between a tenant's data and its release message: :func:`tenant_release` calls it
+    after charging the budget, and ``fedrec audit --empirical`` calls it in its trials (the audit's
+    ``--release-mechanism`` hook takes any function with this signature).
+    """
+    rel = gram.release(gram.unit_rows(indptr, items, n_items), noise, rng)
+    out: Weights = {}
+    if rel.popularity is not None:
+        out["popularity"] = rel.popularity.astype(np.float32)
+    if rel.gram is not None:
+        out["gram"] = gram.pack_gram(rel.gram)
+    return out
+
+
 def tenant_release(
-    cfg: RunConfig, paths: TenantPaths, round_: int, *, pop_share: float, shares: int = 1
+    cfg: RunConfig,
+    paths: TenantPaths,
+    round_: int,
+    *,
+    pop_share: float,
+    shares: int = 1,
+    epsilon_share: float = 1.0,
 ) -> TrainOutcome:
     """This tenant's one-shot item release (module docstring); ``weights`` holds what is published.
 
     ``pop_share`` = 1: the DP popularity vector only; 0: the Gram only (DP-EASE). ``shares`` > 1: the
     distributed-noise mode of SecAgg+ — this tenant adds 1/shares of the noise variance, and the
     ledger records both the ε of the sum and the ε if its share were seen alone. Without DP the exact
-    sums are released (no noise, no charge): only for ``--no-dp`` runs.
+    sums are released (no noise, no charge): only for ``--no-dp`` runs. ``epsilon_share`` < 1: the
+    release that initialises the MLP (``release-init``), calibrated alone to that share of the cap
+    (the tenant's own run config decides it); the ledger entry states the share.
     """
     data = load_data(paths)
     split = data.split
@@ -319,19 +348,12 @@ def tenant_release(
             f"the item–item Gram of {n_items} items is too large to release (limit {gram.MAX_GRAM_ITEMS}); "
             "use the dp_popularity or mlp approach"
         )
-    x = gram.unit_rows(split.indptr, split.train_items, n_items)
-
-    def published(rel: gram.ItemRelease) -> Weights:
-        out: Weights = {}
-        if rel.popularity is not None:
-            out["popularity"] = rel.popularity.astype(np.float32)
-        if rel.gram is not None:
-            out["gram"] = gram.pack_gram(rel.gram)
-        return out
-
     if not cfg.dp:
-        exact = gram.release(x, gram.ReleaseNoise(sigma=0.0, pop_share=pop_share), np.random.default_rng(0))
-        return TrainOutcome(paths.tenant_id, "ok", n, published(exact), steps=1, sample_rate=1.0)
+        exact = release_message(
+            split.indptr, split.train_items, n_items,
+            gram.ReleaseNoise(sigma=0.0, pop_share=pop_share), np.random.default_rng(0),
+        )  # fmt: skip
+        return TrainOutcome(paths.tenant_id, "ok", n, exact, steps=1, sample_rate=1.0)
 
     budget = tenant_budget(cfg, paths, n)
     if round_ in budget.rounds:  # re-sent (a crash after charging): never charge twice, never re-release
@@ -340,7 +362,7 @@ def tenant_release(
             message=f"the release of round {round_} was already charged",
         )  # fmt: skip
     sigma = gram.calibrate_release_sigma(
-        target_epsilon=budget.cap,
+        target_epsilon=budget.cap * epsilon_share,
         delta=cfg.delta,
         accountant=cfg.accountant,  # type: ignore[arg-type]
         history_before=budget.history,
@@ -378,15 +400,16 @@ def tenant_release(
             "max_grad_norm": gram.sensitivity(pop_share),  # each user's contribution has L2 norm exactly 1
             "poisson": True,  # q = 1: every user is in the one release (the accountant's q = 1 case)
             "status": "ok",
+            **({"purpose": "mlp-init", "release_share": epsilon_share} if epsilon_share < 1 else {}),
         }
     )
     rng = np.random.default_rng(secrets.randbits(128))
-    rel = gram.release(x, noise, rng)
+    message = release_message(split.indptr, split.train_items, n_items, noise, rng)
     return TrainOutcome(
         paths.tenant_id,
         "ok",
         n,
-        published(rel),
+        message,
         epsilon=eps,
         cap=budget.cap,
         noise_multiplier=sigma,

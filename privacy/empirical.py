@@ -223,3 +223,165 @@ def _beta(confidence: float) -> float:
 def _check_counts(*, m: int, r: int, v: int) -> None:
     if not 0 <= v <= r <= m:
         raise PrivacyError(f"need 0 ≤ correct ≤ guesses ≤ canaries, got v={v}, r={r}, m={m}")
+
+
+# ---------------------------------------------------------------- Gaussian releases (many trials)
+#
+# A Gaussian mechanism of L2 sensitivity 1 and noise multiplier σ is exactly μ-Gaussian DP with
+# μ = 1/σ (Dong, Roth, Su 2019): distinguishing a neighbour is as hard as telling N(0, 1) from
+# N(μ, 1). Its (ε, δ) curve is the Balle–Wang (2018) profile
+#
+#     δ(ε) = Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2),
+#
+# and its trade-off curve is TPR = Φ(Φ⁻¹(FPR) + μ). An audit that runs the release T times with
+# and without a canary and projects each release on the canary's contribution sees two samples of
+# (ideally) Gaussian scores; their standardised mean gap estimates μ.
+
+
+def gdp_epsilon(mu: float, delta: float) -> float:
+    """ε of a μ-GDP mechanism at ``delta`` (the Balle–Wang profile above); ∞ for μ = ∞, 0 for μ ≤ 0."""
+    if not 0 < delta < 1:
+        raise PrivacyError(f"δ must be in (0, 1), got {delta!r}")
+    if math.isnan(mu):
+        raise PrivacyError("μ is not a number")
+    if mu <= 0:
+        return 0.0
+    if math.isinf(mu):
+        return math.inf
+
+    def excess(eps: float) -> float:
+        a = stats.norm.cdf(-eps / mu + mu / 2)
+        b = math.exp(min(eps + float(stats.norm.logcdf(-eps / mu - mu / 2)), 700.0))
+        return float(a - b) - delta
+
+    if excess(0.0) <= 0:
+        return 0.0
+    hi = mu * mu / 2 + 10.0 * mu + 10.0
+    from scipy.optimize import brentq
+
+    return float(brentq(excess, 0.0, hi, xtol=1e-10))
+
+
+def gdp_mu_for_epsilon(epsilon: float, delta: float) -> float:
+    """The μ whose (ε, δ) profile passes through (``epsilon``, ``delta``) (inverse of :func:`gdp_epsilon`)."""
+    if not epsilon > 0:
+        raise PrivacyError(f"ε must be > 0, got {epsilon!r}")
+    from scipy.optimize import brentq
+
+    hi = 1.0
+    while gdp_epsilon(hi, delta) < epsilon:
+        hi *= 2.0
+    return float(brentq(lambda m: gdp_epsilon(m, delta) - epsilon, 1e-9, hi, xtol=1e-12))
+
+
+def gdp_tpr(fpr: np.ndarray, mu: float) -> np.ndarray:
+    """The μ-GDP trade-off curve: the highest TPR any test reaches at false-positive rate ``fpr``."""
+    f = np.clip(np.asarray(fpr, dtype=np.float64), 0.0, 1.0)
+    out: np.ndarray = stats.norm.cdf(stats.norm.ppf(f) + mu)
+    return out
+
+
+@dataclass(frozen=True)
+class GaussianFit:
+    """μ fitted to two score samples (standardised mean gap, pooled variance) and its lower bound."""
+
+    mu: float  # point estimate (∞ when both samples are constant and differ)
+    mu_lb: float  # one-sided lower confidence bound at ``confidence`` (noncentral t, exact under normality)
+    n_in: int
+    n_out: int
+    confidence: float
+
+
+def gaussian_fit(scores_in: np.ndarray, scores_out: np.ndarray, *, confidence: float = 0.95) -> GaussianFit:
+    """Fit μ = (mean_in − mean_out) / pooled sd and bound it below by inverting the noncentral t test.
+
+    Exact when the two samples are Gaussian with one variance (a Gaussian release and a linear
+    statistic); a heuristic otherwise — the Clopper–Pearson bound needs no such assumption.
+    """
+    beta = _beta(confidence)
+    a = np.asarray(scores_in, dtype=np.float64)
+    b = np.asarray(scores_out, dtype=np.float64)
+    n1, n2 = len(a), len(b)
+    if n1 < 2 or n2 < 2:
+        raise PrivacyError(f"a Gaussian fit needs at least 2 scores per side, got {n1} and {n2}")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise PrivacyError("scores must be finite numbers")
+    gap = float(a.mean() - b.mean())
+    pooled = math.sqrt((((a - a.mean()) ** 2).sum() + ((b - b.mean()) ** 2).sum()) / (n1 + n2 - 2))
+    scale = 1e-12 * max(1.0, float(np.abs(np.concatenate([a, b])).max()))
+    if pooled <= scale:  # no noise at all: the two outputs are told apart perfectly
+        mu = math.inf if abs(gap) > scale else 0.0
+        return GaussianFit(mu, mu, n1, n2, confidence)
+    mu = gap / pooled
+    k = math.sqrt(n1 * n2 / (n1 + n2))
+    t_obs, df = mu * k, n1 + n2 - 2
+
+    def p_above(nc: float) -> float:  # P[T ≥ t_obs] under noncentrality nc, increasing in nc
+        return float(stats.nct.sf(t_obs, df, nc))
+
+    if t_obs > 30.0:  # far in the tail the noncentral t series fails: the large-sample normal bound
+        se = math.sqrt(1.0 / n1 + 1.0 / n2 + mu * mu / (2.0 * (n1 + n2)))
+        return GaussianFit(mu, max(0.0, mu - float(stats.norm.ppf(1 - beta)) * se), n1, n2, confidence)
+    if p_above(0.0) >= beta:  # not even μ > 0 is established
+        return GaussianFit(mu, 0.0, n1, n2, confidence)
+    from scipy.optimize import brentq
+
+    nc = float(brentq(lambda x: p_above(x) - beta, 0.0, max(1.0, t_obs), xtol=1e-9))
+    return GaussianFit(mu, nc / k, n1, n2, confidence)
+
+
+def fisher_direction(features_in: np.ndarray, features_out: np.ndarray) -> np.ndarray:
+    """Fisher's linear discriminant w = (Σ_pooled + ridge)⁻¹ (m_in − m_out) of two feature samples.
+
+    The most powerful linear test between two Gaussians with one covariance; a tiny ridge keeps it
+    defined when a direction has no noise at all (a broken release): w then points along it.
+    """
+    a = np.atleast_2d(np.asarray(features_in, dtype=np.float64))
+    b = np.atleast_2d(np.asarray(features_out, dtype=np.float64))
+    if a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
+        raise PrivacyError(f"need ≥ 2 rows per side with the same columns, got {a.shape} and {b.shape}")
+    gap = a.mean(0) - b.mean(0)
+    cov = (np.cov(a, rowvar=False) * (len(a) - 1) + np.cov(b, rowvar=False) * (len(b) - 1)) / (
+        len(a) + len(b) - 2
+    )
+    cov = np.atleast_2d(cov)
+    ridge = 1e-9 * max(float(np.trace(cov)) / len(cov), 1e-300) + 1e-300
+    w: np.ndarray = np.linalg.solve(cov + ridge * np.eye(len(cov)), gap)
+    norm_w = float(np.linalg.norm(w))
+    return w / norm_w if norm_w > 0 and math.isfinite(norm_w) else np.eye(len(gap))[0]
+
+
+def best_threshold(
+    scores_in: np.ndarray, scores_out: np.ndarray, *, delta: float, confidence: float = 0.95
+) -> float:
+    """The threshold ("in" when score > t) whose Clopper–Pearson ε bound is largest on these scores.
+
+    Choose it on trials that are then left out of the bound (the audit's fit split), so that the
+    bound on the other trials keeps its confidence.
+    """
+    a = np.sort(np.asarray(scores_in, dtype=np.float64))
+    b = np.sort(np.asarray(scores_out, dtype=np.float64))
+    cands = np.unique(np.concatenate([a, b]))
+    if len(cands) > 400:
+        cands = np.unique(np.quantile(cands, np.linspace(0, 1, 400)))
+    best_t, best_eps = float(np.median(np.concatenate([a, b]))), -1.0
+    for t in cands:
+        tp = int(len(a) - np.searchsorted(a, t, side="right"))
+        fp = int(len(b) - np.searchsorted(b, t, side="right"))
+        eps = epsilon_lower_bound_clopper_pearson(
+            tp=tp, fp=fp, tn=len(b) - fp, fn=len(a) - tp, delta=delta, confidence=confidence
+        )
+        if eps > best_eps:
+            best_t, best_eps = float(t), eps
+    return best_t
+
+
+def roc_points(scores_in: np.ndarray, scores_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) of "in when score > t" over every threshold, from (0, 0) to (1, 1)."""
+    a = np.asarray(scores_in, dtype=np.float64)
+    b = np.asarray(scores_out, dtype=np.float64)
+    ts = np.unique(np.concatenate([a, b]))[::-1]
+    a_sorted, b_sorted = np.sort(a), np.sort(b)
+    tpr = (len(a) - np.searchsorted(a_sorted, ts, side="left")) / len(a)
+    fpr = (len(b) - np.searchsorted(b_sorted, ts, side="left")) / len(b)
+    return np.concatenate([[0.0], fpr, [1.0]]), np.concatenate([[0.0], tpr, [1.0]])

@@ -63,6 +63,10 @@ OPTIONAL_FIELDS: dict[str, type | tuple[type, ...]] = {
     "shares": int,
     "local_noise_multiplier": (int, float),
     "epsilon_if_alone": (int, float),
+    # release-init (issue 16): the release initialises the MLP and was calibrated alone to this share of
+    # the cap; the DP-SGD rounds that follow compose with it under the same cap.
+    "purpose": str,
+    "release_share": (int, float),
 }
 CHAIN_FIELDS = ("timestamp", "prev_hash", "hash")  # filled by Ledger.append
 STATUSES = ("ok", "capped")

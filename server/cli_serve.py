@@ -38,6 +38,22 @@ def register(app: typer.Typer) -> None:
             int, typer.Option("--threads", min=1, help="torch threads (1 is fastest for small models).")
         ] = 1,
         log_level: Annotated[str, typer.Option("--log-level", help="debug|info|warning|error.")] = "info",
+        workers: Annotated[
+            int,
+            typer.Option("--workers", min=1, help="Worker processes sharing one model loaded before fork."),
+        ] = 1,
+        batch_wait_ms: Annotated[
+            float,
+            typer.Option(
+                "--batch-wait-ms",
+                min=0.0,
+                max=1.0,
+                help="Most a request waits for others to share its ranking call (0 = no batching).",
+            ),
+        ] = 1.0,
+        max_batch: Annotated[
+            int, typer.Option("--max-batch", min=1, max=1024, help="Most requests per ranking call.")
+        ] = 64,
     ) -> None:
         """Serve top-K over HTTP (POST /v1/recommend, GET /v1/items/{id}, /healthz, /docs).
 
@@ -55,4 +71,7 @@ def register(app: typer.Typer) -> None:
             reload_on_change=reload_on_change,
             threads=threads,
             log_level=log_level,
+            workers=workers,
+            batch_wait_ms=batch_wait_ms,
+            max_batch=max_batch,
         )

@@ -34,7 +34,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedrec.privacy.ledger import read_entries, verify_chain
-from fedrec.server.aggregation import aggregate, fedavg
+from fedrec.server.aggregation import ServerOptimizer, aggregate, fedavg
 from fedrec.server.release import (
     ApproachChoice,
     fit_release,
@@ -44,6 +44,8 @@ from fedrec.server.release import (
     shares_for,
     sum_noise,
 )
+from fedrec.server.release_init import POP_SHARE as INIT_POP_SHARE
+from fedrec.server.release_init import init_from_release, init_model_config, init_problem
 from fedrec.server.secagg import SecureAggregator, reply_node, shares_and_threshold
 from fedrec.shared_model.artifacts import save_model, write_json_atomic
 from fedrec.shared_model.codec import (
@@ -275,6 +277,8 @@ class _Federation:
         self.tenants = federation_tenants(cfg)
         self.max_users = manifest_users(cfg)
         self.mcfg = model_config(self.catalog, cfg)
+        if cfg.release_init > 0:
+            self.mcfg = init_model_config(self.mcfg)
         self.model_json = json.dumps(self.mcfg.to_json())
         torch.manual_seed(cfg.seed)
         self.model: Ranker = HistoryMLP(self.mcfg, self.catalog.genres if self.mcfg.n_genres else None)
@@ -289,6 +293,19 @@ class _Federation:
         self.choice: ApproachChoice | None = None
         self.release_secure: SecureAggregator | None = None
         self.release_shares = 1
+        self.server_opt = ServerOptimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum)
+        # The best round on federated validation so far: (round, val NDCG@10, global weights).
+        self.best: tuple[int, float, Weights] | None = None
+
+    def note_validation(self, rnd: int, val: Mapping[str, Any]) -> bool:
+        """Remember this round's model if its validation NDCG@10 is the best so far (ties: earlier)."""
+        score = val.get("ndcg@10")
+        if score is None or not np.isfinite(score):
+            return False
+        if self.best is None or float(score) > self.best[1]:
+            self.best = (rnd, float(score), {k: v.copy() for k, v in self.global_w.items()})
+            return True
+        return False
 
     def set_item_model(self, model: ItemReleaseModel) -> None:
         """The run's model is now one fitted from the item release (checkpoint, eval and save follow)."""
@@ -372,6 +389,23 @@ class _Federation:
                 )
             for t, d in json.loads(state["status"]).items():
                 self.status[t] = TenantStatus(**{**d, "history": [tuple(x) for x in d["history"]]})
+            if "server-opt" in state:
+                opt = state["server-opt"]
+                self.server_opt.restore(
+                    {
+                        "name": opt["name"],
+                        "t": int(opt["t"]),
+                        "m": {k: v.numpy() for k, v in opt["m"].items()},
+                        "v": {k: v.numpy() for k, v in opt["v"].items()},
+                    }
+                )
+            if "best" in state:
+                b = state["best"]
+                self.best = (
+                    int(b["round"]),
+                    float(b["ndcg"]),
+                    {k: v.numpy().copy() for k, v in b["weights"].items()},
+                )
         rows_path = self.out / "rounds.jsonl"
         if rows_path.exists():
             kept = []
@@ -404,6 +438,20 @@ class _Federation:
         }
         if isinstance(self.model, ItemReleaseModel):
             state["item-model"] = json.dumps(self.model.cfg.to_json())
+        opt = self.server_opt.state()
+        state["server-opt"] = {
+            "name": opt["name"],
+            "t": opt["t"],
+            "m": {k: torch.from_numpy(np.asarray(v)) for k, v in self.server_opt.m.items()},
+            "v": {k: torch.from_numpy(np.asarray(v)) for k, v in self.server_opt.v.items()},
+        }
+        if self.best is not None:
+            rnd_b, ndcg_b, w_b = self.best
+            state["best"] = {
+                "round": rnd_b,
+                "ndcg": ndcg_b,
+                "weights": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in w_b.items()},
+            }
         tmp = ck / f".{RESUME_FILE}.tmp"
         torch.save(state, tmp)
         with open(tmp, "rb") as f:
@@ -548,6 +596,72 @@ class _Federation:
             rd.contributors.append(tenant)
         self.fit_from_release(rd, total, sigmas, users, shares=1)
 
+    def release_init_round(self, rd: _Round) -> None:
+        """Round 1 with ``release-init``: each tenant's item release (charged at its share of ε),
+        summed; the global MLP's prior and frozen item table are post-processed from the sum."""
+        messages = []
+        for nid in self.nodes:
+            config = ConfigRecord(
+                {
+                    "phase": ITEM_RELEASE_PHASE,
+                    "round": rd.rnd,
+                    "pop-share": INIT_POP_SHARE,
+                    "ledger-head": self.head_for(nid),
+                }
+            )
+            messages.append(
+                Message(
+                    content=RecordDict({"config": config}),
+                    message_type=MessageType.TRAIN,
+                    dst_node_id=nid,
+                    group_id=str(rd.rnd),
+                )
+            )
+        total: dict[str, np.ndarray] = {}
+        sigmas: list[float] = []
+        users = 0
+        for tenant, info, met, rel in self.clear_replies(rd, messages, "release"):
+            n = as_int(met["num-examples"])
+            problem = init_problem(rel, self.catalog.n_items, n, self.max_users.get(tenant))
+            if problem:
+                rd.reject(info, problem)
+                continue
+            info["aggregated"] = True
+            for k, v in rel.items():
+                total[k] = total[k] + v.astype(np.float64) if k in total else v.astype(np.float64)
+            sigmas.append(as_float(met["noise-multiplier"]))
+            users += n
+            rd.contributors.append(tenant)
+        if len(rd.contributors) < max(1, self.cfg.min_tenants):
+            rd.row["aggregated"] = 0
+            raise FedrecError(
+                f"the initialising item release got {len(rd.contributors)} usable release(s) "
+                f"(min-tenants {self.cfg.min_tenants}); a release is never repeated (each is charged "
+                "once), so this run stops here — see rounds.jsonl"
+            )
+        sigma_sum = sum_noise(sigmas, 1) if self.cfg.dp else 0.0
+        t0 = time.perf_counter()
+        emb, prior, facts = init_from_release(
+            total, n_items=self.catalog.n_items, users=users, sigma_sum=sigma_sum, dim=self.mcfg.dim
+        )
+        model = self.model
+        assert isinstance(model, HistoryMLP)
+        _load(model, self.global_w)
+        model.set_item_embeddings(emb)
+        model.set_prior(prior)
+        self.global_w = state_weights(model)
+        rd.row["aggregated"] = len(rd.contributors)
+        rd.row["release_init"] = {
+            "share": self.cfg.release_init,
+            "pop_share": INIT_POP_SHARE,
+            "users": users,
+            "sum_noise_multiplier": round(sigma_sum, 6),
+            **facts,
+            "fit_seconds": round(time.perf_counter() - t0, 3),
+        }
+        for t in rd.contributors:
+            self.status[t].rounds_trained += 1
+
     def secure_release_round(self, rd: _Round) -> None:
         """SecAgg+: each tenant adds its share of the noise and masks its release; the server unmasks
         only the sum (the mean times the contributors' count: every release has weight 1)."""
@@ -631,8 +745,10 @@ class _Federation:
             self.status[t].rounds_trained += 1
 
     def apply(self, rd: _Round, delta: Weights) -> None:
+        """Add the server optimizer's step for the aggregated ``delta`` (fedavg, η = 1: the delta)."""
+        step = self.server_opt.step({k: delta[k] for k in self.param_keys})
         for k in self.param_keys:
-            self.global_w[k] = (self.global_w[k] + delta[k]).astype(np.float32)
+            self.global_w[k] = (self.global_w[k] + step[k]).astype(np.float32)
         rd.row["aggregated"] = len(rd.contributors)
         for t in rd.contributors:
             self.status[t].rounds_trained += 1
@@ -670,7 +786,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     fed.release_shares = shares_for(cfg, threshold)
     fed.choice = resolve_approach(cfg, users_by_tenant, fed.catalog.n_items, shares=fed.release_shares)
     releasing = fed.choice.approach in RELEASE_APPROACHES
-    n_rounds = 1 if releasing else cfg.num_server_rounds
+    initing = cfg.release_init > 0 and not releasing  # round 1 is the release that initialises the MLP
+    n_rounds = 1 if releasing else cfg.planned_rounds()
     if cfg.secagg:
         max_weight = cfg.secagg_max_weight or float(max(fed.max_users.values(), default=0))
         if max_weight <= 0:
@@ -712,6 +829,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
             rd.row["faults"] = faults
         if releasing:
             fed.secure_release_round(rd) if fed.release_secure is not None else fed.release_round(rd)
+        elif initing and rnd == 1:
+            fed.release_init_round(rd)
         elif fed.secure is not None:
             fed.secure_round(rd)
         else:
@@ -730,6 +849,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
             )
             row["val"] = val.get("full", {})
             row["failures"] += [{"reason": e, "phase": "val"} for e in errs]
+            if not releasing and fed.note_validation(rnd, row["val"]):
+                row["best_so_far"] = True
         row["seconds"] = round(time.perf_counter() - r0, 3)
         with open(rounds_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -748,6 +869,12 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
             + f"failures {len(row['failures'])}  ({row['seconds']:.1f} s)"
         )
 
+    final: dict[str, Any] = {"rule": "last", "round": n_rounds}
+    if not releasing and cfg.final_model == "best-val" and fed.best is not None:
+        best_round, best_ndcg, best_w = fed.best
+        fed.global_w = {k: v.copy() for k, v in best_w.items()}
+        final = {"rule": "best-val", "round": best_round, "val_ndcg@10": round(best_ndcg, 6)}
+        log(f"final model: round {best_round} (best validation NDCG@10 {best_ndcg:.4f})")
     test, errs = federated_eval(
         grid, fed.nodes, fed.eval_weights(), fed.model_json, "test", cfg.round_timeout, "test", fed
     )
@@ -756,6 +883,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     for err in errs:
         log(f"test evaluation: {err}")
     metrics: dict[str, Any] = dict(test)
+    metrics["final_model"] = final
     metrics["dataset"] = {
         "source": "federation",
         "users": sum(t.users for t in fed.status.values()),
@@ -818,6 +946,19 @@ def privacy_report(
         "dp": cfg.dp,
         "rounds": rounds or cfg.num_server_rounds,
         "approach": choice.to_json() if choice is not None else {"name": cfg.approach},
+        **(
+            {
+                "release_init": {
+                    "share_of_epsilon": cfg.release_init,
+                    "round": 1,
+                    "what": "one item release per tenant (popularity + Gram) calibrated alone to this "
+                    "share of the cap; the MLP's prior and frozen item embeddings are post-processing of "
+                    "its sum; the DP-SGD rounds are calibrated to the rest (one accountant history)",
+                }
+            }
+            if cfg.release_init > 0 and not releasing
+            else {}
+        ),
         "noise": noise,
         "poisson": True,
         "secure_mode": False,

@@ -23,17 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import logging
+import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -44,8 +48,9 @@ from fedrec.shared_model.artifacts import LoadedModel, load_model
 from fedrec.shared_model.diversity import mmr, unit_rows
 from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.explain import explain
+from fedrec.shared_model.item_model import ItemReleaseModel
 from fedrec.shared_model.quantize import quantize_for_serving
-from fedrec.shared_model.ranking import mask_items
+from fedrec.shared_model.ranking import mask_items, top_k
 from fedrec.shared_model.recommend import Recommender, now_context
 
 log = logging.getLogger("fedrec.serve")
@@ -55,6 +60,7 @@ MAX_HISTORY = 5000  # most ids in ``history`` (and in ``exclude``); the model re
 MAX_ID_CHARS = 64  # longest item id accepted
 MAX_BODY_BYTES = 256 * 1024  # request body limit (413 above); 2 × 5000 ids fit with room to spare
 EXPLAIN_TOP = 3  # history items named per explained recommendation
+PT_ONLY_QUIET_S = 1.0  # --reload-on-change: how long a model.pt changed alone must hold still
 
 ItemId = StrictInt | Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
 
@@ -105,6 +111,19 @@ class ItemInfo(BaseModel):
 
 
 # ------------------------------------------------------------------ engine
+@dataclass(frozen=True)
+class Query:
+    """One request, parsed against one engine's catalogue (dense indices), ready to rank."""
+
+    engine: Engine  # the engine whose catalogue the indices refer to (and that must answer)
+    known: np.ndarray  # (L,) history items in the catalogue, oldest first
+    exclude: np.ndarray  # (E,) items never to recommend
+    unknown: list[str]  # history ids not in the catalogue, first occurrence order, once each
+    k: int = 10
+    explain: bool = False
+    diversity: float = 0.0
+
+
 class Engine:
     """One loaded model ready to answer requests (no HTTP here)."""
 
@@ -116,10 +135,60 @@ class Engine:
         self.item_ids, self.titles = cat.item_ids, cat.titles
         self._n_feats = len(loaded.model.cfg.user_cardinalities)
         self._cap = loaded.sampling.max_eval_history
-        # Similarity space of MMR: genres when the catalogue has them, else the item embeddings.
-        has_genres = cat.genres.shape[1] > 0 and bool(cat.genres.any())
-        vecs = cat.genres if has_genres else self.rec.model.item_side()[0].numpy()
-        self._unit = unit_rows(vecs)
+        self._unit, self._rows = _similarity_space(self.rec)
+
+    def query(
+        self,
+        history: list[str],
+        *,
+        k: int = 10,
+        exclude: list[str] | None = None,
+        explain_items: bool = False,
+        diversity: float = 0.0,
+    ) -> Query:
+        """Map ids to this engine's dense indices (a dict lookup per id: O(history), not O(catalogue))."""
+        known, unknown = self.rec.to_indices(history)
+        ex_known, _ = self.rec.to_indices(exclude or [])
+        return Query(self, known, ex_known, list(dict.fromkeys(unknown)), k, explain_items, diversity)
+
+    def answer(self, queries: Sequence[Query]) -> list[dict[str, Any]]:
+        """The bodies of many ``/v1/recommend`` answers from ONE scoring call over the catalogue.
+
+        Each row gets the same masking (history and excluded items), top-K or MMR diversity and
+        explanations as if it had been asked alone.
+        """
+        assert all(q.engine is self for q in queries), "queries must be parsed by the engine answering"
+        ctx = now_context()
+        s = self.rec.scores([q.known for q in queries], ctx)  # (B, N)
+        mask_items(s, [q.known for q in queries], [q.exclude for q in queries])
+        picks: list[tuple[np.ndarray, np.ndarray]] = [(_NO_ITEMS, _NO_SCORES)] * len(queries)
+        plain = [b for b, q in enumerate(queries) if q.diversity == 0.0]
+        if plain:
+            rows = s if len(plain) == len(queries) else s[plain]  # (P, N)
+            idx, sc = top_k(rows, max(queries[b].k for b in plain))  # a prefix of each is its top-k
+            for j, b in enumerate(plain):
+                i, v = idx[j, : queries[b].k], sc[j, : queries[b].k]
+                keep = i >= 0
+                picks[b] = (i[keep], v[keep])
+        for b, q in enumerate(queries):
+            if q.diversity != 0.0:
+                picks[b] = mmr(s[b], self._unit, q.k, q.diversity, self._rows)
+        return [self._body(q, *pick, ctx) for q, pick in zip(queries, picks, strict=True)]
+
+    def _body(self, q: Query, items: np.ndarray, scores: np.ndarray, ctx: np.ndarray) -> dict[str, Any]:
+        ids, titles = self.item_ids, self.titles
+        out = [
+            {"item": ids[i], "score": sc, "title": titles[i]}
+            for i, sc in zip(items.tolist(), scores.tolist(), strict=True)
+        ]
+        if q.explain:
+            seen = q.known[-self._cap :]
+            reasons = explain(self.rec.model, seen, items, ctx, self._n_feats, top=EXPLAIN_TOP)
+            for row, rs in zip(out, reasons, strict=True):
+                row["because"] = [
+                    {"item": ids[x.item], "title": titles[x.item], "contribution": x.contribution} for x in rs
+                ]
+        return {"items": out, "model": self.run_id, "unknown": q.unknown}
 
     def recommend(
         self,
@@ -130,34 +199,9 @@ class Engine:
         explain_items: bool = False,
         diversity: float = 0.0,
     ) -> dict[str, Any]:
-        """The body of a ``/v1/recommend`` answer."""
-        known, unknown = self.rec.to_indices(history)
-        ex_known, _ = self.rec.to_indices(exclude or [])
-        ctx = now_context()
-        if diversity == 0.0:
-            r = self.rec.recommend([known], k=k, exclude=[ex_known], context=ctx)[0]
-            items, scores = r.items, r.scores
-        else:
-            s = self.rec.scores([known], ctx)  # (1, N)
-            mask_items(s, [known], [ex_known])
-            items, scores = mmr(s[0], self._unit, k, diversity)
-        out = [
-            {"item": self.item_ids[i], "score": float(sc), "title": self.titles[i]}
-            for i, sc in zip(items.tolist(), scores.tolist(), strict=True)
-        ]
-        if explain_items:
-            seen = known[-self._cap :]
-            reasons = explain(self.rec.model, seen, items, ctx, self._n_feats, top=EXPLAIN_TOP)
-            for row, rs in zip(out, reasons, strict=True):
-                row["because"] = [
-                    {
-                        "item": self.item_ids[x.item],
-                        "title": self.titles[x.item],
-                        "contribution": x.contribution,
-                    }
-                    for x in rs
-                ]
-        return {"items": out, "model": self.run_id, "unknown": list(dict.fromkeys(unknown))}
+        """The body of a ``/v1/recommend`` answer for one request."""
+        q = self.query(history, k=k, exclude=exclude, explain_items=explain_items, diversity=diversity)
+        return self.answer([q])[0]
 
     def item(self, item_id: str) -> dict[str, Any] | None:
         j = self.rec.index.get(item_id)
@@ -167,6 +211,98 @@ class Engine:
         year = int(cat.years[j])
         genres = [cat.genre_names[g] for g in np.flatnonzero(cat.genres[j])]
         return {"item": item_id, "title": cat.titles[j], "genres": genres, "year": year or None}
+
+
+_NO_ITEMS, _NO_SCORES = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+
+
+def _similarity_space(rec: Recommender) -> tuple[np.ndarray, np.ndarray | None]:
+    """Unit item vectors for MMR and, where items share rows, the row of each item (see ``mmr``).
+
+    Genres when the catalogue has them; else the MLP's item vectors, or a DP-EASE model's rows of B
+    over its support (every item outside it shares one zero row: M + 1 rows, not N × M floats).
+    """
+    cat, model = rec.catalog, rec.model
+    if cat.genres.shape[1] > 0 and bool(cat.genres.any()):
+        return unit_rows(cat.genres), None
+    if isinstance(model, ItemReleaseModel):
+        if model.cfg.n_support:
+            m = model.cfg.n_support
+            vecs = np.zeros((m + 1, m), dtype=np.float32)  # (M + 1, M), row M = outside the support
+            vecs[:m] = model.weights.numpy()
+            return unit_rows(vecs), model.column_of[: model.cfg.n_items].numpy()
+        return unit_rows(model.prior.numpy()[:, None]), None
+    return unit_rows(model.item_side()[0].numpy()), None
+
+
+class Batcher:
+    """Micro-batching: requests that arrive together are ranked in one :meth:`Engine.answer` call.
+
+    The first request of a batch waits while more keep coming: one pass of the event loop at a time
+    (requests already received get parsed and join), for at most ``max_wait_s``, and only as long as
+    the last pass brought someone new. A lone request therefore pays one loop pass, never more than
+    ``max_wait_s``; under load a batch fills while the previous one is computed. ``max_wait_s = 0``
+    ranks every request on its own. The ranking runs on the event loop (it is GIL-bound Python and
+    torch, sub-millisecond per row): no thread hop.
+    """
+
+    def __init__(self, *, max_wait_s: float = 0.001, max_batch: int = 64) -> None:
+        if not 0.0 <= max_wait_s <= 1.0 or max_batch < 1:
+            raise ValueError(f"need 0 ≤ max_wait_s ≤ 1 and max_batch ≥ 1, got {max_wait_s}, {max_batch}")
+        self.max_wait_s, self.max_batch = max_wait_s, max_batch
+        self._pending: list[tuple[Query, asyncio.Future[dict[str, Any]]]] = []
+        self._collecting = False
+        self._tasks: set[asyncio.Task[None]] = set()  # the collector running (references kept)
+        self.batches = self.requests = 0  # counters, read by tests and the benchmark
+
+    async def submit(self, q: Query) -> dict[str, Any]:
+        if self.max_wait_s == 0.0:
+            self.batches, self.requests = self.batches + 1, self.requests + 1
+            return q.engine.answer([q])[0]
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending.append((q, fut))
+        if not self._collecting:
+            self._start_collecting()
+        return await fut
+
+    def _start_collecting(self) -> None:
+        self._collecting = True
+        task = asyncio.get_running_loop().create_task(self._collect())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        try:
+            while len(self._pending) < self.max_batch and loop.time() < deadline:
+                before = len(self._pending)
+                await asyncio.sleep(0)  # one event-loop pass: received requests get parsed and join
+                if len(self._pending) == before:
+                    break
+        finally:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            self._collecting = False
+            if self._pending:  # more than one batch's worth arrived: the rest goes next
+                self._start_collecting()
+        self._run(batch)
+
+    def _run(self, batch: list[tuple[Query, asyncio.Future[dict[str, Any]]]]) -> None:
+        self.batches, self.requests = self.batches + 1, self.requests + len(batch)
+        by_engine: dict[int, list[tuple[Query, asyncio.Future[dict[str, Any]]]]] = {}
+        for item in batch:  # a reload between parse and ranking: each query stays on its engine
+            by_engine.setdefault(id(item[0].engine), []).append(item)
+        for group in by_engine.values():
+            try:
+                bodies = group[0][0].engine.answer([q for q, _ in group])
+            except Exception as e:
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), body in zip(group, bodies, strict=True):
+                if not fut.done():  # a client that went away cancelled its future
+                    fut.set_result(body)
 
 
 def _signature(model_dir: Path) -> tuple[tuple[int, int, int], ...]:
@@ -292,6 +428,13 @@ class BodyLimit:
             await self._reject(send, 413, f"request body over {self.max_bytes} bytes")
 
 
+class OrjsonResponse(JSONResponse):
+    """FastAPI's JSON response class, encoded by orjson (several times faster than ``json.dumps``)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
 def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     """422 (400 for unparsable JSON) listing what is wrong, without echoing the input (histories)."""
     assert isinstance(exc, RequestValidationError)
@@ -304,7 +447,7 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         for e in exc.errors()[:20]
     ]
     status = 400 if any(e["type"] == "json_invalid" for e in errors) else 422
-    return JSONResponse({"detail": errors}, status_code=status)
+    return OrjsonResponse({"detail": errors}, status_code=status)
 
 
 def create_app(
@@ -316,17 +459,27 @@ def create_app(
     reload_poll_s: float = 1.0,
     reload_on_sighup: bool = False,
     max_body_bytes: int = MAX_BODY_BYTES,
+    batch_wait_ms: float = 1.0,
+    max_batch: int = 64,
+    holder: ModelHolder | None = None,
 ) -> FastAPI:
     """The serving app for the model in ``model_dir`` (loaded now: a bad RUN_DIR fails here).
 
     ``reload_on_change`` polls model.pt/model.json every ``reload_poll_s`` seconds;
     ``reload_on_sighup`` reloads on SIGHUP (needs the main thread's event loop, as under uvicorn).
+    ``batch_wait_ms`` bounds how long a request may wait for others to share its ranking call
+    (:class:`Batcher`; 0 = no micro-batching), ``max_batch`` how many share one. ``holder``: an
+    already loaded model (``serve --workers`` loads it once, before forking).
     """
-    holder = ModelHolder(Path(model_dir), int8=int8)
+    if not 0.0 <= batch_wait_ms <= 1000.0:
+        raise FedrecError(f"batch wait must be within 0..1000 ms, got {batch_wait_ms}")
+    holder = ModelHolder(Path(model_dir), int8=int8) if holder is None else holder
+    batcher = Batcher(max_wait_s=batch_wait_ms / 1000.0, max_batch=max_batch)
     keys = read_api_keys(api_keys_file) if api_keys_file is not None else None
     bearer = HTTPBearer(auto_error=False, description="Only when the server runs with --api-keys.")
 
-    def authorize(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+    # async: a sync dependency would cost every request a hop to the thread pool.
+    async def authorize(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         if keys is None:
             return
         token = cred.credentials.encode() if cred is not None else b""
@@ -343,9 +496,22 @@ def create_app(
             log.info("serving %s", holder.engine.run_id)
 
     async def poll_changes() -> None:
+        # A checkpoint is model.pt, then model.json (save_model writes it last). Reload once the
+        # change has held still for one poll and model.json is part of it, or, for a model.pt
+        # rewritten alone, once it has held still for PT_ONLY_QUIET_S: a poll between the two writes
+        # must not swap in the new model.pt with the old model.json (and reload again right after).
+        loop = asyncio.get_running_loop()
+        pending: object = None
+        since = 0.0
         while True:
             await asyncio.sleep(reload_poll_s)
-            if holder.changed():
+            sig = _signature(holder.model_dir)
+            if sig == holder.signature:
+                pending = None
+            elif sig != pending:
+                pending, since = sig, loop.time()
+            elif sig[1] != holder.signature[1] or loop.time() - since >= PT_ONLY_QUIET_S:
+                pending = None
                 await reload_now()
 
     @contextlib.asynccontextmanager
@@ -377,8 +543,9 @@ def create_app(
         version="1",
         summary="Top-K recommendations for any history from a fedrec model (CONTRACT.md).",
         lifespan=lifespan,
+        default_response_class=OrjsonResponse,
     )
-    app.state.holder = holder
+    app.state.holder, app.state.batcher = holder, batcher
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     secured = [Depends(authorize)]
@@ -389,16 +556,15 @@ def create_app(
         return {"status": "ok", "model": eng.run_id, "items": len(eng.item_ids), "int8": eng.int8}
 
     @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=secured)
-    async def recommend(req: RecommendRequest) -> JSONResponse:
-        # Sub-millisecond and GIL-bound: computed on the event loop, without a thread hop.
-        body = holder.engine.recommend(
+    async def recommend(req: RecommendRequest) -> OrjsonResponse:
+        q = holder.engine.query(
             [str(x) for x in req.history],
             k=req.k,
             exclude=[str(x) for x in req.exclude],
             explain_items=req.explain,
             diversity=req.diversity,
         )
-        return JSONResponse(body)
+        return OrjsonResponse(await batcher.submit(q))
 
     @app.get("/v1/items/{item_id}", response_model=ItemInfo, dependencies=secured)
     async def item(item_id: Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)]) -> dict[str, Any]:
@@ -421,11 +587,21 @@ def run(
     reload_on_change: bool = False,
     threads: int = 1,
     log_level: str = "info",
+    workers: int = 1,
+    batch_wait_ms: float = 1.0,
+    max_batch: int = 64,
 ) -> None:
-    """Load, then serve until SIGINT/SIGTERM (in-flight requests finish; 10 s grace)."""
+    """Load, then serve until SIGINT/SIGTERM (in-flight requests finish; 10 s grace).
+
+    ``workers`` > 1: the model is loaded ONCE here, then this process forks the workers, which share
+    its pages copy-on-write (the weights are only read) and accept on one listening socket. SIGHUP
+    and SIGINT/SIGTERM are forwarded to every worker; a reload gives each worker its own new copy.
+    """
     import torch
     import uvicorn
 
+    if workers < 1:
+        raise FedrecError(f"--workers must be ≥ 1, got {workers}")
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     app = create_app(
@@ -434,6 +610,8 @@ def run(
         int8=int8,
         reload_on_change=reload_on_change,
         reload_on_sighup=True,
+        batch_wait_ms=batch_wait_ms,
+        max_batch=max_batch,
     )
     log.info("model loaded in %.2f s", time.perf_counter() - t0)
     if api_keys_file is None and host not in ("127.0.0.1", "localhost", "::1"):
@@ -447,4 +625,46 @@ def run(
         timeout_graceful_shutdown=10,
         server_header=False,
     )
-    uvicorn.Server(config).run()
+    if workers == 1:
+        uvicorn.Server(config).run()
+        return
+    sock = config.bind_socket()  # one listening socket, inherited by every worker
+    gc.collect()
+    gc.freeze()  # the loaded objects leave the GC's lists: collections in a worker do not touch them
+    pids: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # worker: serve until told to stop, never return into the parent's code
+            code = 0
+            try:
+                uvicorn.Server(config).run(sockets=[sock])
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+                code = 1
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    sock.close()
+    log.info("serving with %d workers (pids %s), model loaded once", workers, " ".join(map(str, pids)))
+
+    def forward(signum: int, _frame: Any) -> None:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    failed = 0
+    for p in pids:
+        while True:
+            try:
+                _, status = os.waitpid(p, 0)
+                break
+            except ChildProcessError:
+                status = 0
+                break
+            except InterruptedError:
+                continue
+        failed += os.waitstatus_to_exitcode(status) not in (0, -signal.SIGTERM, -signal.SIGINT)
+    if failed:
+        raise FedrecError(f"{failed} of {workers} workers exited with an error")

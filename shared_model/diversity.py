@@ -32,17 +32,26 @@ def pool_size(k: int) -> int:
     return max(50, 5 * k)
 
 
-def mmr(scores: np.ndarray, unit_vecs: np.ndarray, k: int, diversity: float) -> tuple[np.ndarray, np.ndarray]:
+def mmr(
+    scores: np.ndarray,
+    unit_vecs: np.ndarray,
+    k: int,
+    diversity: float,
+    rows: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """MMR top-``k`` of one row of masked scores (N,), with unit item vectors (N, G).
 
-    Returns (items (≤k,), their scores (≤k,)) in MMR order; -inf items never appear.
+    ``rows`` (N,), when given, maps item i to its vector ``unit_vecs[rows[i]]`` (R, G): a large
+    catalogue whose items mostly share one vector (e.g. zero outside a model's support) then needs
+    R rows, not N. Returns (items (≤k,), their scores (≤k,)) in MMR order; -inf items never appear.
     """
     if not 0.0 <= diversity <= 1.0:
         raise ValueError(f"diversity must be in [0, 1], got {diversity}")
     if k < 1:
         raise ValueError(f"k must be ≥ 1, got {k}")
-    assert scores.ndim == 1 and unit_vecs.shape[0] == scores.shape[0], (
-        f"scores (N,) and unit_vecs (N, G) must agree, got {scores.shape} and {unit_vecs.shape}"
+    n_vecs = scores.shape[0] if rows is None else rows.shape[0]
+    assert scores.ndim == 1 and n_vecs == scores.shape[0], (
+        f"scores (N,) and unit_vecs (N, G) (or rows (N,)) must agree, got {scores.shape} and {n_vecs}"
     )
     idx, sc = top_k(scores[None, :], pool_size(k) if diversity > 0 else k)
     keep = idx[0] >= 0
@@ -51,7 +60,8 @@ def mmr(scores: np.ndarray, unit_vecs: np.ndarray, k: int, diversity: float) -> 
         return cand[:k], cand_s[:k]
     span = float(cand_s[0] - cand_s[-1])
     rel = (cand_s - cand_s[-1]) / span if span > 0 else np.ones(len(cand))  # (P,) in [0, 1]
-    sims = unit_vecs[cand] @ unit_vecs[cand].T  # (P, P) cosine
+    vecs = unit_vecs[cand if rows is None else rows[cand]]  # (P, G)
+    sims = vecs @ vecs.T  # (P, P) cosine
     max_sim = np.zeros(len(cand))  # (P,) max similarity to the chosen
     chosen: list[int] = []
     free = np.ones(len(cand), dtype=bool)

@@ -180,9 +180,26 @@ class ItemReleaseModel(nn.Module):
             return self.prior.unsqueeze(0).expand(b, -1).clone()
         out = self.outside.unsqueeze(0).repeat(b, 1)  # (B, N)
         if self.cfg.n_support:
-            inside = (self._support_rows(history) @ self.weights).clamp(min=OUTSIDE_HIGH + 1.0)  # (B, M)
-            out[:, self.items] = inside
+            out[:, self.items] = self._inside_scores(history).clamp(min=OUTSIDE_HIGH + 1.0)  # (B, M)
         return out
+
+    def _inside_scores(self, history: torch.Tensor) -> torch.Tensor:
+        """``1[history] · B`` (B, M) as a sum of the rows of B the history touches.
+
+        The same numbers as the binary-row matmul of :meth:`_support_rows` (up to float summation
+        order) at O(L·M) per user instead of O(M²): what serving a large support needs. A history item
+        counts once, as in the binary row (repeats are weighted 0).
+        """
+        m = self.cfg.n_support
+        cols = self.column_of[history.clamp(min=0, max=self.cfg.n_items)]  # (B, L) in [0, M]
+        cols, _ = cols.sort(dim=1)  # (B, L): repeats adjacent, M (pad / outside) last
+        keep = cols < m  # (B, L)
+        keep[:, 1:] &= cols[:, 1:] != cols[:, :-1]
+        if cols.shape[1] == 0:
+            return torch.zeros(history.shape[0], m, dtype=self.weights.dtype, device=history.device)
+        return nn.functional.embedding_bag(
+            cols.clamp(max=m - 1), self.weights, mode="sum", per_sample_weights=keep.to(self.weights.dtype)
+        )  # (B, M)
 
     def forward(
         self,
@@ -191,8 +208,21 @@ class ItemReleaseModel(nn.Module):
         user_features: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Scores (B, C) of each user's candidates (the same numbers as :meth:`score_all`)."""
-        return self.score_all(history).gather(1, candidates.clamp(max=self.cfg.n_items - 1))
+        """Scores (B, C) of each user's candidates (the same numbers as :meth:`score_all`).
+
+        Only the candidates' columns are computed (explanations score L + 1 histories × K items; on a
+        40k catalogue a full ``score_all`` per leave-one-out history would be most of a request).
+        """
+        cand = candidates.clamp(max=self.cfg.n_items - 1)  # (B, C)
+        if self.cfg.kind == "dp_popularity":
+            return self.prior[cand]
+        out = self.outside[cand]  # (B, C)
+        m = self.cfg.n_support
+        if m:
+            col = self.column_of[cand]  # (B, C) in [0, M]; M = outside the support
+            inside = self._inside_scores(history).clamp(min=OUTSIDE_HIGH + 1.0)  # (B, M)
+            out = torch.where(col < m, inside.gather(1, col.clamp(max=m - 1)), out)
+        return out
 
     @torch.no_grad()
     def item_side(self) -> tuple[torch.Tensor]:

@@ -84,10 +84,34 @@ def top_k(scores: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.nda
     assert s.ndim == 2, f"scores must be (B, N), got shape {s.shape}"
     if np.isnan(s).any():
         raise ValueError("scores contain NaN; cannot rank")
-    k = min(k, s.shape[1])
-    # Stable sort of the negated scores: descending by score, ascending by index among equals.
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]  # (B, k)
+    n = s.shape[1]
+    k = min(k, n)
+    if k == n or n <= 64:  # small: a stable sort of everything is as cheap as anything cleverer
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]  # (B, k)
+    else:
+        order = _top_k_unsorted(s, k)  # (B, k), ascending item index
+        # Stable sort of the k chosen (ascending index): descending score, lower index among equals.
+        order = np.take_along_axis(order, np.argsort(-np.take_along_axis(s, order, 1), 1, kind="stable"), 1)
     best = np.take_along_axis(s, order, axis=1)  # (B, k)
     masked = np.isneginf(best)  # (B, k)
     order[masked] = -1
     return order.astype(np.int64), best
+
+
+def _top_k_unsorted(s: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` best items of each row of ``s`` (B, N), k < N, as (B, k) indices in ascending order.
+
+    ``argpartition`` picks k items per row in O(N) around the k-th best score t. Where more items tie
+    at t than the row has room for, partition picks arbitrary ones; those rows are redone by the ties
+    rule of :func:`top_k` (all items above t, then the lowest-index items equal to t), so the result is
+    exactly the first k of a full stable sort, without sorting N.
+    """
+    n = s.shape[1]
+    part = np.argpartition(s, n - k, axis=1)[:, n - k :]  # (B, k), unordered
+    kth = np.take_along_axis(s, part, 1).min(1, keepdims=True)  # (B, 1) the k-th best score
+    tied = s == kth  # (B, N)
+    need = k - (s > kth).sum(1)  # (B,) ≥ 1: tied items the row takes
+    for r in np.flatnonzero(tied.sum(1) > need):  # ambiguous rows only (ties across the boundary)
+        ties = np.flatnonzero(tied[r])[: need[r]]
+        part[r] = np.concatenate([np.flatnonzero(s[r] > kth[r, 0]), ties])
+    return np.sort(part, axis=1)

@@ -2,6 +2,8 @@
 
 The item side of the model is precomputed once at load; a request then costs one batched pass over
 the catalogue (``HistoryMLP.score_all``), masking of seen/excluded items to -inf, and a top-K.
+Many histories are scored in one call, in chunks of at most ``PAIR_BUDGET`` (user, item) pairs so the
+MLP's (rows × items × h1) activations stay cache-sized on large catalogues.
 """
 
 from __future__ import annotations
@@ -15,8 +17,13 @@ import numpy as np
 import torch
 
 from fedrec.shared_model.artifacts import LoadedModel
+from fedrec.shared_model.model import HistoryMLP
 from fedrec.shared_model.ranking import mask_items, top_k
 from fedrec.shared_model.training import pad_rows
+
+#: Most (user, item) pairs scored per model call: 16 ml-100k users (1 682 items), or one user of a
+#: 40k catalogue at a time (more rows only add memory traffic there).
+PAIR_BUDGET = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,9 @@ class Recommender:
         self.model = loaded.model.eval()
         self.catalog = loaded.catalog
         self.index = loaded.catalog.index_of()
-        self._item_side: Any = self.model.item_side()
+        # The MLP's per-item precomputation (item models ignore it: theirs would be N × support floats).
+        self._item_side: Any = self.model.item_side() if isinstance(self.model, HistoryMLP) else None
+        self.rows_per_call = max(1, PAIR_BUDGET // self.catalog.n_items)
         self._n_feats = len(self.model.cfg.user_cardinalities)
 
     def to_indices(self, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -56,14 +65,19 @@ class Recommender:
     def scores(self, histories: Sequence[np.ndarray], context: np.ndarray | None = None) -> np.ndarray:
         """Raw scores (B, n_items) for dense-index histories (most recent items last)."""
         cap = self.loaded.sampling.max_eval_history
-        hist = pad_rows([np.asarray(h)[-cap:] for h in histories], self.catalog.n_items)
-        ctx = np.tile(now_context() if context is None else context, (len(histories), 1))
-        feats = np.zeros((len(histories), self._n_feats), dtype=np.int64)  # unknown demographics
-        with torch.no_grad():
-            s = self.model.score_all(
-                torch.from_numpy(hist), torch.from_numpy(feats), torch.from_numpy(ctx), self._item_side
-            )
-        return s.numpy()
+        n = len(histories)
+        ctx = np.tile(now_context() if context is None else context, (n, 1))  # (B, 2)
+        feats = torch.zeros((n, self._n_feats), dtype=torch.int64)  # unknown demographics
+        out = np.empty((n, self.catalog.n_items), dtype=np.float32)  # (B, N)
+        with torch.inference_mode():
+            for a in range(0, n, self.rows_per_call):
+                b = min(n, a + self.rows_per_call)
+                hist = pad_rows([np.asarray(h)[-cap:] for h in histories[a:b]], self.catalog.n_items)
+                s = self.model.score_all(
+                    torch.from_numpy(hist), feats[a:b], torch.from_numpy(ctx[a:b]), self._item_side
+                )
+                out[a:b] = s.numpy()
+        return out
 
     def recommend(
         self,

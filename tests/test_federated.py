@@ -208,4 +208,8 @@ def test_pyproject_run_config_defaults_match_the_dataclass() -> None:
     import tomllib
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    assert pyproject["tool"]["flwr"]["app"]["config"] == RunConfig().to_mapping()
+    from dataclasses import fields
+
+    # The dataclass' declared defaults (auto settings unresolved), exactly as `flwr run .` reads them.
+    declared = {f.name.replace("_", "-"): f.default for f in fields(RunConfig)}
+    assert pyproject["tool"]["flwr"]["app"]["config"] == declared

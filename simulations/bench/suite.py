@@ -403,7 +403,19 @@ def prepare_synthetic_federation(setup: SimSetup, fed_dir: Any) -> float:
 def sim_run_config(setup: SimSetup, fed_dir: Any, run_dir: Any, run_name: str) -> Any:
     from fedrec.shared_model.runconfig import RunConfig
 
-    base = RunConfig(num_server_rounds=setup.rounds, dp=setup.dp, epsilon=setup.epsilon, seed=setup.seed)
+    # The recipe is pinned (not auto) so that DP and no-DP runs time the same work per round, and the
+    # sequential reference (plain FedAvg, last round) matches what the simulation computes.
+    base = RunConfig(
+        num_server_rounds=setup.rounds,
+        dp=setup.dp,
+        epsilon=setup.epsilon,
+        seed=setup.seed,
+        local_epochs=1.0,
+        lr=3e-3,
+        server_opt="fedavg",
+        final_model="last",
+        max_update_norm=20.0,
+    )
     return RunConfig.from_mapping(
         {
             **base.to_mapping(),

@@ -53,6 +53,30 @@ def audit(
         str | None, typer.Option("--tenant", help="Tenant whose mechanism the replica uses (default: first).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the canary experiment.")] = 0,
+    trials: Annotated[
+        int,
+        typer.Option("--trials", help="Release runs: trials of the release function (half with the canary)."),
+    ] = 2000,
+    release_users: Annotated[
+        int | None,
+        typer.Option("--release-users", help="Release runs: replica users (default: the tenant's count)."),
+    ] = None,
+    release_items: Annotated[
+        int | None,
+        typer.Option("--release-items", help="Release runs: replica items (default: the catalogue, ≤ 300)."),
+    ] = None,
+    release_canary_items: Annotated[
+        int | None,
+        typer.Option("--release-canary-items", help="Release runs: the canary's items (default: ≤ 100)."),
+    ] = None,
+    release_mechanism: Annotated[
+        str | None,
+        typer.Option(
+            "--release-mechanism",
+            help="Release runs: MODULE:FUNCTION audited instead of fedrec.client.task:release_message "
+            "(same signature); the hook the mutation tests use to plant broken releases.",
+        ),
+    ] = None,
     ledger: Annotated[
         Path | None,
         typer.Option("--ledger", help="Verify one tenant's own ledger.jsonl instead of a RUN_DIR."),
@@ -79,6 +103,17 @@ def audit(
         raise FedrecError("--head and --plan go with --ledger")
     from fedrec.simulations.reports.audit import EmpiricalConfig
     from fedrec.simulations.reports.audit_report import audit as run_audit
+    from fedrec.simulations.reports.release_audit import ReleaseAuditConfig
+
+    rel_cfg = ReleaseAuditConfig(
+        trials=trials,
+        users=release_users,
+        items=release_items,
+        canary_items=release_canary_items,
+        mechanism=release_mechanism,
+        confidence=confidence,
+        seed=seed,
+    )
 
     emp = (
         EmpiricalConfig(
@@ -98,8 +133,8 @@ def audit(
             status.update(line)
             err_console.print(f"[dim]{line}[/dim]", highlight=False)
 
-        outcome = run_audit(run_dir, out=out, empirical=emp, log=log)
-    _print_checks(outcome.checks.all_checks())
+        outcome = run_audit(run_dir, out=out, empirical=emp, release=rel_cfg, log=log)
+    _print_checks([*outcome.checks.all_checks(), *(outcome.release.checks() if outcome.release else [])])
     t = Table(title="ε per tenant")
     for col in ("tenant", "cap", "recorded", "replayed", "max |Δ|", "PRV", "PLD", "RDP", "RDP (dp_acc.)"):
         t.add_column(col, justify="left" if col == "tenant" else "right")
@@ -127,6 +162,9 @@ def audit(
             f"{claim} ({e.seconds:.1f} s)",
             highlight=False,
         )
+    rel = outcome.release
+    if rel is not None:
+        out_console.print(rel.verdict(), highlight=False, soft_wrap=True)
     out_console.print(
         f"report: {outcome.report_dir / 'audit.html'} ({outcome.seconds:.1f} s)", highlight=False
     )

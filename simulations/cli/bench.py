@@ -103,24 +103,39 @@ def simulate_table(result: dict[str, Any]) -> Table:
 
 
 def serve_table(result: dict[str, Any]) -> Table:
-    t = Table(title=f"fedrec serve on loopback (history {result['history_len']}, k={result['k']})")
-    for col in ("precision", "concurrency", "req/s", "p50 ms", "p99 ms", "errors", "p50 ÷ in-process"):
-        t.add_column(col, justify="right")
-    for prec in ("fp32", "int8"):
-        if prec not in result:
-            continue
-        ip = result[prec]["in_process"]
-        t.add_row(prec, "in-process", "", _f(ip["p50_ms"], "{:.2f}"), _f(ip["p99_ms"], "{:.2f}"), "", "1.00")
-        for row in result[prec]["http"]:
-            t.add_row(
-                prec,
-                str(row["concurrency"]),
-                _f(row["req_per_s"], "{:.0f}"),
-                _f(row["p50_ms"], "{:.2f}"),
-                _f(row["p99_ms"], "{:.2f}"),
-                str(row["errors"]),
-                _f(row["http_over_in_process_p50"], "{:.1f}"),
-            )
+    t = Table(
+        title=f"fedrec serve vs a trivial FastAPI top-K, {result['items']} items ({result['kind']}), "
+        f"{result['generator']}, {result['seconds']:g} s × {result['repeats']}, "
+        f"load {result['load_average_start'][0]:.1f}→{result['load_average_end'][0]:.1f}"
+    )
+    cols = ("server", "workers", "conc.", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "× ref")
+    for col in (*cols, "server CPU %"):
+        t.add_column(col, justify="left" if col == "server" else "right")
+    for r in result["runs"]:
+        t.add_row(
+            r["server"],
+            str(r["workers"]),
+            str(r["concurrency"]),
+            _f(r["req_per_s"], "{:.0f}"),
+            _f(r["p50_ms"], "{:.2f}"),
+            _f(r["p90_ms"], "{:.2f}"),
+            _f(r["p99_ms"], "{:.2f}"),
+            str(r["errors"]),
+            _f(r.get("ratio_to_reference"), "{:.2f}"),
+            _f(100 * r["server_cpu_share"], "{:.0f}"),
+            style="bold" if r["server"] == "fedrec" else "dim",
+        )
+    rc = result.get("reload_check")
+    if rc:
+        t.add_row("reload", str(rc["workers"]), str(rc["concurrency"]), _f(rc["req_per_s"], "{:.0f}"),
+                  _f(rc["p50_ms"], "{:.2f}"), _f(rc["p90_ms"], "{:.2f}"), _f(rc["p99_ms"], "{:.2f}"),
+                  str(rc["errors"]), "", _f(100 * rc["server_cpu_share"], "{:.0f}"))  # fmt: skip
+    for w, mem in result.get("memory", {}).items():
+        ratio = mem.get("extra_worker_uss_over_first_rss")
+        if ratio is not None:
+            t.caption = (
+                t.caption or ""
+            ) + f"{w} workers: extra worker USS = {ratio:.3f} × first worker RSS. "
     return t
 
 
@@ -129,35 +144,6 @@ def _bench_serve_script() -> ModuleType:
     from fedrec.simulations.bench import serve
 
     return serve
-
-
-def run_serve_bench(
-    model: Path, *, concurrency: list[int], requests: int, seconds: float, int8: bool
-) -> dict[str, Any]:
-    """In-process ranking cost, then HTTP at each concurrency level (fp32, and int8 when asked)."""
-    import asyncio
-
-    import numpy as np
-
-    from fedrec.shared_model.artifacts import load_model
-
-    bs = _bench_serve_script()
-    ids = list(load_model(model).catalog.item_ids)
-    rng = np.random.default_rng(0)
-    n = min(bs.HISTORY_LEN, len(ids))
-    histories = [[ids[i] for i in rng.choice(len(ids), n, replace=False)] for _ in range(500)]
-    res: dict[str, Any] = {"benchmark": "serve", "history_len": n, "k": 10, "cpus": os.cpu_count()}
-    for q in (False, True) if int8 else (False,):
-        name = "int8" if q else "fp32"
-        _log(f"serve: {name} in-process ranking …")
-        res[name] = {"in_process": bs.in_process(model, histories, int8=q), "http": []}
-        with bs.server(model, int8=q) as base:
-            for c in concurrency:
-                _log(f"serve: {name} HTTP at concurrency {c} …")
-                row = asyncio.run(bs.drive(base, histories, c, requests, seconds))
-                row["http_over_in_process_p50"] = row["p50_ms"] / res[name]["in_process"]["p50_ms"]
-                res[name]["http"].append(row)
-    return res
 
 
 def register(app: typer.Typer) -> None:
@@ -249,22 +235,58 @@ def register(app: typer.Typer) -> None:
     @bench_app.command("serve")
     def serve(
         model: Annotated[Path, typer.Option("--model", help="RUN_DIR holding model.pt + model.json.")],
+        data: Annotated[
+            str | None,
+            typer.Option("--data", help="The model's data set: request bodies from real histories."),
+        ] = None,
+        workers: Annotated[str, typer.Option("--workers", help="Worker counts, comma-separated.")] = "1,2",
         concurrency: Annotated[
-            str, typer.Option("--concurrency", help="Levels, comma-separated.")
-        ] = "1,16,64",
-        requests: Annotated[int, typer.Option("--requests", min=1, help="Requests per level (max).")] = 3000,
-        seconds: Annotated[float, typer.Option("--seconds", min=0.1, help="Time limit per level.")] = 15.0,
-        int8: Annotated[bool, typer.Option("--int8/--no-int8", help="Also benchmark int8 serving.")] = True,
+            str, typer.Option("--concurrency", help="Connections, comma-separated.")
+        ] = "1,16",
+        seconds: Annotated[float, typer.Option("--seconds", min=1.0, help="Length of one load run.")] = 10.0,
+        repeats: Annotated[int, typer.Option("--repeats", min=1, help="Load runs per cell (medians).")] = 1,
+        generator: Annotated[
+            str, typer.Option("--generator", help="auto (wrk if installed) | wrk | python.")
+        ] = "auto",
+        reference: Annotated[
+            bool, typer.Option("--reference/--no-reference", help="Also measure the trivial FastAPI top-K.")
+        ] = True,
+        reload_check: Annotated[
+            bool, typer.Option("--reload-check", help="Rewrite the checkpoint during one load run.")
+        ] = False,
+        batch_wait_ms: Annotated[
+            float, typer.Option("--batch-wait-ms", min=0.0, max=1.0, help="The server's --batch-wait-ms.")
+        ] = 1.0,
         json_path: JsonOpt = None,
     ) -> None:
-        """Loopback load test of `fedrec serve` against the in-process cost of one ranking call."""
+        """Drive `fedrec serve` with wrk (POST bodies of real histories) next to a trivial FastAPI top-K."""
         if not (model / "model.json").is_file():
             raise DataError(f"{model} holds no model.json (give a RUN_DIR written by simulate/centralized)")
+        if generator not in ("auto", "wrk", "python"):
+            raise DataError(f"--generator must be auto, wrk or python, got {generator!r}")
         try:
-            levels = [int(c) for c in concurrency.split(",")]
+            w_list = [int(c) for c in workers.split(",")]
+            c_list = [int(c) for c in concurrency.split(",")]
         except ValueError as e:
-            raise DataError(f"--concurrency must be comma-separated integers, got {concurrency!r}") from e
+            raise DataError(f"--workers and --concurrency must be comma-separated integers ({e})") from e
+        if min(w_list + c_list) < 1:
+            raise DataError("--workers and --concurrency must be ≥ 1")
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        result = run_serve_bench(model, concurrency=levels, requests=requests, seconds=seconds, int8=int8)
+        try:
+            result = _bench_serve_script().run_bench(
+                model,
+                data=data,
+                workers=w_list,
+                concurrency=c_list,
+                seconds=seconds,
+                repeats=repeats,
+                generator=generator,
+                reference=reference,
+                reload_check=reload_check,
+                batch_wait_ms=batch_wait_ms,
+                log=_log,
+            )
+        except RuntimeError as e:
+            raise DataError(str(e)) from None
         out_console.print(serve_table(result))
         _write_json(json_path, result)

@@ -88,7 +88,10 @@ def simulate(
     out: Annotated[
         Path | None, typer.Option("--out", help="RUN_DIR to write (atomically); not with --resume.")
     ] = None,
-    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Federated rounds.")] = 5,
+    rounds: Annotated[
+        int | None,
+        typer.Option("--rounds", min=1, help="Federated rounds [auto: 5 with DP, 24 with --no-dp]."),
+    ] = None,
     data: Annotated[
         str | None,
         typer.Option("--data", help="Data source to partition (default: synthetic); or --federation."),
@@ -108,11 +111,17 @@ def simulate(
     delta: Annotated[float, typer.Option("--delta", help="δ (must be < 1/users of every tenant).")] = 1e-5,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Same pipeline without clipping or noise.")] = False,
     caps: Annotated[str, typer.Option("--caps", help="Per-tenant caps, e.g. 'tenant-0=3,tenant-1=1'.")] = "",
-    local_epochs: Annotated[float, typer.Option("--local-epochs", help="Expected passes per round.")] = 1.0,
+    local_epochs: Annotated[
+        float | None,
+        typer.Option("--local-epochs", help="Expected passes per round [auto: 1 with DP, 5 with --no-dp]."),
+    ] = None,
     batch_users: Annotated[
         int, typer.Option("--batch-users", min=1, help="Expected users per DP step.")
     ] = 64,
-    lr: Annotated[float, typer.Option("--lr", help="Local Adam learning rate.")] = 3e-3,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help="Local Adam learning rate [auto: 3e-3 with DP, 0.01 with --no-dp]."),
+    ] = None,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Per-user clipping bound C.")] = 1.0,
     approach: Annotated[
         str,
@@ -122,6 +131,14 @@ def simulate(
             "dp_ease | dp_popularity (one DP item release per tenant; --rounds does not apply).",
         ),
     ] = "auto",
+    release_init: Annotated[
+        float,
+        typer.Option(
+            "--release-init",
+            help="With --approach mlp: spend this share of each tenant's ε on one item release (round 1) "
+            "that initialises the MLP's prior and frozen item embeddings; DP-SGD gets the rest [0: off].",
+        ),
+    ] = 0.0,
     secagg: Annotated[
         bool,
         typer.Option("--secagg", help="SecAgg+: the server sees only the masked sum of the tenants' deltas."),
@@ -131,8 +148,35 @@ def simulate(
         typer.Option("--aggregation", help="fedavg | median | trimmed:B (robust rules refuse --secagg)."),
     ] = "fedavg",
     max_update_norm: Annotated[
-        float, typer.Option("--max-update-norm", help="L2 bound on one tenant's update per round.")
-    ] = 20.0,
+        float | None,
+        typer.Option(
+            "--max-update-norm",
+            help="L2 bound on one tenant's update per round [auto: 20 with DP, 50 without].",
+        ),
+    ] = None,
+    server_opt: Annotated[
+        str,
+        typer.Option(
+            "--server-opt",
+            help="Server optimizer on the aggregated delta: auto (fedavg with DP, fedavgm without) | fedavg "
+            "| fedavgm | fedadam.",
+        ),
+    ] = "auto",
+    server_lr: Annotated[
+        float | None,
+        typer.Option("--server-lr", help="Server step size [1 for fedavg/fedavgm, 0.01 for fedadam]."),
+    ] = None,
+    server_momentum: Annotated[
+        float, typer.Option("--server-momentum", help="FedAvgM server momentum.")
+    ] = 0.5,
+    final_model: Annotated[
+        str,
+        typer.Option(
+            "--final-model",
+            help="auto (best-val without DP, last with DP) | best-val (round with the best federated "
+            "validation NDCG@10) | last.",
+        ),
+    ] = "auto",
     round_timeout: Annotated[
         float, typer.Option("--round-timeout", help="Seconds to wait for a round (each SecAgg+ stage).")
     ] = 1800.0,
@@ -201,20 +245,25 @@ def simulate(
         )
     check_out_dir(out, overwrite=overwrite)
     cfg = RunConfig(
-        num_server_rounds=rounds,
+        num_server_rounds=rounds or 0,
         dp=not no_dp,
         epsilon=epsilon,
         delta=delta,
         caps=caps,
-        local_epochs=local_epochs,
+        local_epochs=local_epochs or 0.0,
         batch_users=batch_users,
-        lr=lr,
+        lr=lr or 0.0,
         max_grad_norm=max_grad_norm,
         seed=seed,
         approach=approach.strip().replace("-", "_"),
+        release_init=release_init,
         secagg=secagg,
         aggregation=aggregation.strip(),
-        max_update_norm=max_update_norm,
+        max_update_norm=max_update_norm or 0.0,
+        server_opt=server_opt.strip(),
+        server_lr=server_lr or 0.0,
+        server_momentum=server_momentum,
+        final_model=final_model.strip(),
         round_timeout=round_timeout,
         fault_dropout=dropout,
         fault_crash=",".join(crash or []),

@@ -47,14 +47,11 @@ from fedrec.privacy.empirical import (
     threshold_confusion,
 )
 from fedrec.privacy.errors import PrivacyError
-from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.runconfig import RELEASE_APPROACHES
+from fedrec.simulations.reports.errors import AuditError
+from fedrec.simulations.reports.release_audit import ReleaseAuditResult
 
 Log = Callable[[str], None]
-
-
-class AuditError(FedrecError):
-    """A RUN_DIR that cannot be audited (missing, not a run, corrupt files)."""
 
 
 # ---------------------------------------------------------------- the run's files
@@ -541,11 +538,14 @@ class AuditOutcome:
     files: list[Path] = field(default_factory=list)
     seconds: float = 0.0
     environment: dict[str, str] = field(default_factory=dict)
+    release: ReleaseAuditResult | None = None  # --empirical on a release run
 
     def failed(self) -> list[Check]:
         out = self.checks.failed()
         if self.empirical is not None and not self.empirical.check().passed:
             out.append(self.empirical.check())
+        if self.release is not None:
+            out += [c for c in self.release.checks() if not c.passed]
         return out
 
     @property

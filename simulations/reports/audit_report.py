@@ -22,10 +22,12 @@ from fedrec.simulations.reports.audit import (
     EmpiricalConfig,
     Log,
     RunFiles,
+    _released,
     check_run,
     empirical_audit,
     load_run,
 )
+from fedrec.simulations.reports.release_audit import ReleaseAuditConfig, release_audit
 
 ACCOUNTANT_LABELS = {
     "opacus_prv": "Opacus PRV",
@@ -129,6 +131,56 @@ def _plots(outcome: AuditOutcome, run: RunFiles) -> dict[str, bytes]:
         ax.grid(alpha=0.3, axis="y")
         save("epsilon_compare.png", fig)
 
+    rel = outcome.release
+    if rel is not None:
+        import numpy as np
+
+        from fedrec.privacy.empirical import gdp_tpr
+
+        fpr, tpr = np.asarray(rel.roc[0]), np.asarray(rel.roc[1])
+        grid = np.logspace(-4, 0, 200)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, log_scale in zip(axes, (False, True), strict=True):
+            ax.plot(
+                fpr,
+                tpr,
+                "-",
+                color="C3",
+                label=f"empirical ({len(rel.scores_in) + len(rel.scores_out)} held-out trials)",
+            )
+            ax.plot(
+                grid,
+                gdp_tpr(grid, rel.claim.mu),
+                "--",
+                color="C0",
+                label=f"claimed: Gaussian μ = {rel.claim.mu:.3f}",
+            )
+            if math.isfinite(rel.fit.mu):
+                ax.plot(
+                    grid,
+                    gdp_tpr(grid, rel.fit.mu),
+                    ":",
+                    color="C2",
+                    label=f"fitted: Gaussian μ = {rel.fit.mu:.3f}",
+                )
+            ax.plot([1e-4, 1], [1e-4, 1], color="0.7", linewidth=0.8, label="chance")
+            ax.set_xlabel("false positive rate")
+            ax.set_ylabel("true positive rate")
+            if log_scale:
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.set_xlim(1e-3, 1)
+                ax.set_ylim(1e-3, 1)
+                ax.set_title("log scale: the low-FPR end sets ε")
+            else:
+                ax.set_title("trade-off curve: canary in vs out")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7, loc="lower right")
+        fig.suptitle(
+            f"release of {rel.claim.tenant}: empirical test vs the claimed Gaussian curve", fontsize=10
+        )
+        save("release_tradeoff.png", fig)
+
     emp = outcome.empirical
     if emp is not None:
         fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -170,7 +222,7 @@ def audit_json(outcome: AuditOutcome, run: RunFiles) -> dict[str, Any]:
                 "note": c.note,
                 "findings": [asdict(f) for f in c.findings],
             }
-            for c in checks.all_checks()
+            for c in [*checks.all_checks(), *(outcome.release.checks() if outcome.release else [])]
         ],
         "tenants": {},
         "seconds": {"checks": round(checks.seconds, 3), "total": round(outcome.seconds, 3)},
@@ -191,6 +243,8 @@ def audit_json(outcome: AuditOutcome, run: RunFiles) -> dict[str, Any]:
             if rep
             else {},
         }
+    if outcome.release is not None:
+        doc["empirical_release"] = outcome.release.to_json()
     emp = outcome.empirical
     if emp is not None:
         doc["empirical"] = {
@@ -289,6 +343,43 @@ def _tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
                 ],
             )
         )
+    rel = doc.get("empirical_release")
+    if rel:
+        out.append(
+            (
+                "empirical audit of the release (canary, trials of the release function)",
+                [
+                    "tenant",
+                    "release",
+                    "noise",
+                    "claimed ε (δ)",
+                    "trials",
+                    "ε lower bound",
+                    "Gaussian-DP ε lb",
+                    "Clopper–Pearson ε lb",
+                    "μ fitted (lb) vs claimed",
+                    "repeated releases",
+                    "wall",
+                    "result",
+                ],
+                [
+                    [
+                        rel["tenant"],
+                        f"{rel['approach']} ({rel['mechanism']})",
+                        f"{rel['noise_mode']} ({rel['shares']} share{'s' if rel['shares'] > 1 else ''})",
+                        f"{_fmt(rel['claimed_epsilon'])} ({rel['delta']:g}, {rel['accountant']})",
+                        str(rel["trials"]),
+                        _fmt(rel["epsilon_lower_bound"]),
+                        _fmt(rel["epsilon_gaussian_lb"]),
+                        _fmt(rel["epsilon_clopper_pearson_lb"]),
+                        f"{_fmt(rel['fitted_mu'])} ({_fmt(rel['fitted_mu_lb'])}) vs {_fmt(rel['claimed_mu'])}",
+                        f"{rel['repeated_releases']}/{rel['releases_of_d_out']}",
+                        f"{rel['seconds']:.1f} s",
+                        "PASS" if rel["passed"] else "FAIL",
+                    ]
+                ],
+            )
+        )
     check_rows = []
     for c in doc["checks"]:
         if c["passed"]:
@@ -316,7 +407,10 @@ def _tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
 
 def render_markdown(doc: dict[str, Any], images: list[str]) -> str:
     verdict = "PASSED — every check holds" if doc["passed"] else f"FAILED — {', '.join(doc['failed_checks'])}"
-    lines = [f"# Privacy budget audit: {doc['run_dir']}", "", f"**{verdict}**", "", "## Scope", ""]
+    lines = [f"# Privacy budget audit: {doc['run_dir']}", "", f"**{verdict}**", ""]
+    if doc.get("empirical_release"):
+        lines += [doc["empirical_release"]["verdict"], ""]
+    lines += ["## Scope", ""]
     lines += [f"- {s}" for s in doc["scope"]]
     for title, header, rows in _tables(doc):
         lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -356,6 +450,11 @@ def render_html(doc: dict[str, Any], images: dict[str, bytes]) -> str:
         f"<title>fedrec audit — {esc(doc['run_dir'])}</title><style>{_CSS}</style></head><body>",
         f"<h1>Privacy budget audit</h1><p><code>{esc(doc['run_dir'])}</code></p>",
         f"<p class='verdict {'ok' if ok else 'bad'}'>{esc(verdict)}</p>",
+        (
+            f"<p class='sentence'>{esc(doc['empirical_release']['verdict'])}</p>"
+            if doc.get("empirical_release")
+            else ""
+        ),
         "<h2>Scope</h2><ul>" + "".join(f"<li>{esc(s)}</li>" for s in doc["scope"]) + "</ul>",
     ]
     for title, header, rows in _tables(doc):
@@ -405,6 +504,7 @@ def audit(
     *,
     out: Path | None = None,
     empirical: EmpiricalConfig | None = None,
+    release: ReleaseAuditConfig | None = None,
     log: Log = lambda _: None,
 ) -> AuditOutcome:
     """Check ``run_dir``, optionally run the canary attack, and write the report into ``out``."""
@@ -412,8 +512,12 @@ def audit(
     run = load_run(run_dir)
     report_dir = Path(out) if out is not None else Path(run_dir) / "audit"
     checks = check_run(run, log=log)
-    emp = empirical_audit(run, empirical, log=log) if empirical is not None else None
-    outcome = AuditOutcome(checks, emp, report_dir, environment=_environment())
+    emp = rel = None
+    if empirical is not None and _released(run):
+        rel = release_audit(run, release or ReleaseAuditConfig(), tenant=empirical.tenant, log=log)
+    elif empirical is not None:
+        emp = empirical_audit(run, empirical, log=log)
+    outcome = AuditOutcome(checks, emp, report_dir, environment=_environment(), release=rel)
     outcome.seconds = time.perf_counter() - t0
     outcome.files = write_report(outcome, run)
     return outcome
