@@ -28,14 +28,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 
 from fedrec.client.faults import adversary_kind, corrupt, maybe_crash, maybe_drop
+from fedrec.client.mods import secagg_when_asked
 from fedrec.client.task import (
     TenantPaths,
     TrainOutcome,
@@ -69,15 +69,6 @@ TRAIN_METRIC_KEYS = (
     "loss",
     "seconds",
 )
-
-
-def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Route SecAgg+ protocol messages through Flower's ``secaggplus_mod``; others pass untouched."""
-    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
-        from flwr.client.mod import secaggplus_mod
-
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
 
 
 app = ClientApp(mods=[secagg_when_asked])

@@ -111,6 +111,18 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
+def wait_for_rejoin(grid: Grid, nodes: list[int], timeout: float) -> list[int]:
+    """Before a round, wait up to ``timeout`` s for every node of the run to be connected (a partner
+    whose SuperNode restarted after a crash, or that stalled and resumed, takes part again instead of
+    being lost for one more round); the nodes still missing, which the round then goes on without."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = sorted(set(nodes) - set(grid.get_node_ids()))
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(0.5)
+
+
 # ------------------------------------------------------------------ validation
 def validate_update(
     weights: Weights,
@@ -821,7 +833,12 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     rounds_path = out / "rounds.jsonl"
     for rnd in range(done + 1, n_rounds + 1):
         r0 = time.perf_counter()
+        missing = wait_for_rejoin(grid, fed.nodes, cfg.rejoin_wait) if cfg.rejoin_wait > 0 else []
         rd = _Round(fed, rnd)
+        if cfg.rejoin_wait > 0:
+            rd.row["waited_for_rejoin"] = round(time.perf_counter() - r0, 1)
+            if missing:
+                rd.row["not_connected"] = missing
         if cfg.resume and rnd == done + 1:
             rd.row["resumed_from"] = done
         faults = cfg.planned_faults(fed.tenants, rnd)
