@@ -134,23 +134,28 @@ def noise_plan(paths: TenantPaths, budget: TenantBudget, plan: StepPlan, cfg: Ru
         accountant=cfg.accountant,  # type: ignore[arg-type]
         history_before=budget.history,
     )
-    paths.state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "noise_multiplier": sigma,
-                "sample_rate": plan.sample_rate,
-                "steps": plan.steps,
-                "planned_rounds": cfg.planned_rounds(),
-                "cap": budget.cap,
-                "delta": cfg.delta,
-                "accountant": cfg.accountant,
-            }
-        ),
-        encoding="utf-8",
-    )
-    os.replace(tmp, path)
+    try:
+        paths.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "noise_multiplier": sigma,
+                    "sample_rate": plan.sample_rate,
+                    "steps": plan.steps,
+                    "planned_rounds": cfg.planned_rounds(),
+                    "cap": budget.cap,
+                    "delta": cfg.delta,
+                    "accountant": cfg.accountant,
+                }
+            ),
+            encoding="utf-8",
+        )
+        os.replace(tmp, path)
+    except OSError:
+        # The state dir cannot be written (read-only mount, immutable, full): the plan is not kept,
+        # and tenant_train refuses the round before training, so nothing is charged under it.
+        pass
     return sigma
 
 

@@ -264,3 +264,32 @@ def test_a_partner_whose_state_dir_is_read_only_refuses_to_train_and_says_so(
     assert ledger.read_bytes() == before, "the ledger is untouched"
     third = tenant_train(weights, model.cfg, cfg, paths, 3)  # writable again: it trains
     assert third.status == "ok" and [e["round"] for e in read_entries(ledger)[0]] == [1, 3]
+
+
+def test_a_state_dir_read_only_before_the_first_round_is_refused_not_an_error(
+    fed: Path, tmp_path: Path
+) -> None:
+    """Read-only before anything was written (no noise plan yet): the round is refused with the reason,
+    not a ClientApp crash while persisting the plan; once writable again the partner trains."""
+    from fedrec.client.task import resolve_tenant, tenant_train
+    from fedrec.server.loop import model_config
+    from fedrec.shared_model.codec import state_weights
+    from fedrec.shared_model.data import Catalog
+    from fedrec.shared_model.model import HistoryMLP
+
+    cfg = RunConfig(
+        fed_dir=str(fed), run_dir=str(tmp_path / "run"), run_name="readonly-first", num_server_rounds=2,
+        num_tenants=TENANTS, epsilon=6.0, batch_users=32, accountant="rdp",
+    )  # fmt: skip
+    cat = Catalog.from_json(json.loads((fed / "catalog.json").read_text()))
+    model = HistoryMLP(model_config(cat, cfg), cat.genres)
+    paths = resolve_tenant({"partition-id": 1}, cfg)
+    paths.state_dir.mkdir(parents=True)
+    with unwritable(paths.state_dir):
+        first = tenant_train(state_weights(model), model.cfg, cfg, paths, 1)
+    assert first.status == "refused" and first.weights is None and "not writable" in first.message
+    assert sorted(p.name for p in paths.state_dir.iterdir()) == [], "nothing written, nothing charged"
+    again = tenant_train(state_weights(model), model.cfg, cfg, paths, 1)
+    assert again.status == "ok" and [e["round"] for e in read_entries(paths.state_dir / LEDGER_FILE)[0]] == [
+        1
+    ]
