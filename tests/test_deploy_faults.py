@@ -2,26 +2,31 @@
 3 `flower-supernode`s, DP and SecAgg+ on (threshold 2 of 3), driven by `fedrec deploy` — the harness of
 ``tests/test_deploy_e2e.py`` with one more partner.
 
-One 4-round run (one deployment, shared by every fault; each fault leaves the others' state intact):
+One deployment and one run (``ROUNDS`` rounds, then a ``deploy launch --resume`` of the same run) carry
+every fault; the run's ``rejoin-wait`` makes each round wait for restarted partners, so every round
+starts with the three partners and the plan below is exact. Per round (partners, stages and delays
+drawn from the seed printed in the output; ``FEDREC_FAULT_SEED=… pytest …`` replays them):
 
-A. round 1: one SuperNode (and every process under it) is SIGSTOPped when it receives its k-th SecAgg+
-   message of the round (k and the partner from the seed), held past ``round-timeout``, then SIGCONTed
-   once the round is closed. The round closes without it (the SuperLink answers "Node Unavailable"
-   after 2 missed heartbeats, ~60 s); its late reply is refused by the SuperLink; it trains again in
-   the first round that starts after its heartbeat is back (round 2 or 3).
-B. in the first later round all three start: another SuperNode is SIGKILLed (with every process
-   under it) at its k-th SecAgg+ message, within the dropout threshold, and restarted (same key,
-   same state dir) once the SuperLink lists it
-   offline (a restart before that is refused: 412, the key is still "online"). The round completes
-   with the others' sum; ``rounds.jsonl`` names the lost node.
+1–3. one SuperNode SIGKILLed (with every process under it) when it receives the k-th SecAgg+ message of
+     the round (k = the stage: 1 setup, 2 share keys, 3 collect masked vectors, 4 unmask; the four
+     stages are dealt over rounds 1–4 in a seeded order): 1 of 3 lost, within the threshold; in the
+     same round another partner's state dir is read-only (it must refuse to train, say so and
+     charge nothing; the third partner goes on);
+4.   two SuperNodes SIGKILLed at the remaining stage: 2 of 3 lost, beyond the threshold;
+5.   one SuperNode SIGKILLed and another SIGSTOPped at the same stage (beyond the threshold), the
+     stopped one held past ``round-timeout`` and SIGCONTed once the round is closed;
+6.   the SuperLink (with its SuperExec and the ServerApp) SIGKILLed at a seeded SecAgg+ message,
+     restarted on the same ``--database``; ``fedrec deploy launch --resume`` continues the run;
+7.   (the resumed run) a state dir read-only again.
 
-After the run: every partner's ledger verifies (`fedrec audit --ledger`), no round is charged twice,
-a charged round whose update was lost stays charged, the coordinator's copies equal the partners' own,
-and every process started is gone. The seed is printed (``FEDREC_FAULT_SEED=… pytest …`` replays the
-same partners and stages); the fault table is printed and written to ``faults.json``.
-
-Waits are event-driven (SuperNode logs, ``rounds.jsonl``, ``flwr ls``) with generous bounds: the
-machine this runs on is shared.
+That is 12 faults in 7 rounds; ``round-timeout`` is 65 s, just above the 60 s after which the
+SuperLink reports a silent SuperNode "Node Unavailable", so a lost node costs ≤ 60 s of its round.
+Killed SuperNodes are restarted (same key, same state dir) once the SuperLink lists them offline (a
+restart before that is refused: the key is still "online"). After the run, per fault: rounds.jsonl
+names the lost node and the effect (aggregated without it, or unchanged); every partner's ledger
+verifies with ``fedrec audit --ledger``; no round is charged twice; a round charged before the fault
+stays charged; the coordinator's copies equal the partners' own; no process started is left (by PID).
+The fault table is printed and written to ``faults.json``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import re
 import secrets
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,11 +52,13 @@ from tests.test_deploy_e2e import APP_DIR, Cluster, Proc, _alive, _descendants, 
 
 pytestmark = pytest.mark.slow
 
-PARTNERS, ROUNDS, EPSILON, USERS, ITEMS = 3, 4, 8.0, 240, 100
-ROUND_TIMEOUT = 90.0  # per SecAgg+ stage; a stalled node costs one of these
-RUN_TIMEOUT = 1500.0
+PARTNERS, ROUNDS, EPSILON, USERS, ITEMS = 3, 7, 8.0, 180, 80
+ROUND_TIMEOUT = 65.0  # per SecAgg+ stage; > the 60 s after which the SuperLink marks a silent node offline
+REJOIN_WAIT = 150.0  # before each round, the ServerApp waits this long for restarted partners
+RUN_TIMEOUT = 900.0
 SEED = int(os.environ.get("FEDREC_FAULT_SEED", secrets.randbelow(1_000_000)))
 STAGES = ["setup", "share keys", "collect masked vectors", "unmask"]
+THRESHOLD = PARTNERS // 2 + 1
 
 
 def tenant(i: int) -> str:
@@ -94,30 +102,36 @@ def rounds_rows(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def row_of(run_dir: Path, rnd: int) -> dict[str, Any] | None:
+    return next((r for r in reversed(rounds_rows(run_dir)) if r["round"] == rnd), None)
+
+
 class FaultCluster(Cluster):
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.node_ports = [free_port() for _ in range(PARTNERS)]
         self.seen_pids: set[int] = set()
         self.faults: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
 
     def start(self, name: str, cmd: list[str], env: dict[str, str]) -> Proc:
-        proc = super().start(name, cmd, env)
-        self.seen_pids.add(proc.popen.pid)
+        with self.lock:
+            proc = super().start(name, cmd, env)
+            self.seen_pids.add(proc.popen.pid)
         return proc
 
     def note_family(self) -> None:
-        for proc in self.procs:
+        for proc in list(self.procs):
             self.seen_pids.update(_descendants(proc.popen.pid))
 
     def supernode(self, i: int) -> Proc:
         return [p for p in self.procs if p.name == f"supernode-{i}"][-1]
 
-    def family(self, proc: Proc) -> list[int]:
-        return [proc.popen.pid, *_descendants(proc.popen.pid)]
+    def superlink(self) -> Proc:
+        return [p for p in self.procs if p.name == "superlink"][-1]
 
     def signal_family(self, proc: Proc, sig: signal.Signals) -> list[int]:
-        pids = self.family(proc)
+        pids = [proc.popen.pid, *_descendants(proc.popen.pid)]
         self.seen_pids.update(pids)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -139,7 +153,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultCluster]:
         c.stop_all()
         left = sorted(p for p in c.seen_pids if _alive(p))
         for pid in left:  # never leave one behind, even when the check below fails
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         c.figures["leftover_processes"] = left
         c.figures["seed"] = SEED
         c.figures["faults"] = c.faults
@@ -185,14 +200,15 @@ def deployed(cluster: FaultCluster) -> FaultCluster:
     return c
 
 
-def launch(c: FaultCluster, run_dir: Path, run_name: str, rounds: int, *extra: str) -> int:
+def launch(c: FaultCluster, run_dir: Path, run_name: str, *extra: str) -> int:
     out = _ok(
         c.fedrec(
             "deploy", "launch", str(c.dep.root), "--run-dir", str(run_dir), "--catalog",
-            str(c.fed / "catalog.json"), "--max-users", str(USERS), "--rounds", str(rounds),
+            str(c.fed / "catalog.json"), "--max-users", str(USERS), "--rounds", str(ROUNDS),
             "--run-name", run_name, "--epsilon", str(EPSILON), "--set", "batch-users=32",
-            "--set", f"round-timeout={ROUND_TIMEOUT}", "--set", "node-wait-timeout=120.0",
-            "--set", "min-tenants=2", "--set", f"eval-every={rounds}", *extra,
+            "--set", f"round-timeout={ROUND_TIMEOUT}", "--set", "node-wait-timeout=180.0",
+            "--set", f"rejoin-wait={REJOIN_WAIT}", "--set", "min-tenants=1",
+            "--set", f"eval-every={ROUNDS}", *extra,
         )
     )  # fmt: skip
     return int(re.search(r"run (\d+) submitted", out).group(1))  # type: ignore[union-attr]
@@ -201,26 +217,6 @@ def launch(c: FaultCluster, run_dir: Path, run_name: str, rounds: int, *extra: s
 def run_status(c: FaultCluster, run_id: int) -> str:
     runs = c.flwr("ls", "fedrec", "--run-id", str(run_id)).get("runs") or [{}]
     return str(runs[0].get("status", ""))
-
-
-def check_ledgers(c: FaultCluster, run_dir: Path, run_name: str) -> dict[str, list[int]]:
-    """Every partner's ledger verifies, charges each round at most once, and equals the coordinator's copy."""
-    charged = {}
-    for i in range(PARTNERS):
-        own = c.ledger(i, run_name)
-        entries, problems = read_entries(own)
-        assert problems == [] and verify_chain(entries) == [], f"[seed {SEED}] {tenant(i)}: {problems}"
-        rounds = [int(e["round"]) for e in entries]
-        assert len(rounds) == len(set(rounds)), f"[seed {SEED}] {tenant(i)} charged twice: {rounds}"
-        audit = c.fedrec("audit", "--ledger", str(own), "--head", entries[-1]["hash"])
-        assert audit.returncode == 0, f"[seed {SEED}] " + audit.stdout + audit.stderr
-        copy, _ = read_entries(run_dir / "ledger" / f"{tenant(i)}.jsonl")
-        assert [e["hash"] for e in copy] == [e["hash"] for e in entries], (
-            f"[seed {SEED}] coordinator's copy of {tenant(i)} differs: "
-            f"{[e['round'] for e in copy]} vs {rounds}"
-        )
-        charged[tenant(i)] = rounds
-    return charged
 
 
 def node_id(c: FaultCluster, i: int) -> int:
@@ -232,150 +228,320 @@ def node_id(c: FaultCluster, i: int) -> int:
     raise AssertionError(f"no SuperNode ID in {tenant(i)}'s log")
 
 
-def node_status(c: FaultCluster, nid: int) -> str:
-    for n in c.flwr("supernode", "ls", "fedrec").get("nodes", []):
-        if str(n.get("node-id")) == str(nid):
-            return str(n.get("status"))
+def node_online(c: FaultCluster, nid: int) -> bool | None:
+    """Whether the SuperLink lists node ``nid`` online (None when the listing failed)."""
+    got = c.flwr("supernode", "ls", "fedrec")
+    if not got.get("success", True) or "nodes" not in got:
+        return None
+    return any(str(n.get("node-id")) == str(nid) and n.get("status") == "online" for n in got["nodes"])
+
+
+def restart_when_offline(c: FaultCluster, i: int, nid: int) -> threading.Thread:
+    """Restart partner ``i``'s killed SuperNode (same key, same state dir) once the SuperLink lists it
+    offline — what a supervisor with ``RestartSec`` ≥ 60 s does."""
+
+    def go() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and node_online(c, nid) is not False:
+            time.sleep(3)
+        c.start_supernode(i)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
+
+
+def make_read_only(folder: Path) -> str:
+    """Make ``folder`` read-only for real: mode 0500 (enough unless root), else ``chattr +i`` (root on
+    ext4 and similar); "" when neither stops a write here."""
+    folder.chmod(0o500)
+    probe = folder / ".probe"
+    try:
+        probe.write_bytes(b"x")
+    except OSError:
+        return "chmod 0500"
+    probe.unlink()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False).returncode == 0:
+        try:
+            probe.write_bytes(b"x")
+        except OSError:
+            return "chattr +i"
+        probe.unlink()
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True, check=False)
+    folder.chmod(0o700)
     return ""
 
 
-def named(row: dict[str, Any], nid: int) -> list[str]:
-    return [f["reason"] for f in row.get("failures", []) if f.get("node") == nid]
+def undo_read_only(folder: Path, how: str) -> None:
+    if how == "chattr +i":
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o700)
 
 
-# ------------------------------------------------------------------ A + B in one run
-def test_stalled_and_killed_supernodes_mid_round(deployed: FaultCluster) -> None:
+def ledger_rounds(c: FaultCluster, i: int, run_name: str) -> list[int]:
+    return [int(e["round"]) for e in read_entries(c.ledger(i, run_name))[0]]
+
+
+def eps_at(entries: list[dict[str, Any]], rnd: int) -> float:
+    """A partner's cumulative ε after every entry of a round ≤ ``rnd`` (0 before any)."""
+    got = [float(e["epsilon"]) for e in entries if int(e["round"]) <= rnd]
+    return round(got[-1], 3) if got else 0.0
+
+
+# ------------------------------------------------------------------ the plan
+def plan(rng: random.Random) -> list[dict[str, Any]]:
+    """Round → faults: partners killed / stopped, the SecAgg+ message k (1..4) that triggers it, a
+    partner whose state dir is read-only for the round."""
+    order = rng.sample(range(1, 5), 4)  # the stage of each SuperNode kill, one per stage
+    steps: list[dict[str, Any]] = []
+    for r, k in enumerate(order[:3], start=1):  # within the threshold: 1 of 3 lost
+        victim = rng.randrange(PARTNERS)
+        others = [i for i in range(PARTNERS) if i != victim]
+        steps.append({"round": r, "kill": [victim], "stop": [], "at": k, "read_only": rng.choice(others)})
+    # beyond the threshold: 2 of 3 lost at the same stage (both killed; then one killed, one stopped)
+    steps.append({"round": 4, "kill": rng.sample(range(PARTNERS), 2), "stop": [], "at": order[3]})
+    pair = rng.sample(range(PARTNERS), 2)
+    steps.append({"round": 5, "kill": [pair[0]], "stop": [pair[1]], "at": rng.randint(1, 3)})
+    steps.append({"round": 6, "superlink": True, "at": rng.randint(1, 4)})
+    steps.append({"round": 7, "read_only": rng.randrange(PARTNERS)})
+    for s in steps:
+        s["delay"] = round(rng.uniform(0.0, 0.5), 2)
+    return steps
+
+
+def took_part(c: FaultCluster, i: int, rnd: int, runs: tuple[int, ...]) -> bool:
+    """Whether partner ``i``'s SuperNode (any of its restarts) received a message of round ``rnd``."""
+    logs = [p.log for p in c.procs if p.name == f"supernode-{i}"]
+    return any(received(log, run, str(rnd)) >= 1 for log in logs for run in runs)
+
+
+def hit(
+    c: FaultCluster, run_id: int, rnd: int, targets: list[tuple[int, signal.Signals]], k: int, delay: float
+):
+    """Signal each target partner's SuperNode family when it receives its k-th message of ``rnd``."""
+    pending = dict(targets)
+    pids: dict[int, list[int]] = {}
+    deadline = time.monotonic() + 600
+    while pending:
+        for i, sig in list(pending.items()):
+            node = c.supernode(i)
+            if received(node.log, run_id, str(rnd)) >= k:
+                time.sleep(delay)
+                pids[i] = c.signal_family(node, sig)
+                del pending[i]
+        assert time.monotonic() < deadline, f"[seed {SEED}] round {rnd}: message {k} never reached {pending}"
+        time.sleep(0.1)
+    return pids
+
+
+def test_faults_during_a_run_lose_nothing_and_charge_nothing_twice(deployed: FaultCluster) -> None:
     c = deployed
     rng = random.Random(SEED)
-    stalled, killed = rng.sample(range(PARTNERS), 2)
-    stall_at = rng.randint(1, 3)  # the k-th SecAgg+ message of round 1 (setup, share keys, masked vectors)
-    kill_at = rng.randint(1, 4)  # the k-th SecAgg+ message of the kill round
-    stall_delay, kill_delay = rng.uniform(0, 2), rng.uniform(0, 2)
-    print(
-        f"[seed {SEED}] A: SIGSTOP {tenant(stalled)} at SecAgg+ message {stall_at} of round 1 (+{stall_delay:.2f} s)"
-    )
-    print(f"[seed {SEED}] B: SIGKILL {tenant(killed)} at SecAgg+ message {kill_at} (+{kill_delay:.2f} s)")
-    run_dir, run_name = c.root / "run-ab", "ab"
-    stalled_id, killed_id = node_id(c, stalled), node_id(c, killed)
-    eps_before = {tenant(i): 0.0 for i in range(PARTNERS)}  # a new run name: a new budget
+    steps = plan(rng)
+    for s in steps:
+        print(f"[seed {SEED}] plan {json.dumps(s)}")
+    run_dir, run_name = c.root / "run", "faults"
+    nids = {i: node_id(c, i) for i in range(PARTNERS)}
     t0 = time.perf_counter()
-    run_id = launch(c, run_dir, run_name, ROUNDS)
+    run_id = launch(c, run_dir, run_name)
+    restarts: list[threading.Thread] = []
+    charged_before: dict[int, dict[str, list[int]]] = {}
+    facts: dict[int, dict[str, Any]] = {}
+    resumed_id = 0
 
-    # A: SIGSTOP past the round timeout; SIGCONT once round 1 is closed.
-    node = c.supernode(stalled)
-    wait_until(
-        f"{tenant(stalled)} receives SecAgg+ message {stall_at} of round 1",
-        lambda: received(node.log, run_id, "1") >= stall_at,
-        timeout=600,
-        poll=0.2,
-    )
-    time.sleep(stall_delay)
-    stopped = c.signal_family(node, signal.SIGSTOP)
-    t_stop = time.monotonic()
-    row1 = wait_until(
-        "round 1 closes without the stalled partner",
-        lambda: (
-            time.monotonic() - t_stop > ROUND_TIMEOUT + 5
-            and next((r for r in rounds_rows(run_dir) if r["round"] == 1), None)
-        ),
-        900,
-    )
-    held = time.monotonic() - t_stop
-    for pid in stopped:
-        if _alive(pid):
-            os.kill(pid, signal.SIGCONT)
-    fault_a: dict[str, Any] = {
-        "kind": "SIGSTOP supernode past round-timeout", "tenant": tenant(stalled), "round": 1,
-        "stage": STAGES[stall_at - 1], "seed": SEED, "held_s": round(held, 1), "epsilon_before": eps_before,
-    }  # fmt: skip
-    c.faults.append(fault_a)
-
-    # B: SIGKILL within the threshold (1 of 3 lost, threshold 2) in the first round all three start;
-    # restarted (same key, same state dir) once the SuperLink has marked it offline.
-    node = c.supernode(killed)
-    kill_round = 0
-    for r in range(2, ROUNDS):
-        wait_until(f"round {r} starts", lambda r=r: received(node.log, run_id, str(r)) >= 1, 900, 0.2)
-        back = c.supernode(stalled).log
-        try:
+    for s in steps:
+        rnd, k = s["round"], s.get("at", 1)
+        current = resumed_id or run_id
+        # the round has started for every partner (rejoin-wait: all three are back)
+        wait_until(f"round {rnd} starts", lambda r=rnd, cur=current: any(
+            received(c.supernode(i).log, cur, str(r)) >= 1 for i in range(PARTNERS)
+        ), 900, 0.2)  # fmt: skip
+        charged_before[rnd] = {tenant(i): ledger_rounds(c, i, run_name) for i in range(PARTNERS)}
+        ro, ro_how, ro_bytes = s.get("read_only"), "", b""
+        if ro is not None:
+            folder = c.ledger(ro, run_name).parent
+            folder.mkdir(parents=True, exist_ok=True)  # round 1: nothing written there yet
+            ro_bytes = c.ledger(ro, run_name).read_bytes() if c.ledger(ro, run_name).exists() else b""
+            ro_how = make_read_only(folder)
+        fact: dict[str, Any] = {"read_only_how": ro_how}
+        facts[rnd] = fact
+        if s.get("superlink"):
+            watch = c.supernode(0)
             wait_until(
-                f"{tenant(stalled)} in round {r}", lambda r=r, b=back: received(b, run_id, str(r)) >= 1, 20
+                f"round {rnd} message {k}",
+                lambda r=rnd, w=watch, k=k: received(w.log, run_id, str(r)) >= k,
+                600,
+                0.1,
             )
-        except AssertionError:
-            continue  # the stalled partner is not back yet: 2 partners only, no room for a kill
-        kill_round = r
-        break
-    assert kill_round, f"[seed {SEED}] the stalled partner did not come back before round {ROUNDS}"
-    wait_until(
-        f"{tenant(killed)} receives SecAgg+ message {kill_at} of round {kill_round}",
-        lambda: received(node.log, run_id, str(kill_round)) >= kill_at,
-        timeout=900,
-        poll=0.2,
-    )
-    time.sleep(kill_delay)
-    c.signal_family(node, signal.SIGKILL)
-    node.popen.wait(30)
-    ledger_at_kill = [e["round"] for e in read_entries(c.ledger(killed, run_name))[0]]
-    wait_until(
-        f"{tenant(killed)} marked offline", lambda: node_status(c, killed_id) not in ("online", ""), 300, 2
-    )
-    c.start_supernode(killed)
-    fault_b: dict[str, Any] = {
-        "kind": "SIGKILL supernode (1 of 3, within threshold)", "tenant": tenant(killed), "round": kill_round,
-        "stage": STAGES[kill_at - 1], "seed": SEED, "charged_rounds_at_kill": ledger_at_kill,
-    }  # fmt: skip
-    c.faults.append(fault_b)
+            time.sleep(s["delay"])
+            link = c.superlink()
+            c.signal_family(link, signal.SIGKILL)
+            link.popen.wait(30)
+            fact["rows_at_kill"] = [r["round"] for r in rounds_rows(run_dir)]
+            fact["charged_at_kill"] = {tenant(i): ledger_rounds(c, i, run_name) for i in range(PARTNERS)}
+            c.start_superlink()
+            c.wait_nodes(PARTNERS, timeout=300)
+            resumed_id = launch(c, run_dir, run_name, "--resume")
+            fact["resumed_run"] = resumed_id
+            continue
+        targets = [(i, signal.SIGKILL) for i in s.get("kill", [])] + [
+            (i, signal.SIGSTOP) for i in s.get("stop", [])
+        ]
+        if targets:
+            pids = hit(c, current, rnd, targets, k, s["delay"])
+            t_stop = time.monotonic()
+            for i in s["kill"]:
+                c.supernode(i).popen.wait(30)
+                restarts.append(restart_when_offline(c, i, nids[i]))
+        wait_until(f"round {rnd} closes", lambda r=rnd: row_of(run_dir, r), 900, 0.5)
+        if ro is not None:
+            undo_read_only(c.ledger(ro, run_name).parent, ro_how)
+            after = c.ledger(ro, run_name).read_bytes() if c.ledger(ro, run_name).exists() else b""
+            fact["read_only_ledger_unchanged"] = after == ro_bytes
+        for i in s.get("stop", []):
+            wait_until(
+                "held past round-timeout", lambda t=t_stop: time.monotonic() - t > ROUND_TIMEOUT + 2, 120, 0.5
+            )
+            fact["held_s"] = round(time.monotonic() - t_stop, 1)
+            for pid in pids[i]:
+                if _alive(pid):
+                    os.kill(pid, signal.SIGCONT)
 
     status = wait_until(
-        "the run finishes",
-        lambda: (s := run_status(c, run_id)).startswith("finished:") and s,
+        "the resumed run finishes",
+        lambda: (st := run_status(c, resumed_id)).startswith("finished:") and st,
         timeout=RUN_TIMEOUT,
         poll=3,
     )
+    for t in restarts:
+        t.join(5)
     c.note_family()
-    c.figures["ab_run_seconds"] = round(time.perf_counter() - t0, 1)
+    c.figures["run_seconds"] = round(time.perf_counter() - t0, 1)
     rows = rounds_rows(run_dir)
-    c.figures["ab_rounds"] = [
-        {k: r.get(k) for k in ("round", "aggregated", "failures", "unchanged")}
-        | {
-            "tenants": {
-                t: (i["status"], i.get("aggregated"), i.get("epsilon")) for t, i in r["tenants"].items()
-            }
+    c.figures["rounds"] = [
+        {
+            k: r.get(k)
+            for k in (
+                "round",
+                "aggregated",
+                "failures",
+                "unchanged",
+                "resumed_from",
+                "waited_for_rejoin",
+                "seconds",
+            )
         }
+        | {"tenants": {t: (i["status"], i.get("aggregated")) for t, i in r["tenants"].items()}}
         for r in rows
     ]
-    where = f"[seed {SEED}] rows {json.dumps(c.figures['ab_rounds'])}"
+    where = f"[seed {SEED}] rows {json.dumps(c.figures['rounds'])}"
     assert status == "finished:completed", f"{status} {where}"
-    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1)), where
+    by_round = {r["round"]: r for r in rows}  # the resumed run's row replaces a killed run's one
+    assert sorted(by_round) == list(range(1, ROUNDS + 1)), where
 
-    # A: round 1 closed without the stalled partner, which rounds.jsonl names; its late reply was
-    # refused by the SuperLink; it trains again in a later round.
-    assert tenant(stalled) not in row1["tenants"] and row1["aggregated"] == PARTNERS - 1, where
-    assert named(row1, stalled_id), where
+    # ledgers: verify, no round twice, coordinator copy == partner's own, charged rounds stay charged
+    entries: dict[str, list[dict[str, Any]]] = {}
+    for i in range(PARTNERS):
+        own = c.ledger(i, run_name)
+        got, problems = read_entries(own)
+        assert problems == [] and verify_chain(got) == [], f"[seed {SEED}] {tenant(i)}: {problems}"
+        rounds = [int(e["round"]) for e in got]
+        assert len(rounds) == len(set(rounds)), f"[seed {SEED}] {tenant(i)} charged twice: {rounds}"
+        audit = c.fedrec("audit", "--ledger", str(own), "--head", got[-1]["hash"])
+        assert audit.returncode == 0, f"[seed {SEED}] " + audit.stdout + audit.stderr
+        copy, _ = read_entries(run_dir / "ledger" / f"{tenant(i)}.jsonl")
+        assert [e["hash"] for e in copy] == [e["hash"] for e in got], (
+            f"[seed {SEED}] coordinator's copy of {tenant(i)} differs: {[e['round'] for e in copy]} vs {rounds}"
+        )
+        for rnd, before in charged_before.items():
+            assert set(before[tenant(i)]) <= set(rounds), (
+                f"[seed {SEED}] {tenant(i)} lost a charge after {rnd}"
+            )
+        entries[tenant(i)] = got
+    c.figures["charged_rounds"] = {t: [int(e["round"]) for e in es] for t, es in entries.items()}
+
     link_log = "\n".join(p.log.read_text(errors="replace") for p in c.procs if p.name == "superlink")
-    late = [ln for ln in link_log.splitlines() if "Failed to store Message reply" in ln]
-    fault_a["late_reply_refused_by_superlink"] = len(late)
-    back_in = [r["round"] for r in rows[1:] if r["tenants"].get(tenant(stalled), {}).get("aggregated")]
-    fault_a["trains_again_in_round"] = back_in[0] if back_in else None
-    assert back_in, where
-    fault_a["outcome"] = f"round 1 aggregated {row1['aggregated']} without it; back in round {back_in[0]}"
-
-    # B: the kill round names the killed node and closes with the others' sum (the killed partner's
-    # masked update is in it only when it died at unmask, after sending it).
-    rk = rows[kill_round - 1]
-    assert named(rk, killed_id), where
-    expected = PARTNERS if kill_at == 4 else PARTNERS - 1
-    assert rk["aggregated"] == expected, where
-    back_b = [r["round"] for r in rows[kill_round:] if r["tenants"].get(tenant(killed), {}).get("aggregated")]
-    fault_b["trains_again_in_round"] = back_b[0] if back_b else None
-    fault_b["outcome"] = f"round {kill_round} aggregated {rk['aggregated']}; run {status}"
-
-    charged = check_ledgers(c, run_dir, run_name)
-    c.figures["ab_charged_rounds"] = charged
-    # Charged rounds stay charged: a round in the ledger at the time of the kill is in it afterwards.
-    assert set(ledger_at_kill) <= set(charged[tenant(killed)]), where
-    privacy = json.loads((run_dir / "privacy.json").read_text())
-    after = {t: privacy["tenants"][t]["epsilon"] for t in privacy["tenants"]}
-    for f in (fault_a, fault_b):
-        f["rounds_completed"] = len(rows)
-        f["epsilon_after"] = after
+    for s in steps:
+        rnd = s["round"]
+        row, fact = by_round[rnd], facts[rnd]
+        eps = {t: (eps_at(es, rnd - 1), eps_at(es, rnd)) for t, es in entries.items()}
+        base = {"round": rnd, "seed": SEED, "stage": STAGES[s.get("at", 1) - 1] if "at" in s else "",
+                "rounds_completed": len(by_round), "epsilon_before_after": eps}  # fmt: skip
+        lost = {f.get("node") for f in row.get("failures", []) if f.get("node") is not None}
+        if s.get("kill") or s.get("stop"):
+            for i in s["kill"] + s["stop"]:
+                assert lost & {nids[i]}, f"round {rnd}: {tenant(i)} not named {where}"
+            survivors = PARTNERS - len(lost)
+            beyond = survivors < THRESHOLD
+            if beyond:
+                assert row["aggregated"] == 0 and row.get("unchanged"), f"round {rnd} {where}"
+            else:
+                assert not row.get("unchanged") or all(
+                    i["status"] != "ok" for i in row["tenants"].values()
+                ), f"round {rnd} {where}"
+            for i in s["kill"] + s["stop"]:
+                info = row["tenants"].get(tenant(i), {})
+                # its update is in the sum only when it was lost at unmask, after sending it
+                lost_at = [f["reason"] for f in row["failures"] if f.get("node") == nids[i]]
+                if not any("unmask" in why for why in lost_at):
+                    assert not info.get("aggregated"), f"round {rnd} {where}"
+            # the next round works for every partner it touched (restarted / resumed)
+            nxt, nxt_step = by_round.get(rnd + 1), next((x for x in steps if x["round"] == rnd + 1), {})
+            if nxt is not None:
+                for i in s["kill"] + s["stop"]:
+                    assert took_part(c, i, rnd + 1, (run_id, resumed_id)), f"{tenant(i)} not back {where}"
+                    hit_again = i in nxt_step.get("kill", []) + nxt_step.get("stop", [])
+                    # it answered the next round (a halted round records no tenant status: then it
+                    # must at least not be among the nodes that round lost)
+                    nxt_lost = {f.get("node") for f in nxt.get("failures", [])}
+                    ok = tenant(i) in nxt["tenants"] or (not nxt["tenants"] and nids[i] not in nxt_lost)
+                    assert hit_again or ok, f"{tenant(i)} not back {where}"
+            kinds = [f"SIGKILL {tenant(i)}" for i in s["kill"]] + [f"SIGSTOP {tenant(i)}" for i in s["stop"]]
+            c.faults.append(base | {
+                "kind": " + ".join(kinds) + (" (beyond threshold)" if beyond else " (within threshold)"),
+                "lost": {
+                    tenant(i): [f["reason"][:80] for f in row["failures"] if f.get("node") == nids[i]]
+                    for i in s["kill"] + s["stop"]
+                },
+                "outcome": "unchanged" if row.get("unchanged") else f"aggregated {row['aggregated']}",
+                "held_s": fact.get("held_s"), "injected": len(s["kill"]) + len(s["stop"]),
+            })  # fmt: skip
+        if s.get("stop"):
+            fact["late_replies_refused_by_superlink"] = link_log.count("Failed to store Message reply")
+            c.faults[-1]["late_replies_refused_by_superlink"] = fact["late_replies_refused_by_superlink"]
+        if s.get("superlink"):
+            done = max(fact["rows_at_kill"], default=0)
+            assert done == rnd - 1, where
+            assert row.get("resumed_from") == done, where
+            for t, rounds in fact["charged_at_kill"].items():
+                if rnd in rounds:  # charged for the round the kill interrupted: never again
+                    assert row["tenants"][t]["status"] == "already-charged", where
+            killed = run_status(c, run_id)
+            assert killed != "finished:completed", where
+            c.faults.append(base | {
+                "kind": "SIGKILL SuperLink (+ SuperExec, ServerApp), restart, deploy launch --resume",
+                "killed_run_status": killed, "injected": 1,
+                "outcome": ", ".join(f"{t} {i['status']}" for t, i in sorted(row["tenants"].items())),
+            })  # fmt: skip
+        if s.get("read_only") is not None:
+            ro = s["read_only"]
+            info = row["tenants"].get(tenant(ro), {})
+            assert fact["read_only_how"], "no way to make a directory read-only here"
+            assert info.get("status") == "refused" and "cannot charge" in info.get("message", ""), where
+            assert not info.get("aggregated") and fact["read_only_ledger_unchanged"], where
+            assert rnd not in [int(e["round"]) for e in entries[tenant(ro)]], where
+            nxt, nxt_step = by_round.get(rnd + 1), next((x for x in steps if x["round"] == rnd + 1), {})
+            if nxt is not None and ro not in nxt_step.get("kill", []) + nxt_step.get("stop", []):
+                # writable again: it trains in the next round (unless that round's fault hits it)
+                assert nxt["tenants"].get(tenant(ro), {}).get("status") in ("ok", "capped"), where
+            c.faults.append(base | {
+                "kind": f"state dir read-only ({fact['read_only_how']}), {tenant(ro)}", "injected": 1,
+                "outcome": f"{tenant(ro)} refused: {info.get('message', '')[:90]}; "
+                + ", ".join(f"{t} {i['status']}" for t, i in sorted(row["tenants"].items()) if t != tenant(ro)),
+            })  # fmt: skip
+    for f in c.faults:
+        print(f"[seed {SEED}] fault {json.dumps(f)}")
+    injected = sum(f["injected"] for f in c.faults)
+    c.figures["faults_injected"] = injected
+    print(f"[seed {SEED}] {injected} faults injected")
+    assert injected >= 12, c.faults
