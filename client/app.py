@@ -15,15 +15,17 @@ the same ``train`` handler calls ``fedrec.client.task.tenant_release`` instead o
 holds the noisy popularity vector and/or the packed noisy Gram — a DP release, charged and logged
 before it is sent, exactly like a DP-SGD update.
 
-Reply whitelist (tests inspect it): ``arrays`` holds shared parameters only; ``metrics`` holds the
-scalar keys in :data:`TRAIN_METRIC_KEYS`; ``status`` holds the tenant id, its status, a message and
-the ledger entries the server has not recorded yet (budget figures only, no user data).
+Reply whitelist: ``fedrec.privacy.transcript`` is the inventory of every field of every reply (train,
+release, evaluation, query, the SecAgg+ stages, ledger entries) with its treatment; every handler
+and the SecAgg+ mod wrapper call :func:`fedrec.privacy.transcript.check_reply` before a reply leaves,
+and a field that is not in it is refused (the handler raises: nothing is sent). User counts leave only
+as the noisy count ñ (charged at round 0); the training loss and local time are not sent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,13 +43,17 @@ from fedrec.client.task import (
     TrainOutcome,
     ledger_since,
     load_data,
+    private_eval,
     resolve_tenant,
     secure_update,
+    tenant_count,
     tenant_evaluate,
     tenant_evaluate_items,
     tenant_release,
     tenant_train,
 )
+from fedrec.privacy import transcript
+from fedrec.privacy.mechanisms import COUNT_SLACK
 from fedrec.shared_model.codec import Weights, arrays_of, as_int, config_of, to_record
 from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.item_model import ItemModelConfig
@@ -57,7 +63,7 @@ from fedrec.shared_model.runconfig import RunConfig
 #: The train-config value of ``phase`` that asks for the one-shot item release instead of training.
 ITEM_RELEASE = "item-release"
 
-#: Every metric a tenant may send after training (aggregate figures, nothing per user).
+#: Every metric a tenant sends after training or a release (``fedrec.privacy.transcript`` says why each).
 TRAIN_METRIC_KEYS = (
     "num-examples",
     "users",
@@ -66,9 +72,13 @@ TRAIN_METRIC_KEYS = (
     "noise-multiplier",
     "sample-rate",
     "steps",
-    "loss",
-    "seconds",
 )
+
+
+def _checked(kind: str, msg: Message, cfg: RunConfig) -> Message:
+    """The reply, after the transcript inventory allowed every field in it (else nothing is sent)."""
+    transcript.check_reply(kind, msg.content, exact_allowed=cfg.eval_exact())
+    return msg
 
 
 app = ClientApp(mods=[secagg_when_asked])
@@ -113,7 +123,7 @@ def _run_release(
 
 
 def _figures(out: TrainOutcome, users: int) -> dict[str, int | float]:
-    stats = out.stats
+    """``users`` / ``out.users`` are the noisy count ñ with DP (``fedrec.client.task.tenant_count``)."""
     return {
         "num-examples": users,
         "users": out.users,
@@ -122,8 +132,6 @@ def _figures(out: TrainOutcome, users: int) -> dict[str, int | float]:
         "noise-multiplier": out.noise_multiplier,
         "sample-rate": out.sample_rate,
         "steps": out.steps,
-        "loss": stats.mean_loss if stats and math.isfinite(stats.mean_loss) else -1.0,
-        "seconds": stats.seconds if stats else 0.0,
     }
 
 
@@ -158,7 +166,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     if out.weights is not None:
         content["arrays"] = to_record(out.weights)
-    return Message(content=content, reply_to=msg)
+    return _checked(transcript.TRAIN, Message(content=content, reply_to=msg), cfg)
 
 
 def _train_masked(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -179,7 +187,8 @@ def _train_masked(msg: Message, context: Context, cfg: RunConfig) -> Message:
         out.weights,
         {k: weights[k] for k in param_keys},
         users=users,
-        max_users=load_data(paths).split.n_users,
+        # users is ñ with DP: the tenant's own bound allows the count noise (6 σ_c) above n
+        max_users=load_data(paths).split.n_users + (COUNT_SLACK if cfg.dp else 0),
         max_norm=cfg.max_update_norm,
         clipping_range=float(protocol["clipping_range"]),  # type: ignore[arg-type]
         max_weight=float(protocol["max_weight"]),  # type: ignore[arg-type]
@@ -190,7 +199,8 @@ def _train_masked(msg: Message, context: Context, cfg: RunConfig) -> Message:
     metrics: dict[str, Any] = {**_figures(out, upd.weight), **status}
     delta = [np.ascontiguousarray(upd.delta[k]) for k in param_keys]
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), upd.weight, metrics)
-    return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+    reply = Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+    return _checked(transcript.MASKED, reply, cfg)
 
 
 def _release_masked(
@@ -229,37 +239,55 @@ def _release_masked(
     weight = 1 if ok else 0
     metrics: dict[str, Any] = {**_figures(out, weight), **status}
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), weight, metrics)
-    return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+    reply = Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+    return _checked(transcript.MASKED, reply, cfg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    """Ranking sums of the global model: exact (eval-privacy exact / no DP, NOT covered by ε), or under
+    eval-privacy dp the final test sums only, Gaussian-noised and charged (``private_eval``)."""
     cfg = RunConfig.from_mapping(context.run_config)
     paths = resolve_tenant(context.node_config, cfg)
     conf = config_of(msg.content, "config")
+    which = str(conf["which"])
+    if not cfg.eval_exact() and which != "test":
+        raise FedrecError(
+            f"eval-privacy dp: only the final test evaluation is released (asked for {which!r})"
+        )
     model_json = json.loads(str(conf["model-config"]))
     weights = arrays_of(msg.content)
     if "kind" in model_json:  # a model fitted from the item release
         genres = weights.pop("genres")
         item_cfg = ItemModelConfig.from_json(model_json)
-        sums = tenant_evaluate_items(weights, item_cfg, genres, cfg, paths, str(conf["which"]))
+        sums = tenant_evaluate_items(weights, item_cfg, genres, cfg, paths, which)
     else:
-        sums = tenant_evaluate(weights, ModelConfig.from_json(model_json), cfg, paths, str(conf["which"]))
-    status: dict[str, Any] = {"tenant": paths.tenant_id, "status": "ok"}
-    if "ledger-head" in conf:  # entries the server lacks (a round charged whose reply was lost)
+        sums = tenant_evaluate(weights, ModelConfig.from_json(model_json), cfg, paths, which)
+    status: dict[str, Any] = {"tenant": paths.tenant_id, "status": "ok", "message": ""}
+    if not cfg.eval_exact():
+        digest = hashlib.sha256()
+        for key in sorted(weights):
+            digest.update(key.encode() + np.ascontiguousarray(weights[key]).tobytes())
+        status["status"], sums, status["message"] = private_eval(
+            sums, cfg, paths, as_int(conf["round"]), digest.hexdigest()
+        )
+        status["ledger-entries"] = json.dumps(ledger_since(paths, str(conf.get("ledger-head", ""))))
+    elif "ledger-head" in conf:  # entries the server lacks (a round charged whose reply was lost)
         status["ledger-entries"] = json.dumps(ledger_since(paths, str(conf["ledger-head"])))
-    content = RecordDict({"sums": MetricRecord(sums), "status": ConfigRecord(status)})
-    return Message(content=content, reply_to=msg)
+    content = RecordDict({"status": ConfigRecord(status)})
+    if sums:
+        content["sums"] = MetricRecord(sums)
+    return _checked(transcript.EVALUATE, Message(content=content, reply_to=msg), cfg)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """This tenant's user count — the figure it reports with every round anyway — for ``approach auto``."""
+    """This tenant's noisy user count ñ — the figure it reports with every round anyway — for ``auto``."""
     cfg = RunConfig.from_mapping(context.run_config)
     paths = resolve_tenant(context.node_config, cfg)
-    users = load_data(paths).split.n_users
+    users = tenant_count(cfg, paths, load_data(paths).split.n_users)
     content = RecordDict({"status": ConfigRecord({"tenant": paths.tenant_id, "users": users})})
-    return Message(content=content, reply_to=msg)
+    return _checked(transcript.QUERY, Message(content=content, reply_to=msg), cfg)
 
 
 __all__ = ["ITEM_RELEASE", "TRAIN_METRIC_KEYS", "app"]

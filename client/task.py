@@ -38,8 +38,10 @@ import torch
 from fedrec.client.train import LocalTrainConfig, RoundStats, StepPlan, plan_round, train_round
 from fedrec.client.vault import TenantData, load_tenant_cached
 from fedrec.privacy import gram
+from fedrec.privacy import mechanisms as mech
 from fedrec.privacy.accounting import calibrate_noise, check_delta
 from fedrec.privacy.budget import TenantBudget
+from fedrec.privacy.errors import BudgetError
 from fedrec.privacy.ledger import GENESIS, Ledger
 from fedrec.shared_model.codec import Weights, load_weights, parameter_weights, update_problem
 from fedrec.shared_model.data import Catalog
@@ -124,15 +126,17 @@ def noise_plan(paths: TenantPaths, budget: TenantBudget, plan: StepPlan, cfg: Ru
         stored = json.loads(path.read_text(encoding="utf-8"))
         if stored["sample_rate"] == plan.sample_rate and stored["steps"] == plan.steps:
             return float(stored["noise_multiplier"])
-    # The initialising release (release-init) is a charged round too: count it among the planned ones.
-    rounds_left = max(1, cfg.planned_rounds() - len(budget.rounds))
+    # Rounds already charged, not counting the noisy count (round 0); the initialising release
+    # (release-init) is a charged round too, so it counts among the planned ones.
+    trained = [r for r in budget.rounds if 1 <= r <= cfg.planned_rounds()]
+    rounds_left = max(1, cfg.planned_rounds() - len(trained))
     sigma = calibrate_noise(
         target_epsilon=budget.cap,
         delta=cfg.delta,
         sample_rate=plan.sample_rate,
         steps=plan.steps * rounds_left,
         accountant=cfg.accountant,  # type: ignore[arg-type]
-        history_before=budget.history,
+        history_before=[*budget.history, *reserved(cfg)],
     )
     try:
         paths.state_dir.mkdir(parents=True, exist_ok=True)
@@ -205,9 +209,22 @@ def load_data(paths: TenantPaths) -> TenantData:
     return load_tenant_cached(paths.tenant_dir, paths.key_file, expected_tenant=paths.tenant_id)
 
 
+def reserved(cfg: RunConfig) -> list[tuple[float, float, int]]:
+    """Segments the tenant will charge besides training (the DP evaluation), reserved in calibration."""
+    return mech.reserved_segments(dp=cfg.dp, eval_privacy=cfg.eval_privacy)
+
+
 def tenant_budget(cfg: RunConfig, paths: TenantPaths, n_users: int) -> TenantBudget:
-    """This tenant's budget for the run (after checking δ < 1/users); state in its state dir."""
-    check_delta(delta=cfg.delta, n_users=n_users)
+    """This tenant's budget for the run (after checking δ < 1/users); state in its state dir.
+
+    The refusal names δ only, never the user count (the message goes to the coordinator).
+    """
+    try:
+        check_delta(delta=cfg.delta, n_users=n_users)
+    except BudgetError:
+        raise BudgetError(
+            f"delta {cfg.delta!r} is not < 1/users for tenant {paths.tenant_id}: choose a smaller δ"
+        ) from None
     return TenantBudget(
         paths.state_dir,
         tenant_id=paths.tenant_id,
@@ -217,12 +234,77 @@ def tenant_budget(cfg: RunConfig, paths: TenantPaths, n_users: int) -> TenantBud
     )
 
 
+def tenant_count(cfg: RunConfig, paths: TenantPaths, n: int) -> int:
+    """This tenant's noisy user count ñ (``fedrec.privacy.mechanisms``): drawn, charged (round 0) and
+    logged once per run, then reused; the exact ``n`` without DP (nothing is protected then)."""
+    if not cfg.dp:
+        return n
+    ledger = Ledger(paths.state_dir / LEDGER_FILE)
+    if ledger.path.exists():
+        for entry in ledger.entries():
+            if entry.get("mechanism") == mech.COUNT_MECHANISM:
+                return int(entry["users"])
+    budget = tenant_budget(cfg, paths, n)
+    sigma, q, steps = mech.count_segment()
+    if mech.COUNT_ROUND in budget.rounds:  # charged, then crashed before the entry: the draw never left
+        eps = budget.spent()
+    else:
+        eps = budget.charge(round=mech.COUNT_ROUND, noise_multiplier=sigma, sample_rate=q, steps=steps)
+    noisy = mech.noisy_count(n)
+    ledger.append(
+        {
+            "round": mech.COUNT_ROUND,
+            "tenant": paths.tenant_id,
+            "unit": "user",
+            "users": noisy,
+            "sample_rate": q,
+            "noise_multiplier": sigma,
+            "max_grad_norm": 1.0,  # sensitivity of a count under add/remove
+            "steps": steps,
+            "delta": cfg.delta,
+            "accountant": cfg.accountant,
+            "epsilon": eps,
+            "cap": budget.cap,
+            "poisson": True,  # q = 1: every user is counted (the accountant's q = 1 case)
+            "secure_mode": False,
+            "status": "ok",
+            "mechanism": mech.COUNT_MECHANISM,
+            "relation": mech.RELATION,
+            "count_noise_multiplier": sigma,
+        }
+    )
+    return noisy
+
+
+def refuse_unwritable(cfg: RunConfig, paths: TenantPaths, n_users: int, what: str) -> TrainOutcome | None:
+    """With DP, a refusal (nothing trained, charged or counted) when the state dir cannot be written,
+    checked before anything is charged — the noisy count ñ of round 0 included: its charge could not be
+    written either, so the refusal reports 0 users rather than an uncharged count."""
+    if not cfg.dp:
+        return None
+    try:
+        paths.state_dir.mkdir(parents=True, exist_ok=True)  # a first round: not there yet
+        unwritable = state_dir_problem(paths.state_dir)
+    except OSError as e:
+        unwritable = f"state dir {paths.state_dir} cannot be created: {e.strerror or e}"
+    if not unwritable:
+        return None
+    budget = tenant_budget(cfg, paths, n_users)
+    return TrainOutcome(
+        paths.tenant_id, "refused", 0, epsilon=budget.spent(), cap=budget.cap,
+        message=f"cannot charge {what} to the ledger ({unwritable}); refusing to train",
+    )  # fmt: skip
+
+
 def tenant_train(
     weights: Weights, model_cfg: ModelConfig, cfg: RunConfig, paths: TenantPaths, round_: int
 ) -> TrainOutcome:
     """One round of local training for this tenant (see module docstring for the order of steps)."""
     split = load_data(paths).split
-    n = split.n_users
+    refused = refuse_unwritable(cfg, paths, split.n_users, f"round {round_}")
+    if refused is not None:
+        return refused
+    n = tenant_count(cfg, paths, split.n_users)  # ñ with DP: everything below is planned from it
     local = local_config(cfg)
     plan = plan_round(n, local)
     model = HistoryMLP(model_cfg)
@@ -241,7 +323,7 @@ def tenant_train(
             stats=stats,
         )
 
-    budget = tenant_budget(cfg, paths, n)
+    budget = tenant_budget(cfg, paths, split.n_users)
     sigma = noise_plan(paths, budget, plan, cfg)
     q, steps = plan.sample_rate, plan.steps
 
@@ -258,6 +340,11 @@ def tenant_train(
             message=message,
         )
 
+    closed = evaluated_round(paths)
+    if closed is not None and round_ >= closed:
+        # The DP evaluation is the run's last charged segment (reserved in σ's calibration): a run
+        # extended past it (a resume with more rounds) trains no more on this budget.
+        return refuse(f"the DP evaluation of round {closed} closed this run's budget: no training after it")
     if round_ in budget.rounds:
         # A re-sent round (e.g. after a crash) was charged already: never charge twice, never re-release.
         return refuse(f"round {round_} was already charged", "already-charged")
@@ -269,7 +356,7 @@ def tenant_train(
         return refuse(
             f"cannot charge round {round_} to the ledger ({unwritable}); refusing to train", "refused"
         )
-    stats = train_round(model, split, local, noise_multiplier=sigma, seed=secrets.randbits(63))
+    stats = train_round(model, split, local, noise_multiplier=sigma, seed=secrets.randbits(63), plan=plan)
     # Charge and log BEFORE the update leaves the tenant.
     eps = budget.charge(round=round_, noise_multiplier=sigma, sample_rate=q, steps=steps)
     entry = Ledger(paths.state_dir / LEDGER_FILE).append(
@@ -289,6 +376,8 @@ def tenant_train(
             "poisson": True,
             "secure_mode": False,
             "status": "ok",
+            "relation": mech.RELATION,
+            "count_noise_multiplier": mech.COUNT_SIGMA,
         }
     )
     return TrainOutcome(
@@ -346,13 +435,16 @@ def tenant_release(
     """
     data = load_data(paths)
     split = data.split
-    n = split.n_users
     n_items = split.n_items
     if pop_share < 1 and n_items > gram.MAX_GRAM_ITEMS:
         raise FedrecError(
             f"the item–item Gram of {n_items} items is too large to release (limit {gram.MAX_GRAM_ITEMS}); "
             "use the dp_popularity or mlp approach"
         )
+    refused = refuse_unwritable(cfg, paths, split.n_users, "the release")
+    if refused is not None:
+        return refused
+    n = tenant_count(cfg, paths, split.n_users)  # ñ with DP (reported, and in the ledger)
     if not cfg.dp:
         exact = release_message(
             split.indptr, split.train_items, n_items,
@@ -360,7 +452,7 @@ def tenant_release(
         )  # fmt: skip
         return TrainOutcome(paths.tenant_id, "ok", n, exact, steps=1, sample_rate=1.0)
 
-    budget = tenant_budget(cfg, paths, n)
+    budget = tenant_budget(cfg, paths, split.n_users)
     if round_ in budget.rounds:  # re-sent (a crash after charging): never charge twice, never re-release
         return TrainOutcome(
             paths.tenant_id, "already-charged", n, epsilon=budget.spent(), cap=budget.cap,
@@ -370,7 +462,7 @@ def tenant_release(
         target_epsilon=budget.cap * epsilon_share,
         delta=cfg.delta,
         accountant=cfg.accountant,  # type: ignore[arg-type]
-        history_before=budget.history,
+        history_before=[*budget.history, *reserved(cfg)],
     )
     if not budget.can_train(noise_multiplier=sigma, sample_rate=1.0, steps=1):
         return TrainOutcome(
@@ -405,6 +497,8 @@ def tenant_release(
             "max_grad_norm": gram.sensitivity(pop_share),  # each user's contribution has L2 norm exactly 1
             "poisson": True,  # q = 1: every user is in the one release (the accountant's q = 1 case)
             "status": "ok",
+            "relation": mech.RELATION,
+            "count_noise_multiplier": mech.COUNT_SIGMA,
             **({"purpose": "mlp-init", "release_share": epsilon_share} if epsilon_share < 1 else {}),
         }
     )
@@ -515,3 +609,71 @@ def tenant_evaluate_items(
     catalog = Catalog.from_genres(genres)
     result = evaluate(scorer, data.split, catalog, which=which, seed=cfg.seed, batch_size=EVAL_BATCH_USERS)
     return result.to_record()
+
+
+EVAL_RELEASE_FILE = "eval_release.json"
+
+
+def evaluated_round(paths: TenantPaths) -> int | None:
+    """The round at which this tenant charged its DP evaluation in this run (None: not yet)."""
+    kept = paths.state_dir / EVAL_RELEASE_FILE
+    if not kept.is_file():
+        return None
+    return int(json.loads(kept.read_text(encoding="utf-8"))["round"])
+
+
+def private_eval(
+    record: dict[str, Any], cfg: RunConfig, paths: TenantPaths, round_: int, model_digest: str
+) -> tuple[str, dict[str, Any], str]:
+    """``eval-privacy dp``: charge, log, then noise this tenant's evaluation sums (``fedrec.privacy.mechanisms``).
+
+    Returns (status, record to send, message). The charge is the reserved segment (σ_e, q = 1, one
+    step) at ``round_`` (after every training round); a re-sent evaluation is never charged twice and
+    releases nothing new — asked again for the same round and the same model (a resumed server), it
+    re-sends the very record it released (kept in its state dir: post-processing, no further cost; also
+    at a later round when the model is unchanged, e.g. a run extended past its evaluation); a
+    tenant without budget left releases nothing either.
+    """
+    split = load_data(paths).split
+    n = tenant_count(cfg, paths, split.n_users)
+    budget = tenant_budget(cfg, paths, split.n_users)
+    sigma, q, steps = mech.eval_segment()
+    kept = paths.state_dir / EVAL_RELEASE_FILE
+    if kept.is_file():
+        prior = json.loads(kept.read_text(encoding="utf-8"))
+        # The same model was evaluated and released already (a resumed server, or a run extended
+        # past its evaluation in which no tenant trained again): re-send that very record.
+        if prior["model"] == model_digest:
+            return "ok", dict(prior["record"]), "the evaluation already released for this model"
+    if round_ in budget.rounds or (budget.rounds and round_ < budget.rounds[-1]):
+        return "already-charged", {}, f"evaluation round {round_} was already charged"
+    if not budget.can_train(noise_multiplier=sigma, sample_rate=q, steps=steps):
+        return "capped", {}, f"no budget left for the DP evaluation (cap {budget.cap:g})"
+    eps = budget.charge(round=round_, noise_multiplier=sigma, sample_rate=q, steps=steps)
+    noisy, sens = mech.noisy_eval_record(record)
+    Ledger(paths.state_dir / LEDGER_FILE).append(
+        {
+            "round": round_,
+            "tenant": paths.tenant_id,
+            "unit": "user",
+            "users": n,
+            "sample_rate": q,
+            "noise_multiplier": sigma,
+            "max_grad_norm": sens,  # L2 sensitivity of the released sums: √d
+            "steps": steps,
+            "delta": cfg.delta,
+            "accountant": cfg.accountant,
+            "epsilon": eps,
+            "cap": budget.cap,
+            "poisson": True,
+            "secure_mode": False,
+            "status": "ok",
+            "mechanism": mech.EVAL_MECHANISM,
+            "relation": mech.RELATION,
+            "count_noise_multiplier": mech.COUNT_SIGMA,
+        }
+    )
+    tmp = kept.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"round": round_, "model": model_digest, "record": noisy}), encoding="utf-8")
+    os.replace(tmp, kept)
+    return "ok", noisy, ""

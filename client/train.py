@@ -213,18 +213,22 @@ def train_round(
     *,
     noise_multiplier: float,
     seed: int,
+    plan: StepPlan | None = None,
 ) -> RoundStats:
     """Run one round of local training in place on ``model``; returns what happened.
 
     With ``cfg.dp`` the caller must have checked and will charge the budget for
-    (``noise_multiplier``, ``plan.sample_rate``, ``plan.steps``).
+    (``noise_multiplier``, ``plan.sample_rate``, ``plan.steps``). ``plan`` (default: from the exact
+    user count) may be planned from the tenant's noisy count ñ instead (``fedrec.privacy.mechanisms``):
+    every user is still sampled with rate ``plan.sample_rate``; ñ only sets q, the steps and the
+    expected batch size the noisy sum is divided by — all public then.
     """
     t0 = time.perf_counter()
-    plan = plan_round(split.n_users, cfg)
+    plan = plan or plan_round(split.n_users, cfg)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     sampler = UniformWithReplacementSampler(
-        num_samples=plan.n_users, sample_rate=plan.sample_rate, generator=gen, steps=plan.steps
+        num_samples=split.n_users, sample_rate=plan.sample_rate, generator=gen, steps=plan.steps
     )
     model.to(cfg.device).train()
     losses: list[float] = []

@@ -41,7 +41,11 @@ from typing import Any
 from fedrec.privacy.accounting import epsilon, epsilon_dp_accounting
 from fedrec.privacy.errors import PrivacyError
 from fedrec.privacy.ledger import CAP_SLACK, GENESIS, LedgerProblem, read_entries, verify_chain
+from fedrec.privacy.mechanisms import COUNT_MECHANISM, EVAL_MECHANISM, RELATION
 
+#: Ledger entries that charge a mechanism other than a training round or release (checked for chain,
+#: replay and cap, not against the training plan or rounds.jsonl).
+SIDE_MECHANISMS = (COUNT_MECHANISM, EVAL_MECHANISM)
 #: |ε replayed − ε recorded| allowed with the accountant the run used (same code, same inputs).
 REPLAY_TOLERANCE = 1e-6
 #: Relative disagreement allowed between Opacus PRV and dp_accounting PLD (both ≈ exact; ~0.2 % seen).
@@ -204,8 +208,12 @@ def check_ledger(
 
     good = [(ln, e) for ln, e in zip(line_of, entries, strict=True) if _well_formed(e)]
     for ln, e in good:
+        if e.get("relation", RELATION) != RELATION:
+            add("ordered_consistent", ln, e["round"], f"relation {e['relation']!r} is not {RELATION!r}")
         if e["tenant"] != tenant:
             add("ordered_consistent", ln, e["round"], f"entry names tenant {e['tenant']!r}, not {tenant!r}")
+        if e.get("mechanism") in SIDE_MECHANISMS:  # the noisy count / DP evaluation: not a training round
+            continue
         if plan.delta is not None and e["delta"] != plan.delta:
             add(
                 "delta_below_1_over_users",
@@ -349,7 +357,7 @@ def _check_record(
                 f"{head[:12]}… (truncated or rewritten)",
             )
 
-    ledger_rounds = {e["round"]: ln for ln, e in good}
+    ledger_rounds = {e["round"]: ln for ln, e in good if e.get("mechanism") not in SIDE_MECHANISMS}
     charged = {r for r, s in record.round_status.items() if s in ("ok", "rejected")}
     if record.round_status:
         for r in sorted(charged - set(ledger_rounds)):

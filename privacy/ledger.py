@@ -63,6 +63,10 @@ OPTIONAL_FIELDS: dict[str, type | tuple[type, ...]] = {
     "shares": int,
     "local_noise_multiplier": (int, float),
     "epsilon_if_alone": (int, float),
+    # the neighbouring relation the ε is for, and σ_c of the noisy count that ``users`` holds
+    # (fedrec.privacy.mechanisms; absent in ledgers written before counts were noised)
+    "relation": str,
+    "count_noise_multiplier": (int, float),
     # release-init (issue 16): the release initialises the MLP and was calibrated alone to this share of
     # the cap; the DP-SGD rounds that follow compose with it under the same cap.
     "purpose": str,

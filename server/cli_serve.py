@@ -8,6 +8,17 @@ from typing import Annotated
 
 import typer
 
+#: ``--candidates`` of ``serve`` and ``recommend`` (parsed by ``fedrec.shared_model.recommend.parse_candidates``).
+CandidatesOpt = Annotated[
+    str,
+    typer.Option(
+        "--candidates",
+        help="MLP models: re-rank only this many candidates of a linear retrieval score (the logit "
+        "linearized in the user vector) instead of every item; 0 = exact; auto = exact up to 5 000 "
+        "items, else 200.",
+    ),
+]
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``serve`` command to ``app``."""
@@ -54,13 +65,16 @@ def register(app: typer.Typer) -> None:
         max_batch: Annotated[
             int, typer.Option("--max-batch", min=1, max=1024, help="Most requests per ranking call.")
         ] = 64,
+        candidates: CandidatesOpt = "auto",
     ) -> None:
         """Serve top-K over HTTP (POST /v1/recommend, GET /v1/items/{id}, /healthz, /docs).
 
         SIGHUP reloads the checkpoint; SIGINT/SIGTERM finish in-flight requests, then stop.
         """
         from fedrec.server.serve import run
+        from fedrec.shared_model.recommend import parse_candidates
 
+        n_cand = parse_candidates(candidates)  # a bad value: one-line error before anything loads
         logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
         run(
             model,
@@ -74,4 +88,5 @@ def register(app: typer.Typer) -> None:
             workers=workers,
             batch_wait_ms=batch_wait_ms,
             max_batch=max_batch,
+            candidates=n_cand,
         )

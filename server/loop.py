@@ -14,8 +14,12 @@ like a training round); the server sums the releases (in the clear, or under Sec
 split into shares) and fits the model from the sum. Validation, test, checkpoint, ledgers and
 ``model.pt`` follow the same path as the MLP's.
 
-The server never sees a user id or an interaction; what it learns per tenant is the update (not
-under SecAgg+), the number of users trained and budget figures.
+The server never sees a user id or an interaction; what it learns per tenant is listed, field by field,
+in ``fedrec.privacy.transcript``: the DP update (not under SecAgg+), the noisy user count ñ, budget
+figures and ledger entries, and evaluation sums — Gaussian-noised and charged for the final test only
+(``eval-privacy dp``), or exact every round and labelled NOT covered by ε (``eval-privacy exact``).
+It uses ñ only (FedAvg and SecAgg+ weights, ``auto``, the release fit, reports); the manifests'
+exact counts, which a simulation's server can read, serve only as a sanity bound with 6 σ_c slack.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedrec.privacy.ledger import read_entries, verify_chain
+from fedrec.privacy.mechanisms import COUNT_SIGMA, COUNT_SLACK, EVAL_SIGMA, RELATION, RELATION_TEXT
 from fedrec.server.aggregation import ServerOptimizer, aggregate, fedavg
 from fedrec.server.release import (
     ApproachChoice,
@@ -138,18 +143,21 @@ def validate_update(
 
 
 def manifest_users(cfg: RunConfig) -> dict[str, int]:
-    """Users per tenant from the public manifests (simulation); empty where the server has none."""
+    """Upper bounds on each tenant's reported count, from the manifests a simulation's server can read;
+    empty where the server has none (a deployment). With DP the reports are the noisy count ñ, so the
+    bound is the manifest count + 6 σ_c; it is used only to refuse absurd counts, never as a weight."""
     out: dict[str, int] = {}
+    slack = COUNT_SLACK if cfg.dp else 0
     for tenant in federation_tenants(cfg):
         path = Path(cfg.fed_dir) / tenant / "manifest.json"
         if path.is_file():
             counts = json.loads(path.read_text(encoding="utf-8")).get("counts", {})
-            out[tenant] = int(counts.get("users", 0))
+            out[tenant] = int(counts.get("users", 0)) + slack
     return out
 
 
 def query_users(grid: Grid, nodes: list[int], timeout: float) -> dict[str, int]:
-    """Each tenant's user count, asked by a QUERY message (deployments have no manifests here)."""
+    """Each tenant's (noisy, with DP) user count ñ, asked by a QUERY message."""
     msgs = [
         Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=nid, group_id="users")
         for nid in nodes
@@ -192,17 +200,20 @@ def federated_eval(
     which: str,
     timeout: float,
     group: str,
-    fed: _Federation | None = None,
+    *,
+    extra: Callable[[int], dict[str, Any]] | None = None,
+    on_status: Callable[[int, Mapping[str, Any]], None] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Merge the tenants' running sums and divide once. With ``fed`` each reply also brings the
-    tenant's ledger entries the server lacks (a round charged whose update was lost to a crash is
-    recorded even when no training round follows)."""
+    """Merge the tenants' running sums and divide once.
+
+    ``extra(node)`` adds per-node config (the round and ledger head of a DP evaluation); ``on_status``
+    sees each reply's status record (its ledger entries); a reply without sums (a tenant that refused:
+    capped, already charged) is reported as an error line.
+    """
     sent: list[Message] = []
     for nid in nodes:
-        config: dict[str, Any] = {"which": which, "model-config": model_json}
-        if fed is not None:
-            config["ledger-head"] = fed.head_for(nid)
-        sent += _messages([nid], MessageType.EVALUATE, weights, config, group)
+        config = {"which": which, "model-config": model_json, **(extra(nid) if extra else {})}
+        sent.extend(_messages([nid], MessageType.EVALUATE, weights, config, group))
     replies = grid.send_and_receive(sent, timeout=timeout)
     total: EvalResult | None = None
     errors = []
@@ -211,10 +222,12 @@ def federated_eval(
         if rep.has_error():
             errors.append(f"node {nid}: {_short(rep.error.reason or '')}")
             continue
-        if fed is not None:
-            problem = fed.sync_ledger(nid, config_of(rep.content, "status"))
-            if problem:
-                errors.append(f"node {nid}: ledger: {problem}")
+        st = config_of(rep.content, "status")
+        if on_status is not None:
+            on_status(nid, st)
+        if "sums" not in rep.content.metric_records:
+            errors.append(f"{st.get('tenant')!s}: {st.get('status')!s} {st.get('message', '')!s}".strip())
+            continue
         part = EvalResult.from_record(dict(metrics_of(rep.content, "sums")))
         total = part if total is None else total + part
     if total is None:
@@ -332,7 +345,54 @@ class _Federation:
             return {**self.global_w, "genres": self.catalog.genres.astype(np.float32)}
         return self.global_w
 
+    def test_eval(self, charge_round: int) -> tuple[dict[str, Any], list[str]]:
+        """The final test evaluation; under eval-privacy dp each tenant charges it at ``charge_round``
+        and hands over the ledger entry, which the server's copy records like a training round's."""
+        cfg = self.cfg
+        if cfg.eval_exact():  # the exact sums are not charged, but the replies bring lost entries
+            return federated_eval(
+                self.grid, self.nodes, self.eval_weights(), self.model_json, "test", cfg.round_timeout, "test",
+                **self.ledger_sync(),
+            )  # fmt: skip
+        extra = on_status = None
+        if not cfg.eval_exact():
+
+            def extra(nid: int) -> dict[str, Any]:
+                return {"round": charge_round, "ledger-head": self.head_for(nid)}
+
+            def on_status(nid: int, st: Mapping[str, Any]) -> None:
+                tenant = str(st["tenant"])
+                self.node_tenant[nid] = tenant
+                ts = self.status.setdefault(tenant, TenantStatus())
+                entries = json.loads(str(st.get("ledger-entries", "[]")) or "[]")
+                problem = self.record_ledger(tenant, ts, entries, self.sent_heads.get(nid, ""))
+                if problem:
+                    self.log(f"{tenant}: evaluation ledger entries not recorded: {problem}")
+                elif entries:
+                    ts.epsilon = float(entries[-1]["epsilon"])
+                    ts.history.append((charge_round, ts.epsilon))
+
+        return federated_eval(
+            self.grid, self.nodes, self.eval_weights(), self.model_json, "test", cfg.round_timeout, "test",
+            extra=extra, on_status=on_status,
+        )  # fmt: skip
+
     # ---------------------------------------------------------- ledgers
+    def ledger_sync(self) -> dict[str, Any]:
+        """``federated_eval`` hooks with which each evaluation reply brings the tenant's ledger entries
+        the server lacks: a round charged whose update was lost to a crash is recorded even when no
+        training round follows (the last round)."""
+
+        def extra(nid: int) -> dict[str, Any]:
+            return {"ledger-head": self.head_for(nid)}
+
+        def on_status(nid: int, st: Mapping[str, Any]) -> None:
+            problem = self.sync_ledger(nid, st)
+            if problem:
+                self.log(f"node {nid}: evaluation ledger entries not recorded: {problem}")
+
+        return {"extra": extra, "on_status": on_status}
+
     def head_for(self, nid: int) -> str:
         """The ledger head the server holds for the node's tenant ("" = unknown: send everything)."""
         tenant = self.node_tenant.get(nid)
@@ -569,34 +629,38 @@ class _Federation:
             return
         self.apply(rd, mean)
 
-    def release_round(self, rd: _Round) -> None:
-        """Every tenant publishes its DP item release in the clear; the server checks and sums them."""
-        assert self.choice is not None
-        approach = self.choice.approach
-        messages = []
-        for nid in self.nodes:
-            config = ConfigRecord(
-                {
-                    "phase": ITEM_RELEASE_PHASE,
-                    "round": rd.rnd,
-                    "pop-share": pop_share(approach),
-                    "ledger-head": self.head_for(nid),
-                }
+    def collect_releases(
+        self, rd: _Round, share: float, problem_of: Callable[[Weights, int, int | None], str | None]
+    ) -> tuple[dict[str, np.ndarray], list[float], int]:
+        """Ask every node for its item release (``pop-share`` ``share``) in the clear, refuse a reply
+        that ``problem_of(release, users, manifest users)`` finds wrong, and sum the rest: (the summed
+        release in float64, the contributors' noise multipliers, their (noisy) user count)."""
+        messages = [
+            Message(
+                content=RecordDict(
+                    {
+                        "config": ConfigRecord(
+                            {
+                                "phase": ITEM_RELEASE_PHASE,
+                                "round": rd.rnd,
+                                "pop-share": share,
+                                "ledger-head": self.head_for(nid),
+                            }
+                        )
+                    }
+                ),
+                message_type=MessageType.TRAIN,
+                dst_node_id=nid,
+                group_id=str(rd.rnd),
             )
-            messages.append(
-                Message(
-                    content=RecordDict({"config": config}),
-                    message_type=MessageType.TRAIN,
-                    dst_node_id=nid,
-                    group_id=str(rd.rnd),
-                )
-            )
+            for nid in self.nodes
+        ]
         total: dict[str, np.ndarray] = {}
         sigmas: list[float] = []
         users = 0
         for tenant, info, met, rel in self.clear_replies(rd, messages, "release"):
             n = as_int(met["num-examples"])
-            problem = release_problem(rel, approach, self.catalog.n_items, n, self.max_users.get(tenant))
+            problem = problem_of(rel, n, self.max_users.get(tenant))
             if problem:
                 rd.reject(info, problem)
                 continue
@@ -606,44 +670,24 @@ class _Federation:
             sigmas.append(as_float(met["noise-multiplier"]))
             users += n
             rd.contributors.append(tenant)
+        return total, sigmas, users
+
+    def release_round(self, rd: _Round) -> None:
+        """Every tenant publishes its DP item release in the clear; the server checks and sums them."""
+        assert self.choice is not None
+        approach, n_items = self.choice.approach, self.catalog.n_items
+        total, sigmas, users = self.collect_releases(
+            rd, pop_share(approach), lambda rel, n, cap: release_problem(rel, approach, n_items, n, cap)
+        )
         self.fit_from_release(rd, total, sigmas, users, shares=1)
 
     def release_init_round(self, rd: _Round) -> None:
         """Round 1 with ``release-init``: each tenant's item release (charged at its share of ε),
         summed; the global MLP's prior and frozen item table are post-processed from the sum."""
-        messages = []
-        for nid in self.nodes:
-            config = ConfigRecord(
-                {
-                    "phase": ITEM_RELEASE_PHASE,
-                    "round": rd.rnd,
-                    "pop-share": INIT_POP_SHARE,
-                    "ledger-head": self.head_for(nid),
-                }
-            )
-            messages.append(
-                Message(
-                    content=RecordDict({"config": config}),
-                    message_type=MessageType.TRAIN,
-                    dst_node_id=nid,
-                    group_id=str(rd.rnd),
-                )
-            )
-        total: dict[str, np.ndarray] = {}
-        sigmas: list[float] = []
-        users = 0
-        for tenant, info, met, rel in self.clear_replies(rd, messages, "release"):
-            n = as_int(met["num-examples"])
-            problem = init_problem(rel, self.catalog.n_items, n, self.max_users.get(tenant))
-            if problem:
-                rd.reject(info, problem)
-                continue
-            info["aggregated"] = True
-            for k, v in rel.items():
-                total[k] = total[k] + v.astype(np.float64) if k in total else v.astype(np.float64)
-            sigmas.append(as_float(met["noise-multiplier"]))
-            users += n
-            rd.contributors.append(tenant)
+        n_items = self.catalog.n_items
+        total, sigmas, users = self.collect_releases(
+            rd, INIT_POP_SHARE, lambda rel, n, cap: init_problem(rel, n_items, n, cap)
+        )
         if len(rd.contributors) < max(1, self.cfg.min_tenants):
             rd.row["aggregated"] = 0
             raise FedrecError(
@@ -792,7 +836,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     expected = cfg.num_tenants or len(fed.tenants) or 1
     fed.nodes = wait_for_nodes(grid, expected, cfg.node_wait_timeout)
     users_by_tenant = fed.max_users
-    if not users_by_tenant and cfg.approach == "auto" and cfg.dp:  # a deployment: ask the tenants
+    if cfg.approach == "auto" and cfg.dp:  # ask the tenants for ñ (never the manifests' exact counts)
         users_by_tenant = query_users(grid, fed.nodes, cfg.round_timeout)
     threshold = shares_and_threshold(len(fed.nodes))[1] if cfg.secagg and len(fed.nodes) >= 2 else None
     fed.release_shares = shares_for(cfg, threshold)
@@ -801,7 +845,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     initing = cfg.release_init > 0 and not releasing  # round 1 is the release that initialises the MLP
     n_rounds = 1 if releasing else cfg.planned_rounds()
     if cfg.secagg:
-        max_weight = cfg.secagg_max_weight or float(max(fed.max_users.values(), default=0))
+        max_weight = cfg.secagg_max_weight or float(max(fed.max_users.values(), default=0))  # + slack (DP)
         if max_weight <= 0:
             raise FedrecError("secagg needs secagg-max-weight (the largest tenant's user count)")
         if releasing:
@@ -853,7 +897,12 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
         else:
             fed.plain_round(rd)
         row = rd.row
-        if rnd % max(1, cfg.eval_every) == 0 or rnd == n_rounds:
+        if not cfg.eval_exact():
+            row["val"] = {}
+            row["val_withheld"] = (
+                "eval-privacy dp: only the final test sums leave the tenants (noised, charged)"
+            )
+        elif rnd % max(1, cfg.eval_every) == 0 or rnd == n_rounds:
             val, errs = federated_eval(
                 grid,
                 fed.nodes,
@@ -862,7 +911,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
                 "val",
                 cfg.round_timeout,
                 f"val-{rnd}",
-                fed,
+                **fed.ledger_sync(),
             )
             row["val"] = val.get("full", {})
             row["failures"] += [{"reason": e, "phase": "val"} for e in errs]
@@ -892,18 +941,18 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
         fed.global_w = {k: v.copy() for k, v in best_w.items()}
         final = {"rule": "best-val", "round": best_round, "val_ndcg@10": round(best_ndcg, 6)}
         log(f"final model: round {best_round} (best validation NDCG@10 {best_ndcg:.4f})")
-    test, errs = federated_eval(
-        grid, fed.nodes, fed.eval_weights(), fed.model_json, "test", cfg.round_timeout, "test", fed
-    )
+    test, errs = fed.test_eval(n_rounds + 1)
     if not test:
         raise FedrecError("final test evaluation got no result from any tenant: " + "; ".join(errs[:3]))
     for err in errs:
         log(f"test evaluation: {err}")
     metrics: dict[str, Any] = dict(test)
+    metrics["evaluation"] = evaluation_label(cfg)
     metrics["final_model"] = final
     metrics["dataset"] = {
         "source": "federation",
-        "users": sum(t.users for t in fed.status.values()),
+        "users": sum(t.users for t in fed.status.values()),  # Σ ñ with DP
+        "users_noisy": cfg.dp,
         "items": fed.catalog.n_items,
     }
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
@@ -958,6 +1007,15 @@ def privacy_report(
         noise = "local: each tenant's DP-SGD adds its own Gaussian noise"
     return {
         "unit": "user",
+        "adjacency": RELATION if cfg.dp else None,
+        "adjacency_text": RELATION_TEXT if cfg.dp else None,
+        "user_counts": (
+            f"noisy: Gaussian σ_c = {COUNT_SIGMA:g}, charged once per tenant at round 0"
+            if cfg.dp
+            else "exact"
+        ),
+        "evaluation": evaluation_label(cfg),
+        "transcript": "docs/TRANSCRIPT.md (fedrec.privacy.transcript): every field a tenant sends",
         "accountant": cfg.accountant if cfg.dp else None,
         "delta": cfg.delta if cfg.dp else None,
         "dp": cfg.dp,
@@ -991,6 +1049,18 @@ def privacy_report(
             for t, s in sorted(status.items())
         },
     }
+
+
+def evaluation_label(cfg: RunConfig) -> str:
+    """How the evaluation sums left the tenants, in one line (metrics.json, privacy.json, reports)."""
+    if not cfg.dp:
+        return "exact (no DP run)"
+    if cfg.eval_privacy == "exact":
+        return "exact: NOT covered by ε (simulation research; validation every round and test)"
+    return (
+        f"dp: final test sums only, Gaussian σ_e = {EVAL_SIGMA:g} × √d, charged in the ledger "
+        "(covered by ε); no per-round validation"
+    )
 
 
 def _sampling(cfg: RunConfig) -> SamplingConfig:

@@ -122,11 +122,17 @@ def release_problem(
     weights: Weights, approach: str, n_items: int, users: int, max_users: int | None
 ) -> str | None:
     """Why a tenant's release must not be summed, or None."""
-    want = (
-        {"popularity": (n_items,)}
-        if approach == "dp_popularity"
-        else {"gram": (n_items * (n_items + 1) // 2,)}
-    )
+    keys = ("popularity",) if approach == "dp_popularity" else ("gram",)
+    return shape_problem(weights, keys, n_items, users, max_users)
+
+
+def shape_problem(
+    weights: Weights, keys: Sequence[str], n_items: int, users: int, max_users: int | None
+) -> str | None:
+    """The checks every item release passes before it is summed: exactly ``keys`` ('popularity' of
+    n_items, 'gram' the packed upper triangle), float32, finite, and a user count in (0, manifest]."""
+    sizes = {"popularity": (n_items,), "gram": (n_items * (n_items + 1) // 2,)}
+    want = {k: sizes[k] for k in keys}
     if set(weights) != set(want):
         return f"release has keys {sorted(weights)}, expected {sorted(want)}"
     for k, shape in want.items():

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from fedrec.privacy import gram
+from fedrec.server.release import shape_problem
 from fedrec.shared_model.codec import Weights
 from fedrec.shared_model.dp_item import DPEASERule, EigenGram
 from fedrec.shared_model.model import ModelConfig
@@ -45,21 +46,8 @@ def init_model_config(base: ModelConfig) -> ModelConfig:
 
 
 def init_problem(weights: Weights, n_items: int, users: int, max_users: int | None) -> str | None:
-    """Why a tenant's initialising release must not be summed, or None."""
-    want = {"popularity": (n_items,), "gram": (n_items * (n_items + 1) // 2,)}
-    if set(weights) != set(want):
-        return f"release has keys {sorted(weights)}, expected {sorted(want)}"
-    for k, shape in want.items():
-        v = weights[k]
-        if tuple(v.shape) != shape or v.dtype != np.float32:
-            return f"{k}: shape {tuple(v.shape)} dtype {v.dtype}, expected {shape} float32"
-        if not np.isfinite(v).all():
-            return f"{k}: non-finite values"
-    if users <= 0:
-        return f"user count {users} must be positive"
-    if max_users is not None and users > max_users:
-        return f"user count {users} exceeds the tenant's manifest ({max_users})"
-    return None
+    """Why a tenant's initialising release must not be summed, or None (it holds both parts)."""
+    return shape_problem(weights, ("popularity", "gram"), n_items, users, max_users)
 
 
 def init_from_release(

@@ -45,12 +45,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
 from fedrec.shared_model.artifacts import LoadedModel, load_model
-from fedrec.shared_model.diversity import mmr, unit_rows
+from fedrec.shared_model.diversity import pool_size, unit_rows
 from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.explain import explain
 from fedrec.shared_model.item_model import ItemReleaseModel
+from fedrec.shared_model.model import HistoryMLP
 from fedrec.shared_model.quantize import quantize_for_serving
-from fedrec.shared_model.ranking import mask_items, top_k
 from fedrec.shared_model.recommend import Recommender, now_context
 
 log = logging.getLogger("fedrec.serve")
@@ -127,9 +127,12 @@ class Query:
 class Engine:
     """One loaded model ready to answer requests (no HTTP here)."""
 
-    def __init__(self, loaded: LoadedModel, *, int8: bool = False) -> None:
+    def __init__(self, loaded: LoadedModel, *, int8: bool = False, candidates: int | None = 0) -> None:
+        """``candidates``: items the MLP re-ranks per request (0 = exact, None = auto; ``Recommender``)."""
         self.int8 = int8
-        self.rec = Recommender(quantize_for_serving(loaded) if int8 else loaded)
+        served = quantize_for_serving(loaded) if int8 else loaded
+        fp32 = loaded.model if int8 and isinstance(loaded.model, HistoryMLP) else None
+        self.rec = Recommender(served, candidates=candidates, retrieval_model=fp32)
         self.run_id = loaded.run_id
         cat = loaded.catalog
         self.item_ids, self.titles = cat.item_ids, cat.titles
@@ -152,27 +155,29 @@ class Engine:
         return Query(self, known, ex_known, list(dict.fromkeys(unknown)), k, explain_items, diversity)
 
     def answer(self, queries: Sequence[Query]) -> list[dict[str, Any]]:
-        """The bodies of many ``/v1/recommend`` answers from ONE scoring call over the catalogue.
+        """The bodies of many ``/v1/recommend`` answers from ONE scoring call (catalogue or candidates).
 
         Each row gets the same masking (history and excluded items), top-K or MMR diversity and
         explanations as if it had been asked alone.
         """
         assert all(q.engine is self for q in queries), "queries must be parsed by the engine answering"
         ctx = now_context()
-        s = self.rec.scores([q.known for q in queries], ctx)  # (B, N)
-        mask_items(s, [q.known for q in queries], [q.exclude for q in queries])
+        need = max(pool_size(q.k) if q.diversity > 0 else q.k for q in queries)  # candidates a row needs
+        ranked = self.rec.rank_scores(
+            [q.known for q in queries], [q.exclude for q in queries], ctx, min_candidates=need
+        )
         picks: list[tuple[np.ndarray, np.ndarray]] = [(_NO_ITEMS, _NO_SCORES)] * len(queries)
         plain = [b for b, q in enumerate(queries) if q.diversity == 0.0]
         if plain:
-            rows = s if len(plain) == len(queries) else s[plain]  # (P, N)
-            idx, sc = top_k(rows, max(queries[b].k for b in plain))  # a prefix of each is its top-k
+            rows = None if len(plain) == len(queries) else plain
+            idx, sc = ranked.top(max(queries[b].k for b in plain), rows)  # a prefix of each is its top-k
             for j, b in enumerate(plain):
                 i, v = idx[j, : queries[b].k], sc[j, : queries[b].k]
                 keep = i >= 0
                 picks[b] = (i[keep], v[keep])
         for b, q in enumerate(queries):
             if q.diversity != 0.0:
-                picks[b] = mmr(s[b], self._unit, q.k, q.diversity, self._rows)
+                picks[b] = ranked.mmr(b, self._unit, q.k, q.diversity, self._rows)
         return [self._body(q, *pick, ctx) for q, pick in zip(queries, picks, strict=True)]
 
     def _body(self, q: Query, items: np.ndarray, scores: np.ndarray, ctx: np.ndarray) -> dict[str, Any]:
@@ -190,18 +195,9 @@ class Engine:
                 ]
         return {"items": out, "model": self.run_id, "unknown": q.unknown}
 
-    def recommend(
-        self,
-        history: list[str],
-        *,
-        k: int = 10,
-        exclude: list[str] | None = None,
-        explain_items: bool = False,
-        diversity: float = 0.0,
-    ) -> dict[str, Any]:
-        """The body of a ``/v1/recommend`` answer for one request."""
-        q = self.query(history, k=k, exclude=exclude, explain_items=explain_items, diversity=diversity)
-        return self.answer([q])[0]
+    def recommend(self, history: list[str], **options: Any) -> dict[str, Any]:
+        """The body of a ``/v1/recommend`` answer for one request (``options``: those of :meth:`query`)."""
+        return self.answer([self.query(history, **options)])[0]
 
     def item(self, item_id: str) -> dict[str, Any] | None:
         j = self.rec.index.get(item_id)
@@ -321,12 +317,15 @@ def _signature(model_dir: Path) -> tuple[tuple[int, int, int], ...]:
 class ModelHolder:
     """The engine in service; :meth:`reload` swaps in a newer checkpoint atomically."""
 
-    def __init__(self, model_dir: Path, *, int8: bool = False) -> None:
-        self.model_dir, self.int8 = model_dir, int8
+    def __init__(self, model_dir: Path, *, int8: bool = False, candidates: int | None = 0) -> None:
+        self.model_dir, self.int8, self.candidates = model_dir, int8, candidates
         self._lock = threading.Lock()  # one reload at a time
         self.signature = _signature(model_dir)
-        self.engine = Engine(load_model(model_dir), int8=int8)  # start-up errors surface here
+        self.engine = self._load()  # start-up errors surface here
         self.reloads = 0
+
+    def _load(self) -> Engine:
+        return Engine(load_model(self.model_dir), int8=self.int8, candidates=self.candidates)
 
     def changed(self) -> bool:
         return _signature(self.model_dir) != self.signature
@@ -342,7 +341,7 @@ class ModelHolder:
             if before == self.signature:
                 return False
             try:
-                engine = Engine(load_model(self.model_dir), int8=self.int8)
+                engine = self._load()
             except FedrecError as e:
                 log.warning("reload skipped, keeping model %s: %s", self.engine.run_id, e)
                 return False
@@ -461,6 +460,7 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     batch_wait_ms: float = 1.0,
     max_batch: int = 64,
+    candidates: int | None = 0,
     holder: ModelHolder | None = None,
 ) -> FastAPI:
     """The serving app for the model in ``model_dir`` (loaded now: a bad RUN_DIR fails here).
@@ -468,12 +468,13 @@ def create_app(
     ``reload_on_change`` polls model.pt/model.json every ``reload_poll_s`` seconds;
     ``reload_on_sighup`` reloads on SIGHUP (needs the main thread's event loop, as under uvicorn).
     ``batch_wait_ms`` bounds how long a request may wait for others to share its ranking call
-    (:class:`Batcher`; 0 = no micro-batching), ``max_batch`` how many share one. ``holder``: an
-    already loaded model (``serve --workers`` loads it once, before forking).
+    (:class:`Batcher`; 0 = no micro-batching), ``max_batch`` how many share one. ``candidates``: how
+    many items an MLP re-ranks per request (0 = the exact full-catalogue pass, None = auto by catalogue
+    size; ``fedrec.shared_model.recommend``). ``holder``: an already loaded model.
     """
     if not 0.0 <= batch_wait_ms <= 1000.0:
         raise FedrecError(f"batch wait must be within 0..1000 ms, got {batch_wait_ms}")
-    holder = ModelHolder(Path(model_dir), int8=int8) if holder is None else holder
+    holder = ModelHolder(Path(model_dir), int8=int8, candidates=candidates) if holder is None else holder
     batcher = Batcher(max_wait_s=batch_wait_ms / 1000.0, max_batch=max_batch)
     keys = read_api_keys(api_keys_file) if api_keys_file is not None else None
     bearer = HTTPBearer(auto_error=False, description="Only when the server runs with --api-keys.")
@@ -528,7 +529,8 @@ def create_app(
             except (NotImplementedError, RuntimeError, ValueError) as e:
                 log.warning("SIGHUP reload unavailable here: %s", e)
         eng = holder.engine
-        log.info("serving model %s (%d items%s)", eng.run_id, len(eng.item_ids), ", int8" if eng.int8 else "")
+        how = f"MLP re-ranks {eng.rec.candidates} candidates" if eng.rec.candidates else "exact ranking"
+        log.info("serving model %s (%d items, %s%s)", eng.run_id, len(eng.item_ids), how, ", int8" * eng.int8)
         try:
             yield
         finally:
@@ -553,7 +555,13 @@ def create_app(
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         eng = holder.engine
-        return {"status": "ok", "model": eng.run_id, "items": len(eng.item_ids), "int8": eng.int8}
+        return {
+            "status": "ok",
+            "model": eng.run_id,
+            "items": len(eng.item_ids),
+            "int8": eng.int8,
+            "candidates": eng.rec.candidates,
+        }
 
     @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=secured)
     async def recommend(req: RecommendRequest) -> OrjsonResponse:
@@ -590,6 +598,7 @@ def run(
     workers: int = 1,
     batch_wait_ms: float = 1.0,
     max_batch: int = 64,
+    candidates: int | None = 0,
 ) -> None:
     """Load, then serve until SIGINT/SIGTERM (in-flight requests finish; 10 s grace).
 
@@ -612,6 +621,7 @@ def run(
         reload_on_sighup=True,
         batch_wait_ms=batch_wait_ms,
         max_batch=max_batch,
+        candidates=candidates,
     )
     log.info("model loaded in %.2f s", time.perf_counter() - t0)
     if api_keys_file is None and host not in ("127.0.0.1", "localhost", "::1"):

@@ -227,10 +227,36 @@ class HistoryMLP(nn.Module):
         """
         if item_side is None:
             item_side = self.item_side()
+        u, c = self.user_parts(history, user_features, context)
+        logit = self.score_items(u, c, item_side)
+        assert logit.shape == (history.shape[0], self.cfg.n_items), "scores must be (B, n_items)"
+        return logit
+
+    @torch.no_grad()
+    def user_parts(
+        self, history: torch.Tensor, user_features: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The user side of a score: user vector u (B, d) and context vector c (B, d) or None."""
+        u = self._user_vector(self.item_emb(history), history, user_features)  # (B, d)
+        return u, self._context_vector(context)
+
+    def score_items(
+        self,
+        u: torch.Tensor,
+        c: torch.Tensor | None,
+        item_side: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        items: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of users (u, c from :meth:`user_parts`) for the whole catalogue (``items`` None):
+        (B, N); or for each row's own items (``items`` (B, C) dense indices): (B, C), the same numbers
+        as the catalogue pass gives those items (the MLP re-rank of a candidate set). Differentiable:
+        callers that do not train wrap it in ``torch.no_grad()`` / ``inference_mode()``.
+        """
         item_vec, item_h1, item_b = item_side  # (N, d), (N, h1), (N,)
-        hist_emb = self.item_emb(history)  # (B, L, d)
-        u = self._user_vector(hist_emb, history, user_features)  # (B, d)
-        c = self._context_vector(context)
+        if items is None:
+            vec, h1, bias = item_vec.unsqueeze(0), item_h1.unsqueeze(0), item_b.unsqueeze(0)  # (1, N, ·)
+        else:
+            vec, h1, bias = item_vec[items], item_h1[items], item_b[items]  # (B, C, d), (B, C, h1), (B, C)
         first = self.mlp[0]
         assert isinstance(first, nn.Linear)
         d = self.cfg.dim
@@ -238,9 +264,9 @@ class HistoryMLP(nn.Module):
         user_h1 = u @ w_u.T + first.bias  # (B, h1)
         if c is not None:
             user_h1 = user_h1 + c @ w_v.T
-        b, n = user_h1.shape[0], item_h1.shape[0]
+        b, m = user_h1.shape[0], h1.shape[1]
         # 2-D ops on fresh tensors, ReLU in place: 3-D nn.Linear and out-of-place ReLU cost ~5× more here.
-        h = (user_h1.unsqueeze(1) + item_h1.unsqueeze(0)).relu_().reshape(b * n, -1)  # (B·N, h1)
+        h = (user_h1.unsqueeze(1) + h1).relu_().reshape(b * m, -1)  # (B·M, h1)
         for layer in list(self.mlp)[2:]:
             if isinstance(layer, nn.Linear):
                 h = (
@@ -252,15 +278,45 @@ class HistoryMLP(nn.Module):
                 h = h.relu_()
             else:  # e.g. the int8 layers of fedrec.shared_model.quantize
                 h = layer(h)
-        logit = h.reshape(b, n)  # (B, N)
-        logit = logit + item_b.unsqueeze(0)
+        logit = h.reshape(b, m) + bias  # (B, M)
         if self.cfg.dot_term:
-            dot = u @ item_vec.T  # (B, N)
+            dot = u @ item_vec.T if items is None else torch.bmm(vec, u.unsqueeze(2)).squeeze(2)  # (B, M)
             if c is not None:
                 dot = dot + (u * c).sum(-1, keepdim=True)
             logit = logit + dot
-        assert logit.shape == (history.shape[0], self.cfg.n_items), "scores must be (B, n_items)"
         return logit
+
+    def retrieval_side(
+        self, item_side: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item vectors as columns r (d, N) and offsets a (N,) of a cheap retrieval score u·r_i + a_i.
+
+        The whole logit of item i as a function of the user vector, f_i(u) = MLP([u; v_i + c]) + b_i +
+        u·(v_i + c), linearized around ū, the catalogue's mean item vector (c: the mean hour and
+        weekday): f_i(u) ≈ f_i(ū) + g_i·(u − ū), g_i = ∂f_i/∂u at ū (one batched backward pass at
+        load). The dot-product term and the bias are kept exactly; the MLP enters by its value and
+        slope at ū. Ranking the catalogue by it costs one (B, d) × (d, N) product per request
+        (r is returned transposed and contiguous, the layout that product reads fastest).
+        """
+        item_vec = item_side[0]
+        n, d = item_vec.shape
+        u0 = item_vec.mean(0)  # (d,) the expansion point
+        c0 = None
+        if self.hour_emb is not None and self.weekday_emb is not None:
+            c0 = (self.hour_emb.weight[1:].mean(0) + self.weekday_emb.weight[1:].mean(0)).detach()
+        with torch.enable_grad():
+            u = u0.detach().expand(n, d).clone().requires_grad_(True)  # (N, d) one row per item
+            c = None if c0 is None else c0.expand(n, d)
+            own = torch.arange(n, device=item_vec.device).unsqueeze(1)  # (N, 1): row i scores item i
+            f = self.score_items(u, c, item_side, own).squeeze(1)  # (N,)
+            (g,) = torch.autograd.grad(f.sum(), u)  # (N, d)
+        return g.detach().T.contiguous(), (f - g @ u0).detach()
+
+    @staticmethod
+    def retrieval_scores(u: torch.Tensor, retrieval_side: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """u·r_i + a_i (B, N) for users ``u`` (B, d): see :meth:`retrieval_side`."""
+        cols, offset = retrieval_side  # (d, N), (N,)
+        return torch.addmm(offset.unsqueeze(0), u, cols)  # (B, N)
 
     @torch.no_grad()
     def item_side(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

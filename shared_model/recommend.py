@@ -4,6 +4,16 @@ The item side of the model is precomputed once at load; a request then costs one
 the catalogue (``HistoryMLP.score_all``), masking of seen/excluded items to -inf, and a top-K.
 Many histories are scored in one call, in chunks of at most ``PAIR_BUDGET`` (user, item) pairs so the
 MLP's (rows × items × h1) activations stay cache-sized on large catalogues.
+
+Candidate generation + re-rank (``candidates`` C > 0, MLP models only): the exact pass runs the MLP
+over every item, N × (h1·h2 + …) multiply-adds per request. With C > 0 a linear retrieval score,
+u·r_i + a_i (the model's logit linearized in the user vector: its dot-product and bias terms exactly,
+the MLP by its value and slope at the mean item vector; ``HistoryMLP.retrieval_side``), one (d × N)
+product per request, ranks the catalogue; the C best items not seen or excluded are kept
+(``argpartition``, O(N)) and the MLP scores only those. The final top-K / MMR / explanations then run
+on the C re-ranked items exactly as on the full catalogue. It is approximate: an item the MLP would
+rank high but the retrieval score ranks below C is missed (docs/BENCHMARKS.md measures the overlap
+with the exact top-10). C = 0 is the exact pass; C ≥ N re-ranks every unmasked item and gives the exact top-K.
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ import numpy as np
 import torch
 
 from fedrec.shared_model.artifacts import LoadedModel
+from fedrec.shared_model.diversity import mmr
+from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.model import HistoryMLP
 from fedrec.shared_model.ranking import mask_items, top_k
 from fedrec.shared_model.training import pad_rows
@@ -24,6 +36,70 @@ from fedrec.shared_model.training import pad_rows
 #: Most (user, item) pairs scored per model call: 16 ml-100k users (1 682 items), or one user of a
 #: 40k catalogue at a time (more rows only add memory traffic there).
 PAIR_BUDGET = 1 << 15
+#: ``--candidates auto``: catalogues up to this size are ranked exactly (all items through the MLP) …
+AUTO_EXACT_MAX_ITEMS = 5_000
+#: … larger ones by the MLP re-ranking this many candidates of the linearized retrieval score: at 200
+#: the re-rank held 99.9-100 % of the exact top-10 on the trained ml-100k and 41k-item models (87 % on
+#: an untrained random-weight 40k MLP, the worst case) and served 1.7-2.7x the reference at 41k items
+#: (docs/BENCHMARKS.md, serve).
+AUTO_CANDIDATES = 200
+
+
+def parse_candidates(text: str) -> int | None:
+    """``--candidates`` value: ``auto`` → None (see :func:`resolve_candidates`), else an integer ≥ 0."""
+    t = text.strip().lower()
+    if t == "auto":
+        return None
+    if not t.isdigit():
+        raise FedrecError(
+            f"--candidates must be 'auto' or an integer ≥ 0 (0 = exact ranking of the whole catalogue), "
+            f"got {text!r}"
+        )
+    return int(t)
+
+
+def resolve_candidates(candidates: int | None, n_items: int) -> int:
+    """How many candidates the MLP re-ranks (0 = exact): ``None`` (auto) picks by catalogue size."""
+    if candidates is None:
+        return 0 if n_items <= AUTO_EXACT_MAX_ITEMS else AUTO_CANDIDATES
+    if candidates < 0:
+        raise FedrecError(f"candidates must be ≥ 0 (0 = exact), got {candidates}")
+    return candidates
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """Masked scores of each row's items, ready for a top-K or MMR (one row per history).
+
+    Exact ranking: ``scores`` (B, N), column j is item j (``items`` None). Candidate re-rank:
+    ``scores`` (B, C) of the items ``items`` (B, C), ascending item index per row (so the ties rule of
+    ``top_k``, lower item index first, is the catalogue's), -1 / -inf where a row has fewer than C
+    items left after masking. Masked (seen/excluded) items are -inf or absent: never returned.
+    """
+
+    scores: np.ndarray
+    items: np.ndarray | None = None
+
+    def top(self, k: int, rows: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``top_k`` of the given rows (all by default) as dense item indices (-1 pads) and scores."""
+        s = self.scores if rows is None else self.scores[list(rows)]
+        idx, sc = top_k(s, k)
+        if self.items is not None:
+            it = self.items if rows is None else self.items[list(rows)]
+            idx = np.where(idx >= 0, np.take_along_axis(it, np.maximum(idx, 0), 1), -1)
+        return idx, sc
+
+    def mmr(
+        self, row: int, unit_vecs: np.ndarray, k: int, diversity: float, vec_rows: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`mmr` of one row; ``unit_vecs``/``vec_rows`` are the catalogue's (see ``mmr``)."""
+        if self.items is None:
+            return mmr(self.scores[row], unit_vecs, k, diversity, vec_rows)
+        items = np.maximum(self.items[row], 0)  # (C,) padding columns are -inf: never picked
+        pos, sc = mmr(
+            self.scores[row], unit_vecs, k, diversity, items if vec_rows is None else vec_rows[items]
+        )
+        return items[pos], sc
 
 
 @dataclass(frozen=True)
@@ -38,10 +114,26 @@ def now_context() -> np.ndarray:
     return np.array([t.tm_hour, t.tm_wday], dtype=np.int64)
 
 
+def _contexts(context: np.ndarray | None, n: int) -> np.ndarray:
+    """(n, 2) int64 (hour, weekday) rows: now, one context for every row (2,), or one per row (n, 2)."""
+    c = np.asarray(now_context() if context is None else context, dtype=np.int64)
+    if c.ndim == 1:
+        return np.tile(c, (n, 1))
+    assert c.shape == (n, 2), f"context must be (2,) or ({n}, 2), got {c.shape}"
+    return c
+
+
 class Recommender:
     """A loaded model ready to rank: item side cached, one code path for every caller."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(
+        self, loaded: LoadedModel, *, candidates: int | None = 0, retrieval_model: HistoryMLP | None = None
+    ) -> None:
+        """``candidates``: how many items the MLP re-ranks (0 = all: exact; None = auto by catalogue
+        size, see :func:`resolve_candidates`). Item-release models are always ranked exactly (their
+        scoring is already one sparse-row product, no MLP per item). ``retrieval_model``: the fp32
+        model the retrieval tables are derived from when ``loaded`` holds an int8 copy (no gradient).
+        """
         self.loaded = loaded
         self.model = loaded.model.eval()
         self.catalog = loaded.catalog
@@ -50,6 +142,13 @@ class Recommender:
         self._item_side: Any = self.model.item_side() if isinstance(self.model, HistoryMLP) else None
         self.rows_per_call = max(1, PAIR_BUDGET // self.catalog.n_items)
         self._n_feats = len(self.model.cfg.user_cardinalities)
+        c = resolve_candidates(candidates, self.catalog.n_items)
+        self.candidates = c if isinstance(self.model, HistoryMLP) else 0
+        self._retrieval: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.candidates:
+            src = retrieval_model if retrieval_model is not None else self.model
+            assert isinstance(src, HistoryMLP)
+            self._retrieval = src.retrieval_side(src.item_side())
 
     def to_indices(self, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """Map original item ids to dense indices; returns (known indices, unknown ids)."""
@@ -66,7 +165,7 @@ class Recommender:
         """Raw scores (B, n_items) for dense-index histories (most recent items last)."""
         cap = self.loaded.sampling.max_eval_history
         n = len(histories)
-        ctx = np.tile(now_context() if context is None else context, (n, 1))  # (B, 2)
+        ctx = _contexts(context, n)  # (B, 2)
         feats = torch.zeros((n, self._n_feats), dtype=torch.int64)  # unknown demographics
         out = np.empty((n, self.catalog.n_items), dtype=np.float32)  # (B, N)
         with torch.inference_mode():
@@ -79,6 +178,61 @@ class Recommender:
                 out[a:b] = s.numpy()
         return out
 
+    def rank_scores(
+        self,
+        histories: Sequence[np.ndarray],
+        exclude: Sequence[np.ndarray] | None = None,
+        context: np.ndarray | None = None,
+        *,
+        min_candidates: int = 0,
+    ) -> Ranked:
+        """Masked scores for a top-K: every item (exact) or the re-ranked candidates (module docstring).
+
+        ``exclude``: one array of dense indices per history, never recommended (like the history).
+        ``min_candidates``: at least this many candidates (a request's k, or its MMR pool).
+        """
+        if exclude is not None and len(exclude) == 0:
+            exclude = None
+        if self.candidates == 0:
+            s = self.scores(histories, context)
+            return Ranked(mask_items(s, histories, exclude))
+        return self._rerank(histories, exclude, context, max(self.candidates, min_candidates))
+
+    def _rerank(
+        self,
+        histories: Sequence[np.ndarray],
+        exclude: Sequence[np.ndarray] | None,
+        context: np.ndarray | None,
+        n_cand: int,
+    ) -> Ranked:
+        assert isinstance(self.model, HistoryMLP) and self._retrieval is not None
+        cap = self.loaded.sampling.max_eval_history
+        n, n_items = len(histories), self.catalog.n_items
+        c = min(n_cand, n_items)
+        ctx = _contexts(context, n)  # (B, 2)
+        feats = torch.zeros((n, self._n_feats), dtype=torch.int64)  # unknown demographics
+        items = np.empty((n, c), dtype=np.int64)  # (B, C)
+        scores = np.empty((n, c), dtype=np.float32)  # (B, C)
+        per_call = max(1, PAIR_BUDGET // c)
+        with torch.inference_mode():
+            for a in range(0, n, per_call):
+                b = min(n, a + per_call)
+                hist = pad_rows([np.asarray(h)[-cap:] for h in histories[a:b]], n_items)
+                u, cv = self.model.user_parts(torch.from_numpy(hist), feats[a:b], torch.from_numpy(ctx[a:b]))
+                r = self.model.retrieval_scores(u, self._retrieval).numpy()  # (b, N)
+                mask_items(r, histories[a:b], None if exclude is None else exclude[a:b])
+                if c < n_items:
+                    cand = np.argpartition(r, n_items - c, axis=1)[:, n_items - c :]  # (b, C), unordered
+                else:
+                    cand = np.broadcast_to(np.arange(n_items), (b - a, n_items)).copy()
+                cand[np.isneginf(np.take_along_axis(r, cand, 1))] = n_items  # masked: sorted last
+                cand.sort(axis=1)
+                none = cand == n_items  # (b, C) no item in this column
+                s = self.model.score_items(u, cv, self._item_side, torch.from_numpy(np.where(none, 0, cand)))
+                items[a:b] = np.where(none, -1, cand)
+                scores[a:b] = np.where(none, -np.inf, s.numpy())
+        return Ranked(scores, items)
+
     def recommend(
         self,
         histories: Sequence[np.ndarray],
@@ -87,14 +241,7 @@ class Recommender:
         context: np.ndarray | None = None,
     ) -> list[Recommendation]:
         """Top-``k`` per history; history and excluded items are never recommended."""
-        s = self.scores(histories, context)
-        masks = (
-            [np.concatenate([h, e]) for h, e in zip(histories, exclude, strict=True)]
-            if exclude
-            else list(histories)
-        )
-        mask_items(s, masks)
-        idx, sc = top_k(s, k)
+        idx, sc = self.rank_scores(histories, exclude, context, min_candidates=k).top(k)
         out = []
         for row_i, row_s in zip(idx, sc, strict=True):
             keep = row_i >= 0

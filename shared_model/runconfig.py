@@ -79,6 +79,9 @@ class RunConfig:
     targets: int = 20  # held-out positives per training example
     negatives: int = 4  # sampled negatives per positive
     eval_every: int = 1  # validation every N rounds (test always at the end)
+    # dp: only the final test sums leave a tenant, Gaussian-noised and charged (docs/TRANSCRIPT.md);
+    # exact: exact validation/test sums every round, NOT covered by ε (simulation research only)
+    eval_privacy: str = "dp"
     seed: int = 0  # model init, sampling and noise seeds derive from this
     # mlp (DP-SGD rounds) | dp_ease | dp_popularity (one DP item release, docs/PRIVACY_UTILITY.md) | auto
     approach: str = "mlp"
@@ -137,6 +140,8 @@ class RunConfig:
             raise FedrecError(f"δ must be in (0, 1), got {self.delta}")
         if self.accountant not in ("prv", "rdp"):
             raise FedrecError(f"accountant must be 'prv' or 'rdp', got {self.accountant!r}")
+        if self.eval_privacy not in ("dp", "exact"):
+            raise FedrecError(f"eval-privacy must be 'dp' or 'exact', got {self.eval_privacy!r}")
         if self.approach not in APPROACHES:
             raise FedrecError(f"approach must be one of {', '.join(APPROACHES)}, got {self.approach!r}")
         if not self.max_update_norm > 0:
@@ -218,6 +223,10 @@ class RunConfig:
                 f"aggregation must be fedavg, median or trimmed:B with 0 < B < 0.5, got {self.aggregation!r}"
             )
         return "trimmed", beta
+
+    def eval_exact(self) -> bool:
+        """Whether evaluation sums leave the tenants exactly (not covered by ε): exact mode or no DP."""
+        return self.eval_privacy == "exact" or not self.dp
 
     def planned_rounds(self) -> int:
         """Rounds a tenant is charged for: the DP-SGD rounds, plus the initialising release if any."""

@@ -285,7 +285,8 @@ def test_two_round_dp_secagg_run_completes(deployed: Cluster) -> None:
         info = privacy["tenants"][t]
         assert info["rounds_trained"] == 2 and 0 < info["epsilon"] <= EPSILON
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert "hr@10" in metrics["full"] and metrics["dataset"]["users"] == USERS
+    # Σ of the tenants' noisy counts ñ (σ_c = 20 each, docs/TRANSCRIPT.md), never the exact count
+    assert "hr@10" in metrics["full"] and abs(metrics["dataset"]["users"] - USERS) <= 6 * 20 * 2
     # Bytes: Flower's own per-run accounting at the SuperLink; inbound = what the SuperNodes sent.
     import torch
 
@@ -305,7 +306,8 @@ def test_each_partner_holds_a_verifiable_ledger_that_matches_the_coordinators_co
         own = c.partner_dir(i) / "state" / "r1" / "ledger.jsonl"
         entries, problems = read_entries(own)
         assert problems == [] and verify_chain(entries) == []
-        assert [e["round"] for e in entries] == [1, 2]
+        # the noisy count (round 0), two rounds, the DP test evaluation (round 3)
+        assert [e["round"] for e in entries] == [0, 1, 2, 3]
         assert all(e["tenant"] == t and e["unit"] == "user" for e in entries)
         copy, _ = read_entries(c.root / "run" / "ledger" / f"{t}.jsonl")
         assert [e["hash"] for e in copy] == [e["hash"] for e in entries]

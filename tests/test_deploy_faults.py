@@ -533,7 +533,10 @@ def test_faults_during_a_run_lose_nothing_and_charge_nothing_twice(deployed: Fau
             nxt, nxt_step = by_round.get(rnd + 1), next((x for x in steps if x["round"] == rnd + 1), {})
             if nxt is not None and ro not in nxt_step.get("kill", []) + nxt_step.get("stop", []):
                 # writable again: it trains in the next round (unless that round's fault hits it)
-                assert nxt["tenants"].get(tenant(ro), {}).get("status") in ("ok", "capped"), where
+                if nxt["tenants"]:
+                    assert nxt["tenants"].get(tenant(ro), {}).get("status") in ("ok", "capped"), where
+                else:  # a halted round records no tenant status: it must not be among its lost nodes
+                    assert nids[ro] not in {f.get("node") for f in nxt.get("failures", [])}, where
             c.faults.append(base | {
                 "kind": f"state dir read-only ({fact['read_only_how']}), {tenant(ro)}", "injected": 1,
                 "outcome": f"{tenant(ro)} refused: {info.get('message', '')[:90]}; "

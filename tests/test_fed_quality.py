@@ -191,13 +191,16 @@ def test_release_init_is_post_processing_of_the_charged_release(fed: Path, tmp_p
     assert [r["round"] for r in rows] == [1, 2] and rows[0]["release_init"]["share"] == 0.5
     for t in range(TENANTS):
         entries, problems = read_entries(run / "ledger" / f"tenant-{t}.jsonl")
-        assert not problems and [e["round"] for e in entries] == [1, 2]
-        rel, sgd = entries
+        # round 0: the noisy user count; 1: the release; 2: DP-SGD; 3: the DP test evaluation
+        assert not problems and [e["round"] for e in entries] == [0, 1, 2, 3]
+        count, rel, sgd, final = entries
+        assert count["epsilon"] < rel["epsilon"]
         assert rel["purpose"] == "mlp-init" and rel["release_share"] == 0.5 and rel["steps"] == 1
         assert rel["sample_rate"] == 1.0 and rel["unit"] == "user"
         assert 2.9 <= rel["epsilon"] <= 3.0 + 1e-9, "the release alone spends its share of the cap"
         assert rel["epsilon"] < sgd["epsilon"] <= 6.0 + 1e-9, "release + DP-SGD compose within the cap"
-        assert privacy["tenants"][f"tenant-{t}"]["epsilon"] == pytest.approx(sgd["epsilon"])
+        assert sgd["epsilon"] < final["epsilon"] <= 6.0 + 1e-9, "the DP evaluation is reserved in the cap"
+        assert privacy["tenants"][f"tenant-{t}"]["epsilon"] == pytest.approx(final["epsilon"])
 
 
 def test_release_init_is_refused_where_it_does_not_apply() -> None:

@@ -82,8 +82,12 @@ def test_train_reply_carries_only_shared_parameters_and_whitelisted_metrics(fed:
     status = rd.config_records["status"]
     assert set(status.keys()) == {"tenant", "status", "message", "ledger-entries"}
     assert status["tenant"] == "tenant-0" and status["status"] == "ok"
-    (entry,) = json.loads(str(status["ledger-entries"]))  # no head sent: the whole (1-entry) ledger
+    # no head sent: the whole ledger — the noisy count (round 0), then round 1
+    count, entry = json.loads(str(status["ledger-entries"]))
+    assert count["round"] == 0 and count["mechanism"] == "gaussian-count"
     assert entry["unit"] == "user" and entry["poisson"] is True and entry["secure_mode"] is False
+    assert count["relation"] == entry["relation"] == "add-remove-one-user"
+    assert entry["users"] == count["users"] == rd.metric_records["metrics"]["users"], "one draw of the count"
     # nothing in the reply names a user: compare against the tenant's pseudonyms
     from fedrec.client.vault import load_tenant
 
@@ -104,10 +108,14 @@ def test_cap_refusal_over_extra_rounds_never_exceeds_the_cap(fed: Path) -> None:
     assert outcomes[2].weights is None and outcomes[3].weights is None, "a capped tenant sends no update"
     assert "cap" in outcomes[2].message
     entries, problems = read_entries(paths.state_dir / LEDGER_FILE)
-    assert not problems and len(entries) == 2
+    assert not problems and [e["round"] for e in entries] == [0, 1, 2], "the noisy count, then two rounds"
     assert not verify_chain(entries)
     assert max(e["epsilon"] for e in entries) <= 2.0 + 1e-9
-    assert entries[-1]["epsilon"] == pytest.approx(2.0, rel=0.02), "calibration spends the plan, not less"
+    # calibration spends the plan, not less: training leaves exactly the reserved DP evaluation
+    from fedrec.privacy.accounting import epsilon
+
+    history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries] + [(10.0, 1.0, 1)]
+    assert epsilon(history=history, delta=cfg.delta, accountant="prv") == pytest.approx(2.0, rel=0.02)
     assert max_recompute_error(entries) <= 1e-6
 
 
@@ -120,7 +128,7 @@ def test_a_round_is_never_charged_twice(fed: Path) -> None:
     assert first.status == "ok" and again.status == "already-charged" and "already charged" in again.message
     assert again.weights is None and again.epsilon == first.epsilon
     entries, _ = read_entries(paths.state_dir / LEDGER_FILE)
-    assert [e["round"] for e in entries] == [1]
+    assert [e["round"] for e in entries] == [0, 1]  # the noisy count, then round 1 once
 
 
 def test_no_dp_trains_without_budget_or_ledger(fed: Path) -> None:

@@ -76,7 +76,10 @@ def check_run(run: Path, fed: Path, run_name: str) -> list[dict]:
         )
         rounds = [e["round"] for e in own]
         assert len(rounds) == len(set(rounds)), "no round charged twice"
-        assert set(rounds) <= set(range(1, ROUNDS + 1))
+        # the noisy count (round 0) and the DP test evaluation (round ROUNDS + 1) besides the rounds
+        trained = [e["round"] for e in own if e.get("mechanism") is None]
+        assert set(trained) <= set(range(1, ROUNDS + 1))
+        assert own[0].get("mechanism") == "gaussian-count" and own[0]["round"] == 0
     return rows
 
 
@@ -167,7 +170,8 @@ def test_kill_9_of_fedrec_simulate_then_resume(fed: Path, tmp_path: Path) -> Non
     assert any("crashed mid-round 2" in f["reason"] for f in crash_row["failures"])
     assert rows_[2]["aggregated"] == TENANTS
     own, _ = read_entries(fed / "tenant-1" / "state" / config["run-name"] / LEDGER_FILE)
-    assert [e["round"] for e in own] == [1, 2, 3], "the crashed round stays charged, once"
+    trained = [e["round"] for e in own if e.get("mechanism") is None]  # besides the noisy count (round 0)
+    assert trained == [1, 2, 3], "the crashed round stays charged, once"
     assert not (out.parent / ".run.partial").exists() and not (out / "resume.json").exists()
 
 
@@ -189,6 +193,7 @@ def test_a_last_round_charged_whose_reply_was_lost_reaches_the_servers_copy_at_e
         batch_users=32,
         accountant="rdp",
         eval_every=5,
+        eval_privacy="exact",  # an uncharged evaluation must bring the entry too (dp's charges anyway)
     )
     grid: list[LoopbackGrid] = []
 
@@ -203,7 +208,7 @@ def test_a_last_round_charged_whose_reply_was_lost_reaches_the_servers_copy_at_e
     run_federation(grid[0], cfg, log=lambda _: None)
     own, _ = read_entries(fed / "tenant-1" / "state" / "lost-last" / LEDGER_FILE)
     copy, problems = read_entries(run / "ledger" / "tenant-1.jsonl")
-    assert [e["round"] for e in own] == [1], "tenant-1 was charged for round 1"
+    assert [e["round"] for e in own] == [0, 1], "tenant-1 was charged for its count and round 1"
     assert not problems and [e["hash"] for e in copy] == [e["hash"] for e in own]
     row = json.loads((run / "rounds.jsonl").read_text().splitlines()[0])
     assert "tenant-1" not in row["tenants"] and row["aggregated"] == 1, "its update never arrived"
@@ -263,7 +268,7 @@ def test_a_partner_whose_state_dir_is_read_only_refuses_to_train_and_says_so(
     assert second.epsilon == pytest.approx(first.epsilon), "nothing charged"
     assert ledger.read_bytes() == before, "the ledger is untouched"
     third = tenant_train(weights, model.cfg, cfg, paths, 3)  # writable again: it trains
-    assert third.status == "ok" and [e["round"] for e in read_entries(ledger)[0]] == [1, 3]
+    assert third.status == "ok" and [e["round"] for e in read_entries(ledger)[0]] == [0, 1, 3]  # 0: ñ
 
 
 def test_a_state_dir_read_only_before_the_first_round_is_refused_not_an_error(
@@ -290,6 +295,5 @@ def test_a_state_dir_read_only_before_the_first_round_is_refused_not_an_error(
     assert first.status == "refused" and first.weights is None and "not writable" in first.message
     assert sorted(p.name for p in paths.state_dir.iterdir()) == [], "nothing written, nothing charged"
     again = tenant_train(state_weights(model), model.cfg, cfg, paths, 1)
-    assert again.status == "ok" and [e["round"] for e in read_entries(paths.state_dir / LEDGER_FILE)[0]] == [
-        1
-    ]
+    rounds = [e["round"] for e in read_entries(paths.state_dir / LEDGER_FILE)[0]]
+    assert again.status == "ok" and rounds == [0, 1]  # 0: the noisy count, charged with the first round

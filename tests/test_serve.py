@@ -40,12 +40,16 @@ from fedrec.simulations.driver.centralized import CentralizedConfig, run_central
 SECRET = "secret-history-item-7f3a"  # an id that must never reach a log
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def train_small(out: Path) -> Path:
+    """A small trained MLP (synthetic: 300 users, 200 items, 2 epochs) in RUN_DIR ``out``."""
     data = prepare_dataset(load("synthetic", seed=0, synth_users=300, synth_items=200))
-    out = tmp_path_factory.mktemp("serve") / "run"
     run_centralized(data, CentralizedConfig(epochs=2, seed=0), out)
     return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_small(tmp_path_factory.mktemp("serve") / "run")
 
 
 @contextlib.contextmanager

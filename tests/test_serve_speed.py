@@ -269,12 +269,15 @@ def test_bench_serve_reports_a_run_and_a_reload_without_errors(tmp_path: Path) -
     gen = "wrk" if shutil.which("wrk") else "python"
     cmd = [sys.executable, "-c", SERVE, "bench", "serve", "--model", str(path), "--workers", "1"]
     cmd += ["--concurrency", "4", "--seconds", "2", "--generator", gen, "--reload-check", "--json", str(out)]
+    cmd += ["--candidates", "0,100"]  # the exact MLP pass and a re-rank of 100, next to one reference
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "COLUMNS": "200"})
     assert p.returncode == 0, p.stderr
     res = json.loads(out.read_text())
     fed = [r for r in res["runs"] if r["server"] == "fedrec"]
-    assert fed and fed[0]["errors"] == 0 and fed[0]["requests"] > 0
-    assert fed[0]["ratio_to_reference"] > 0 and 0 < fed[0]["server_cpu_share"] <= 1
+    assert sorted(r["candidates_used"] for r in fed) == [0, 100]
+    for r in fed:
+        assert r["errors"] == 0 and r["requests"] > 0
+        assert r["ratio_to_reference"] > 0 and 0 < r["server_cpu_share"] <= 1
     assert res["reload_check"]["errors"] == 0 and res["reload_check"]["requests"] > 0
     assert "i1" not in out.read_text().replace('"items"', "")  # no history in the results
     bad = subprocess.run(

@@ -95,7 +95,10 @@ def test_privacy_json_matches_the_ledgers_and_recomputation(sim: dict[str, Path]
     rounds = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
     for tenant, info in privacy["tenants"].items():
         entries, problems = read_entries(run / "ledger" / f"{tenant}.jsonl")
-        assert not problems and [e["round"] for e in entries] == [1, 2]
+        # the noisy user count (round 0, docs/TRANSCRIPT.md), then the two rounds (exact evaluation:
+        # the simulate default, labelled NOT covered by ε, charges nothing)
+        assert not problems and [e["round"] for e in entries] == [0, 1, 2]
+        assert entries[0]["mechanism"] == "gaussian-count" and privacy["adjacency"] == "add-remove-one-user"
         assert not verify_chain(entries, expected_head=info["ledger_head"])
         assert rounds[-1]["tenants"][tenant]["ledger_head"] == info["ledger_head"]
         assert info["epsilon"] == entries[-1]["epsilon"] <= info["cap"] == 6.0

@@ -164,9 +164,12 @@ def server(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Iter
             proc.wait()
 
 
-def fedrec_cmd(model: Path, port: int, workers: int, *, batch_wait_ms: float, reload: bool) -> list[str]:
+def fedrec_cmd(
+    model: Path, port: int, workers: int, *, batch_wait_ms: float, reload: bool, candidates: str = "auto"
+) -> list[str]:
     cmd = [sys.executable, "-c", SERVE, "serve", "--model", str(model), "--port", str(port)]
     cmd += ["--workers", str(workers), "--batch-wait-ms", str(batch_wait_ms), "--log-level", "warning"]
+    cmd += ["--candidates", candidates]
     return cmd + (["--reload-on-change"] if reload else [])
 
 
@@ -316,9 +319,14 @@ def run_bench(
     reference: bool,
     reload_check: bool,
     batch_wait_ms: float,
+    candidates: tuple[str, ...] = ("auto",),
     log: Any = print,
 ) -> dict[str, Any]:
-    """The whole benchmark (see the module docstring); returns the results as a JSON-able dict."""
+    """The whole benchmark (see the module docstring); returns the results as a JSON-able dict.
+
+    ``candidates``: one fedrec server per value of ``serve --candidates`` (e.g. ``("0", "1000")``:
+    the exact MLP pass and the re-rank of 1 000 candidates), each measured next to the same reference.
+    """
     from fedrec.shared_model.artifacts import load_model
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # stop the servers (finally blocks) on SIGTERM
@@ -341,6 +349,7 @@ def run_bench(
         "seconds": seconds,
         "repeats": repeats,
         "batch_wait_ms": batch_wait_ms,
+        "candidates": list(candidates),
         "cpus": os.cpu_count(),
         "load_average_start": list(os.getloadavg()),
         "runs": [],
@@ -356,30 +365,38 @@ def run_bench(
             # measured alternately, fedrec then reference, repeat after repeat: on a shared machine the
             # load drifts, and interleaving keeps it the same for both sides of a ratio.
             with contextlib.ExitStack() as stack:
-                up: dict[str, tuple[subprocess.Popen[str], str]] = {}
-                for name in ("fedrec", "reference") if reference else ("fedrec",):
+                up: dict[tuple[str, str | None], tuple[subprocess.Popen[str], str]] = {}
+                names: list[tuple[str, str | None]] = [("fedrec", v) for v in candidates]
+                for name, cand in [*names, *([("reference", None)] if reference else [])]:
                     port = free_port()
                     if name == "fedrec":
-                        cmd = fedrec_cmd(model, port, w, batch_wait_ms=batch_wait_ms, reload=False)
+                        cmd = fedrec_cmd(
+                            model, port, w, batch_wait_ms=batch_wait_ms, reload=False, candidates=str(cand)
+                        )
                         env = None
                     else:
                         cmd, env = reference_cmd(port, w), {"FEDREC_REF_IDS": str(ids_file)}
-                    log(f"serve bench: starting {name}, {w} worker(s) …")
-                    up[name] = (stack.enter_context(server(cmd, port, env)), f"http://127.0.0.1:{port}")
-                    _warm(up[name][1], bodies)
-                res.setdefault("memory", {})[str(w)] = _worker_memory(up["fedrec"][0].pid, w)
+                    log(
+                        f"serve bench: starting {name}{'' if cand is None else f' --candidates {cand}'}, {w} worker(s) …"
+                    )
+                    up[name, cand] = (stack.enter_context(server(cmd, port, env)), f"http://127.0.0.1:{port}")
+                    _warm(up[name, cand][1], bodies)
+                res.setdefault("memory", {})[str(w)] = _worker_memory(up[names[0]][0].pid, w)
                 for c in concurrency:
-                    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in up}
+                    rows: dict[tuple[str, str | None], list[dict[str, Any]]] = {key: [] for key in up}
                     for _ in range(repeats):
-                        for name, (proc, base) in up.items():
-                            rows[name].append(_measure(proc, base, c, seconds, generator, bodies, files))
-                    for name in up:
-                        row = {"server": name, "workers": w, "concurrency": c, **_median_row(rows[name])}
+                        for key, (proc, base) in up.items():
+                            rows[key].append(_measure(proc, base, c, seconds, generator, bodies, files))
+                    for key, (_, base) in up.items():
+                        name, cand = key
+                        row = {"server": name, "workers": w, "concurrency": c, **_median_row(rows[key])}
+                        if name == "fedrec":
+                            row["candidates"], row["candidates_used"] = cand, _candidates_used(base)
                         row["load_average"] = list(os.getloadavg())
                         res["runs"].append(row)
                         log(
-                            f"  {name} c={c}: {row['req_per_s']:.0f} req/s, p50 {row['p50_ms']:.2f} ms, "
-                            f"p99 {row['p99_ms']:.2f} ms, errors {row['errors']}"
+                            f"  {name}{'' if cand is None else f' c.={cand}'} conc={c}: {row['req_per_s']:.0f} "
+                            f"req/s, p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, errors {row['errors']}"
                         )
         if reload_check:
             log("serve bench: reload during load …")
@@ -387,7 +404,9 @@ def run_bench(
                 copy = Path(mdir) / "run"
                 shutil.copytree(model, copy)
                 port = free_port()
-                cmd = fedrec_cmd(copy, port, workers[0], batch_wait_ms=batch_wait_ms, reload=True)
+                cmd = fedrec_cmd(
+                    copy, port, workers[0], batch_wait_ms=batch_wait_ms, reload=True, candidates=candidates[0]
+                )
                 with server(cmd, port) as proc:
                     base = f"http://127.0.0.1:{port}"
                     _warm(base, bodies)
@@ -412,6 +431,12 @@ def run_bench(
             r["ratio_to_reference"] = r["req_per_s"] / ref[(r["workers"], r["concurrency"])]
     res["load_average_end"] = list(os.getloadavg())
     return res
+
+
+def _candidates_used(base: str) -> int:
+    """How many candidates the server re-ranks (0 = exact), as its /healthz says."""
+    with httpx.Client(base_url=base, timeout=10) as c:
+        return int(c.get("/healthz").json().get("candidates", 0))
 
 
 def _exit_on_sigterm(signum: int, _frame: Any) -> None:

@@ -11,8 +11,9 @@ input (one line, via ``fedrec.simulations.cli.main.main``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -135,6 +136,14 @@ def audit(
 
         outcome = run_audit(run_dir, out=out, empirical=emp, release=rel_cfg, log=log)
     _print_checks([*outcome.checks.all_checks(), *(outcome.release.checks() if outcome.release else [])])
+    privacy = _privacy_json(run_dir)
+    out_console.print(
+        f"adjacency: {privacy.get('adjacency') or 'not recorded (run predates it: counts, loss and evaluation '}"
+        f"{'' if privacy.get('adjacency') else 'sums were sent exactly, NOT covered)'}; "
+        f"evaluation: {privacy.get('evaluation', 'exact, NOT covered by ε')}",
+        highlight=False,
+        soft_wrap=True,
+    )
     t = Table(title="ε per tenant")
     for col in ("tenant", "cap", "recorded", "replayed", "max |Δ|", "PRV", "PLD", "RDP", "RDP (dp_acc.)"):
         t.add_column(col, justify="left" if col == "tenant" else "right")
@@ -173,6 +182,7 @@ def audit(
 
 def _audit_ledger(path: Path, head: str | None, plan_path: Path | None) -> None:
     from fedrec.privacy.audit import audit_ledger_file, plan_from_file
+    from fedrec.privacy.ledger import read_entries
 
     path = Path(path)
     if not path.is_file():
@@ -184,6 +194,8 @@ def _audit_ledger(path: Path, head: str | None, plan_path: Path | None) -> None:
     _print_checks(checks)
     if replay is not None and replay.recorded:
         f = replay.final
+        relations = sorted({str(e.get("relation", "not recorded")) for e in read_entries(path)[0]})
+        out_console.print(f"adjacency: {', '.join(relations)}", highlight=False)
         out_console.print(
             f"ε recorded {replay.recorded[-1]:.6g}, replayed {replay.replayed[-1]:.6g} "
             f"(max |Δ| {replay.max_error:.1e}); PRV {_f(f.get('opacus_prv'))}, PLD "
@@ -193,6 +205,14 @@ def _audit_ledger(path: Path, head: str | None, plan_path: Path | None) -> None:
             highlight=False,
         )
     _exit([c for c in checks if not c.passed])
+
+
+def _privacy_json(run_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((Path(run_dir) / "privacy.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _print_checks(checks: list[Check]) -> None:

@@ -108,12 +108,13 @@ def serve_table(result: dict[str, Any]) -> Table:
         f"{result['generator']}, {result['seconds']:g} s × {result['repeats']}, "
         f"load {result['load_average_start'][0]:.1f}→{result['load_average_end'][0]:.1f}"
     )
-    cols = ("server", "workers", "conc.", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "× ref")
+    cols = ("server", "cand.", "workers", "conc.", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "× ref")
     for col in (*cols, "server CPU %"):
         t.add_column(col, justify="left" if col == "server" else "right")
     for r in result["runs"]:
         t.add_row(
             r["server"],
+            str(r["candidates_used"]) if "candidates_used" in r else "",
             str(r["workers"]),
             str(r["concurrency"]),
             _f(r["req_per_s"], "{:.0f}"),
@@ -127,7 +128,7 @@ def serve_table(result: dict[str, Any]) -> Table:
         )
     rc = result.get("reload_check")
     if rc:
-        t.add_row("reload", str(rc["workers"]), str(rc["concurrency"]), _f(rc["req_per_s"], "{:.0f}"),
+        t.add_row("reload", "", str(rc["workers"]), str(rc["concurrency"]), _f(rc["req_per_s"], "{:.0f}"),
                   _f(rc["p50_ms"], "{:.2f}"), _f(rc["p90_ms"], "{:.2f}"), _f(rc["p99_ms"], "{:.2f}"),
                   str(rc["errors"]), "", _f(100 * rc["server_cpu_share"], "{:.0f}"))  # fmt: skip
     for w, mem in result.get("memory", {}).items():
@@ -257,6 +258,13 @@ def register(app: typer.Typer) -> None:
         batch_wait_ms: Annotated[
             float, typer.Option("--batch-wait-ms", min=0.0, max=1.0, help="The server's --batch-wait-ms.")
         ] = 1.0,
+        candidates: Annotated[
+            str,
+            typer.Option(
+                "--candidates",
+                help="The server's --candidates, comma-separated: one fedrec server per value (e.g. 0,1000).",
+            ),
+        ] = "auto",
         json_path: JsonOpt = None,
     ) -> None:
         """Drive `fedrec serve` with wrk (POST bodies of real histories) next to a trivial FastAPI top-K."""
@@ -271,6 +279,11 @@ def register(app: typer.Typer) -> None:
             raise DataError(f"--workers and --concurrency must be comma-separated integers ({e})") from e
         if min(w_list + c_list) < 1:
             raise DataError("--workers and --concurrency must be ≥ 1")
+        from fedrec.shared_model.recommend import parse_candidates
+
+        cand_list = tuple(dict.fromkeys(v.strip() for v in candidates.split(",")))
+        for v in cand_list:
+            parse_candidates(v)  # a bad value: one-line error before any server starts
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         try:
             result = _bench_serve_script().run_bench(
@@ -284,6 +297,7 @@ def register(app: typer.Typer) -> None:
                 reference=reference,
                 reload_check=reload_check,
                 batch_wait_ms=batch_wait_ms,
+                candidates=cand_list,
                 log=_log,
             )
         except RuntimeError as e:

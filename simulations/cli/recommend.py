@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from fedrec.server.cli_serve import CandidatesOpt
 from fedrec.shared_model.errors import FedrecError
 from fedrec.simulations.cli.common import out_console
 
@@ -27,12 +28,14 @@ def recommend(
     explain_: Annotated[
         bool, typer.Option("--explain", help="Name the history items behind each item.")
     ] = False,
+    candidates: CandidatesOpt = "auto",
 ) -> None:
     """Top-K for a history with the global model (no user table needed: any user, a new one too)."""
     from fedrec.shared_model.artifacts import load_model
-    from fedrec.shared_model.recommend import Recommender
+    from fedrec.shared_model.recommend import Recommender, parse_candidates
 
-    rec = Recommender(load_model(model))
+    n_cand = parse_candidates(candidates)
+    rec = Recommender(load_model(model), candidates=n_cand)
     ids = [x for x in (s.strip() for s in history.split(",")) if x]
     if not ids:
         raise FedrecError("--history is empty; give comma-separated item ids, e.g. --history 50,172,181")

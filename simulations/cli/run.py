@@ -131,6 +131,15 @@ def simulate(
             "dp_ease | dp_popularity (one DP item release per tenant; --rounds does not apply).",
         ),
     ] = "auto",
+    eval_privacy: Annotated[
+        str,
+        typer.Option(
+            "--eval-privacy",
+            help="exact: exact validation/test sums every round, NOT covered by ε (labelled in every report; "
+            "the simulation default, for research) | dp: only the final test sums leave a tenant, "
+            "Gaussian-noised and charged (the deployment default).",
+        ),
+    ] = "exact",
     release_init: Annotated[
         float,
         typer.Option(
@@ -258,6 +267,7 @@ def simulate(
         approach=approach.strip().replace("-", "_"),
         release_init=release_init,
         secagg=secagg,
+        eval_privacy=eval_privacy.strip(),
         aggregation=aggregation.strip(),
         max_update_norm=max_update_norm or 0.0,
         server_opt=server_opt.strip(),

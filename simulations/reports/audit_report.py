@@ -41,8 +41,16 @@ def scope_lines(outcome: AuditOutcome, run: RunFiles) -> list[str]:
     """What this audit covers and what it does not (stated in every report)."""
     p = run.privacy
     env = outcome.environment
+    adjacency = p.get("adjacency_text") or (
+        "add/remove one user of one tenant (this run predates the adjacency record; its user counts, "
+        "loss and evaluation sums were sent exactly and are NOT covered)"
+    )
     lines = [
         "Unit of privacy: one user of one tenant (user-level DP; Poisson sampling over users).",
+        f"Adjacency: {adjacency}. ε is replayed under it; every field a tenant sends is listed with its "
+        "treatment in docs/TRANSCRIPT.md.",
+        f"User counts: {p.get('user_counts', 'exact (NOT covered)')}. Evaluation: "
+        f"{p.get('evaluation', 'exact sums every round (NOT covered by ε)')}.",
         "Threat model: each tenant trusts only itself with its users' data; the coordinator sees per-"
         "tenant budget figures and (without SecAgg+) each tenant's noised, clipped update; model "
         "consumers see top-K lists. The DP guarantee bounds what any of them learns about one user.",
@@ -53,8 +61,7 @@ def scope_lines(outcome: AuditOutcome, run: RunFiles) -> list[str]:
         "Covered: the ledger's integrity (hash chain and the heads the coordinator recorded per round), "
         "caps, δ < 1/users, Poisson sampling, steps vs plan, ε recomputed from the recorded mechanism.",
         "Not covered: a person who is a user of two tenants composes across them (ε adds up at least; "
-        "no tenant can see it). Evaluation metrics (val/test sums sent to the server) are not DP-"
-        "protected. The code that trained is trusted to have used the recorded σ, q and steps: the "
+        "no tenant can see it). The code that trained is trusted to have used the recorded σ, q and steps: the "
         "ledger proves what was claimed, the empirical audit only tests the claim on a replica.",
         f"secure_mode: {p.get('secure_mode')} — Opacus' secure RNG needs torchcsprng "
         f"({env.get('torchcsprng', '?')}); noise comes from torch's default generator, which is not "
@@ -205,6 +212,8 @@ def audit_json(outcome: AuditOutcome, run: RunFiles) -> dict[str, Any]:
         "passed": outcome.passed,
         "failed_checks": sorted({f"{c.name}:{c.tenant or 'run'}" for c in outcome.failed()}),
         "unit": run.privacy.get("unit"),
+        "adjacency": run.privacy.get("adjacency"),
+        "evaluation": run.privacy.get("evaluation"),
         "dp": run.dp,
         "accountant": run.privacy.get("accountant"),
         "delta": run.privacy.get("delta"),
