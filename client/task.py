@@ -148,6 +148,7 @@ def noise_plan(paths: TenantPaths, budget: TenantBudget, plan: StepPlan, cfg: Ru
                     "sample_rate": plan.sample_rate,
                     "steps": plan.steps,
                     "planned_rounds": cfg.planned_rounds(),
+                    "init_rounds": [1] if cfg.release_init > 0 else [],  # the release-init round (q = 1)
                     "cap": budget.cap,
                     "delta": cfg.delta,
                     "accountant": cfg.accountant,

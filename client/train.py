@@ -13,6 +13,10 @@
 * An empty Poisson batch still takes a noise-only step: the accountant counts every step as noised.
 * ``secure_mode`` is off: Opacus' secure RNG needs torchcsprng, which does not support torch 2.x, so
   the noise comes from torch's default (non-cryptographic) generator. Ledgers record this.
+* Audit hooks (``train_round(canaries=..., make_trainer=...)``, unused by the product): the white-box
+  DP-SGD audit (``fedrec.simulations.reports.dpsgd_audit``) adds canary users to the Poisson sampling
+  whose clipped gradients it injects through the same clipper and optimizer, and may swap the trainer
+  factory for a planted broken one (the mutation tests).
 
 ``dp=False`` runs the same loop with plain per-user-mean gradients, no clipping, no noise (the
 non-private federated baseline).
@@ -25,6 +29,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -174,6 +179,33 @@ def make_private_trainer(
     return PrivateTrainer(module=model, optimizer=opt, backward=backward, close=close)
 
 
+#: (model, cfg, plan, *, noise_multiplier, seed) → the DP trainer of a round (:func:`make_private_trainer`).
+TrainerFactory = Callable[..., PrivateTrainer]
+
+
+class RoundCanaries(Protocol):
+    """Audit canaries: ``count`` users Poisson-sampled after the split's users, with no data in the split.
+
+    ``attach`` is called once per round with the round's trainer (e.g. to add an Opacus step hook);
+    ``backward`` with the sampled canaries (0 … count − 1) after the real users' clipped backward, to
+    add the canaries' clipped gradients through ``trainer.backward``.
+    """
+
+    @property
+    def count(self) -> int: ...
+
+    def attach(self, trainer: PrivateTrainer) -> None: ...
+
+    def backward(self, trainer: PrivateTrainer, canaries: np.ndarray) -> None: ...
+
+
+def _zero_missing_grads(dp_opt: torch.optim.Optimizer) -> None:
+    """A parameter no sampled user touched gets a zero clipped sum (Opacus then noises it like any other)."""
+    for p in dp_opt.params:  # type: ignore[attr-defined]
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def _drop_summed_grads(model: torch.nn.Module) -> None:
     """Remove the attribute Opacus' optimizer hangs on each parameter (the module is reused afterwards)."""
     for p in model.parameters():
@@ -196,6 +228,8 @@ def _noise_only_step(dp_opt: torch.optim.Optimizer) -> None:
     dp_opt.accumulate()  # type: ignore[attr-defined]
     dp_opt.add_noise()  # type: ignore[attr-defined]
     dp_opt.scale_grad()  # type: ignore[attr-defined]
+    if getattr(dp_opt, "step_hook", None):  # as Opacus' pre_step does after noise and scaling
+        dp_opt.step_hook(dp_opt)  # type: ignore[attr-defined]
     dp_opt.original_optimizer.step()  # type: ignore[attr-defined]
 
 
@@ -214,6 +248,8 @@ def train_round(
     noise_multiplier: float,
     seed: int,
     plan: StepPlan | None = None,
+    canaries: RoundCanaries | None = None,
+    make_trainer: TrainerFactory = make_private_trainer,
 ) -> RoundStats:
     """Run one round of local training in place on ``model``; returns what happened.
 
@@ -221,20 +257,34 @@ def train_round(
     (``noise_multiplier``, ``plan.sample_rate``, ``plan.steps``). ``plan`` (default: from the exact
     user count) may be planned from the tenant's noisy count ñ instead (``fedrec.privacy.mechanisms``):
     every user is still sampled with rate ``plan.sample_rate``; ñ only sets q, the steps and the
-    expected batch size the noisy sum is divided by — all public then.
+    expected batch size the noisy sum is divided by — all public then. ``canaries`` and
+    ``make_trainer`` are the audit's hooks (module docstring); with canaries the plan counts them
+    among the users (the audit plans its own round: no ``plan`` with canaries).
     """
     t0 = time.perf_counter()
-    plan = plan or plan_round(split.n_users, cfg)
+    n_real = split.n_users
+    if canaries is not None and not cfg.dp:
+        raise ValueError("audit canaries need DP training (they go through the DP optimizer)")
+    if canaries is not None and plan is not None:
+        raise ValueError("audit canaries plan their own round (the plan counts them among the users)")
+    plan = plan or plan_round(n_real + (canaries.count if canaries is not None else 0), cfg)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     sampler = UniformWithReplacementSampler(
-        num_samples=split.n_users, sample_rate=plan.sample_rate, generator=gen, steps=plan.steps
+        # every real user (and every audit canary) is sampled at rate q, whatever count planned q
+        num_samples=n_real + (canaries.count if canaries is not None else 0),
+        sample_rate=plan.sample_rate,
+        generator=gen,
+        steps=plan.steps,
     )
+    neg_probs = model.negative_probs()  # None: uniform negatives
     model.to(cfg.device).train()
     losses: list[float] = []
     seen = empty = 0
     if cfg.dp:
-        trainer = make_private_trainer(model, cfg, plan, noise_multiplier=noise_multiplier, seed=seed)
+        trainer = make_trainer(model, cfg, plan, noise_multiplier=noise_multiplier, seed=seed)
+        if canaries is not None:
+            canaries.attach(trainer)
         try:
             for users in sampler:
                 trainer.optimizer.zero_grad(set_to_none=True)
@@ -242,11 +292,18 @@ def train_round(
                     empty += 1
                     _noise_only_step(trainer.optimizer)
                     continue
-                batch = make_user_batch(split, np.asarray(users), cfg.sampling, rng).to(cfg.device)
-                loss = per_user_loss(trainer.module, batch)  # (B,)
-                trainer.backward(loss)
+                ids = np.asarray(users)
+                real = ids[ids < n_real] if canaries is not None else ids
+                if len(real):
+                    batch = make_user_batch(split, real, cfg.sampling, rng, neg_probs).to(cfg.device)
+                    loss = per_user_loss(trainer.module, batch)  # (B,)
+                    trainer.backward(loss)
+                    losses.append(float(loss.detach().mean()))
+                if canaries is not None:
+                    if len(real) < len(ids):
+                        canaries.backward(trainer, ids[ids >= n_real] - n_real)
+                    _zero_missing_grads(trainer.optimizer)
                 trainer.optimizer.step()
-                losses.append(float(loss.detach().mean()))
                 seen += len(users)
         finally:
             # Remove hooks and per-parameter attributes: the caller reuses the plain module.
@@ -257,7 +314,7 @@ def train_round(
             if len(users) == 0:
                 empty += 1
                 continue
-            batch = make_user_batch(split, np.asarray(users), cfg.sampling, rng).to(cfg.device)
+            batch = make_user_batch(split, np.asarray(users), cfg.sampling, rng, neg_probs).to(cfg.device)
             loss = per_user_loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.mean().backward()

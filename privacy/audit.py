@@ -134,6 +134,9 @@ class RunPlan:
     batch_users: int | None = None
     max_grad_norm: float | None = None
     planned_rounds: int | None = None
+    # Rounds that are the item release initialising the MLP (release-init): q = 1, one step, purpose
+    # "mlp-init"; the DP-SGD plan below applies to the other rounds.
+    init_rounds: tuple[int, ...] = ()
     # The tenant's own calibrated plan (dp_plan.json), when the auditor has it:
     noise_multiplier: float | None = None
     sample_rate: float | None = None
@@ -235,14 +238,25 @@ def check_ledger(
                 e["round"],
                 f"cap {e['cap']!r} is not the configured cap {plan.cap!r}",
             )
-        if plan.max_grad_norm is not None and e["max_grad_norm"] != plan.max_grad_norm:
+        if e["round"] in plan.init_rounds:
+            if e["sample_rate"] != 1.0 or e["steps"] != 1 or e.get("purpose") != "mlp-init":
+                add(
+                    "steps_match_plan",
+                    ln,
+                    e["round"],
+                    f"round {e['round']} is the initialising release (q = 1, one step, purpose mlp-init), "
+                    f"got q = {e['sample_rate']!r}, steps = {e['steps']!r}, purpose {e.get('purpose')!r}",
+                )
+        elif plan.max_grad_norm is not None and e["max_grad_norm"] != plan.max_grad_norm:
             add(
                 "steps_match_plan",
                 ln,
                 e["round"],
                 f"max_grad_norm {e['max_grad_norm']!r} is not the run's {plan.max_grad_norm!r}",
             )
-        if plan.local_epochs is not None and plan.batch_users is not None:
+        if e["round"] in plan.init_rounds:
+            pass
+        elif plan.local_epochs is not None and plan.batch_users is not None:
             q, steps = expected_plan(e["users"], local_epochs=plan.local_epochs, batch_users=plan.batch_users)
             if abs(e["sample_rate"] - q) > 1e-12 or e["steps"] != steps:
                 add(
@@ -255,7 +269,7 @@ def check_ledger(
                 )
         for key in ("noise_multiplier", "sample_rate", "steps"):
             want = getattr(plan, key)
-            if want is not None and e[key] != want:
+            if want is not None and e[key] != want and e["round"] not in plan.init_rounds:
                 add("steps_match_plan", ln, e["round"], f"{key} {e[key]!r} is not the planned {want!r}")
         if plan.planned_rounds is not None and not 1 <= e["round"] <= plan.planned_rounds:
             add(
@@ -447,6 +461,7 @@ def plan_from_file(path: Path) -> RunPlan:
             noise_multiplier=float(raw["noise_multiplier"]),
             sample_rate=float(raw["sample_rate"]),
             steps=int(raw["steps"]),
+            init_rounds=tuple(int(r) for r in raw.get("init_rounds", ())),
         )
     except OSError as err:
         raise PrivacyError(f"cannot read the DP plan {path}: {err.strerror or err}") from err

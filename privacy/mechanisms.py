@@ -49,6 +49,15 @@ COUNT_MECHANISM = "gaussian-count"
 #: σ_e of the evaluation sums, in units of their L2 sensitivity.
 EVAL_SIGMA = 10.0
 EVAL_MECHANISM = "gaussian-eval-sums"
+#: The ledger mechanisms that are not a training round or an item release (count, DP evaluation).
+SIDE_MECHANISMS = (COUNT_MECHANISM, EVAL_MECHANISM)
+
+
+def is_side_entry(entry: dict[str, object]) -> bool:
+    """Whether a ledger entry charges the noisy count or the DP evaluation (not training or a release)."""
+    return entry.get("mechanism") in SIDE_MECHANISMS
+
+
 #: ``eval-privacy`` values.
 EVAL_PRIVACY = ("dp", "exact")
 #: The evaluation-sum keys released under DP (each a sum of per-user values in [0, 1]); the rest of the

@@ -95,6 +95,9 @@ def main() -> None:
             f = open_federation(fed)
             base = baselines(f, load_tenant_splits(f), cfg)
             row["dp_popularity_hr@10"] = round(base["dp_popularity"]["full"]["hr@10"], 5)
+            vbase = baselines(f, load_tenant_splits(f), cfg, which="val")
+            row["dp_popularity_val_hr@10"] = round(vbase["dp_popularity"]["full"]["hr@10"], 5)
+            row["popularity_val_hr@10"] = round(vbase["popularity"]["full"]["hr@10"], 5)
             row["epsilon_max"] = max(
                 t["epsilon"] or 0
                 for t in json.loads((root / "run" / "privacy.json").read_text())["tenants"].values()

@@ -49,7 +49,6 @@ from fedrec.server.release import (
     shares_for,
     sum_noise,
 )
-from fedrec.server.release_init import POP_SHARE as INIT_POP_SHARE
 from fedrec.server.release_init import init_from_release, init_model_config, init_problem
 from fedrec.server.secagg import SecureAggregator, reply_node, shares_and_threshold
 from fedrec.shared_model.artifacts import save_model, write_json_atomic
@@ -303,7 +302,12 @@ class _Federation:
         self.max_users = manifest_users(cfg)
         self.mcfg = model_config(self.catalog, cfg)
         if cfg.release_init > 0:
-            self.mcfg = init_model_config(self.mcfg)
+            self.mcfg = init_model_config(
+                self.mcfg,
+                dot_mix=cfg.dot_mix if cfg.dot_mix >= 0 else None,
+                trainable=cfg.train_modules(),
+                prior_negatives=cfg.prior_negatives,
+            )
         self.model_json = json.dumps(self.mcfg.to_json())
         torch.manual_seed(cfg.seed)
         self.model: Ranker = HistoryMLP(self.mcfg, self.catalog.genres if self.mcfg.n_genres else None)
@@ -684,9 +688,9 @@ class _Federation:
     def release_init_round(self, rd: _Round) -> None:
         """Round 1 with ``release-init``: each tenant's item release (charged at its share of ε),
         summed; the global MLP's prior and frozen item table are post-processed from the sum."""
-        n_items = self.catalog.n_items
+        n_items, rho = self.catalog.n_items, self.cfg.release_init_pop
         total, sigmas, users = self.collect_releases(
-            rd, INIT_POP_SHARE, lambda rel, n, cap: init_problem(rel, n_items, n, cap)
+            rd, rho, lambda rel, n, cap: init_problem(rel, n_items, n, cap, rho)
         )
         if len(rd.contributors) < max(1, self.cfg.min_tenants):
             rd.row["aggregated"] = 0
@@ -698,7 +702,14 @@ class _Federation:
         sigma_sum = sum_noise(sigmas, 1) if self.cfg.dp else 0.0
         t0 = time.perf_counter()
         emb, prior, facts = init_from_release(
-            total, n_items=self.catalog.n_items, users=users, sigma_sum=sigma_sum, dim=self.mcfg.dim
+            total,
+            n_items=self.catalog.n_items,
+            users=users,
+            sigma_sum=sigma_sum,
+            dim=self.mcfg.dim,
+            pop_share=self.cfg.release_init_pop,
+            source=self.cfg.release_init_items,
+            genres=self.catalog.genres,
         )
         model = self.model
         assert isinstance(model, HistoryMLP)
@@ -709,7 +720,7 @@ class _Federation:
         rd.row["aggregated"] = len(rd.contributors)
         rd.row["release_init"] = {
             "share": self.cfg.release_init,
-            "pop_share": INIT_POP_SHARE,
+            "pop_share": self.cfg.release_init_pop,
             "users": users,
             "sum_noise_multiplier": round(sigma_sum, 6),
             **facts,
@@ -1026,9 +1037,14 @@ def privacy_report(
                 "release_init": {
                     "share_of_epsilon": cfg.release_init,
                     "round": 1,
-                    "what": "one item release per tenant (popularity + Gram) calibrated alone to this "
-                    "share of the cap; the MLP's prior and frozen item embeddings are post-processing of "
-                    "its sum; the DP-SGD rounds are calibrated to the rest (one accountant history)",
+                    "what": "one item release per tenant (popularity + Gram, or popularity only) calibrated "
+                    "alone to this share of the cap; the MLP's prior and frozen item embeddings are "
+                    "post-processing of its sum (or public genre vectors); the DP-SGD rounds are "
+                    "calibrated to the rest (one accountant history)",
+                    "pop_share": cfg.release_init_pop,
+                    "item_table": cfg.release_init_items,
+                    "dot_mix": cfg.dot_mix if cfg.dot_mix >= 0 else None,
+                    "dp_train": list(cfg.train_modules()) or "all but the item table",
                 }
             }
             if cfg.release_init > 0 and not releasing

@@ -30,6 +30,7 @@ from fedrec.privacy import gram
 from fedrec.server.release import shape_problem
 from fedrec.shared_model.codec import Weights
 from fedrec.shared_model.dp_item import DPEASERule, EigenGram
+from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.model import ModelConfig
 from fedrec.shared_model.priors import log_prior
 from fedrec.shared_model.training import SamplingConfig
@@ -40,36 +41,107 @@ POP_SHARE = 0.5
 EMB_NORM = 1.0
 
 
-def init_model_config(base: ModelConfig) -> ModelConfig:
-    """The MLP trained on top of the release: fixed prior, frozen item table, no item bias, output at 0."""
-    return replace(base, fixed_prior=True, freeze_item_emb=True, zero_init_output=True, item_bias=False)
+#: Where the frozen item table comes from: the release's EigenGram vectors (DP, post-processing), the
+#: public genres (no ε), or the genres followed by as many EigenGram vectors as fit in ``dim``.
+ITEM_SOURCES: tuple[str, ...] = ("eigen", "genres", "genres+eigen")
 
 
-def init_problem(weights: Weights, n_items: int, users: int, max_users: int | None) -> str | None:
-    """Why a tenant's initialising release must not be summed, or None (it holds both parts)."""
-    return shape_problem(weights, ("popularity", "gram"), n_items, users, max_users)
+def init_model_config(
+    base: ModelConfig,
+    *,
+    dot_mix: float | None = None,
+    trainable: tuple[str, ...] = (),
+    prior_negatives: bool = False,
+) -> ModelConfig:
+    """The MLP trained on top of the release: fixed prior, frozen item table, no item bias, output at 0.
+
+    ``dot_mix``: a learned weight on the dot term, started there, with the genre projection, user-feature
+    and context embeddings started at 0 (the model then starts at prior + dot_mix · u·v).
+    ``trainable``: the only modules DP-SGD trains (the rest keep their initial values).
+    ``prior_negatives``: training negatives drawn from the DP prior (``ModelConfig.prior_negatives``).
+    """
+    return replace(
+        base,
+        fixed_prior=True,
+        freeze_item_emb=True,
+        zero_init_output=True,
+        item_bias=False,
+        dot_mix=dot_mix,
+        zero_init_side=dot_mix is not None,
+        trainable=trainable,
+        prior_negatives=prior_negatives,
+    )
+
+
+def release_keys(pop_share: float) -> tuple[str, ...]:
+    """The arrays an initialising release of popularity share ``pop_share`` holds."""
+    return tuple(k for k, on in (("popularity", pop_share > 0), ("gram", pop_share < 1)) if on)
+
+
+def init_problem(
+    weights: Weights, n_items: int, users: int, max_users: int | None, pop_share: float = POP_SHARE
+) -> str | None:
+    """Why a tenant's initialising release must not be summed, or None (it holds the parts ρ asks for)."""
+    return shape_problem(weights, release_keys(pop_share), n_items, users, max_users)
+
+
+def genre_embeddings(genres: np.ndarray, dim: int) -> np.ndarray:
+    """(n, dim) public item vectors: each item's genre multi-hot scaled to unit L2 norm (items without a
+    genre: 0), in the first columns. Public data only: no ε."""
+    n, k = genres.shape
+    if k > dim:
+        raise FedrecError(f"{k} genres do not fit in embedding width {dim}; raise dim")
+    g = np.asarray(genres, dtype=np.float64)
+    norm = np.linalg.norm(g, axis=1, keepdims=True)
+    emb = np.zeros((n, dim), dtype=np.float64)
+    emb[:, :k] = np.divide(g, norm, out=np.zeros_like(g), where=norm > 0)
+    return emb
 
 
 def init_from_release(
-    total: dict[str, np.ndarray], *, n_items: int, users: int, sigma_sum: float, dim: int
+    total: dict[str, np.ndarray],
+    *,
+    n_items: int,
+    users: int,
+    sigma_sum: float,
+    dim: int,
+    pop_share: float = POP_SHARE,
+    source: str = "eigen",
+    genres: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(item embeddings (n, dim), log-prior (n,), facts) from the SUMMED release (natural units).
 
-    ``sigma_sum`` is the noise multiplier of the sum (0 without DP: the exact statistics).
+    ``sigma_sum`` is the noise multiplier of the sum (0 without DP: the exact statistics); ``pop_share``
+    the release's ρ; ``source`` one of :data:`ITEM_SOURCES` (``genres`` needs the public genre matrix).
     """
-    noise = gram.ReleaseNoise(sigma=sigma_sum, pop_share=POP_SHARE)
+    if source not in ITEM_SOURCES:
+        raise FedrecError(f"release-init item table must be one of {', '.join(ITEM_SOURCES)}, got {source!r}")
+    if pop_share <= 0:
+        raise FedrecError("the initialising release needs a popularity part (pop share > 0) for the prior")
+    noise = gram.ReleaseNoise(sigma=sigma_sum, pop_share=pop_share)
     pop_std = noise.pop_std() if sigma_sum > 0 else 0.0
-    offdiag = noise.offdiag_std() if sigma_sum > 0 else 0.0
-    diag = noise.diag_std() if sigma_sum > 0 else 0.0
     prior = log_prior(np.asarray(total["popularity"], dtype=np.float64), pop_std)
     prior = prior + math.log(n_items / SamplingConfig().negatives)
-    g = gram.unpack_gram(np.asarray(total["gram"], dtype=np.float64), n_items)
-    eig = EigenGram(DPEASERule()).fit_gram(g, offdiag_std=offdiag, diag_std=diag, users=users)
-    assert eig.vectors is not None and eig.shrink is not None and eig.items is not None
-    k = min(dim, eig.components)
     emb = np.zeros((n_items, dim), dtype=np.float64)
-    if k:
-        v = eig.vectors[:, -k:] * np.sqrt(eig.shrink[-k:])[None, :]  # eigh is ascending: the top k
-        emb[eig.items, :k] = EMB_NORM * v / max(float(np.linalg.norm(v, axis=1).mean()), 1e-12)
-    facts = {"components": int(eig.components), "used": int(k), "support": len(eig.items)}
+    first = 0
+    if source.startswith("genres"):
+        if genres is None:
+            raise FedrecError("release-init from genres needs the catalogue's genres")
+        emb = genre_embeddings(genres, dim)
+        first = genres.shape[1]
+    facts: dict[str, Any] = {"source": source, "genre_columns": first}
+    if source.endswith("eigen"):
+        if pop_share >= 1:
+            raise FedrecError(f"release-init item table {source!r} needs a Gram part (pop share < 1)")
+        offdiag = noise.offdiag_std() if sigma_sum > 0 else 0.0
+        diag = noise.diag_std() if sigma_sum > 0 else 0.0
+        g = gram.unpack_gram(np.asarray(total["gram"], dtype=np.float64), n_items)
+        eig = EigenGram(DPEASERule()).fit_gram(g, offdiag_std=offdiag, diag_std=diag, users=users)
+        assert eig.vectors is not None and eig.shrink is not None and eig.items is not None
+        k = min(dim - first, eig.components)
+        if k:
+            v = eig.vectors[:, -k:] * np.sqrt(eig.shrink[-k:])[None, :]  # eigh is ascending: the top k
+            rows = EMB_NORM * v / max(float(np.linalg.norm(v, axis=1).mean()), 1e-12)
+            emb[eig.items, first : first + k] = rows
+        facts.update({"components": int(eig.components), "used": int(k), "support": len(eig.items)})
     return emb.astype(np.float32), prior.astype(np.float32), facts

@@ -13,6 +13,7 @@ rank for any user given a history, a new user included.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -22,6 +23,8 @@ from torch import nn
 
 #: Hour and weekday embeddings: index 0 = unknown, else value + 1.
 N_HOURS, N_WEEKDAYS = 24, 7
+#: Module names ``ModelConfig.trainable`` may list.
+TRAINABLE_MODULES = ("mix", "mlp", "genre_proj", "user_feats", "hour_emb", "weekday_emb", "bias", "item_emb")
 
 
 @dataclass(frozen=True)
@@ -40,17 +43,40 @@ class ModelConfig:
     fixed_prior: bool = False  # a fixed per-item log-prior buffer (set_prior) added to the logit
     freeze_item_emb: bool = False  # item embeddings not trained (a DP or public init via set_item_embeddings)
     zero_init_output: bool = False  # output layer at 0 (dot_term=False: the logit starts at the prior)
+    # A learned scalar on the dot term (``mix``, a 1→1 Linear so per-user clipping covers it), started
+    # at this value; None = the dot term's weight is fixed at 1 (the original model).
+    dot_mix: float | None = None
+    # Genre projection, user-feature and context embeddings start at 0 (the logit then starts at
+    # prior + dot_mix · u·v over the frozen item table alone).
+    zero_init_side: bool = False
+    # Names of the modules DP-SGD trains (prefixes of parameter names: "mix", "mlp", "genre_proj",
+    # "user_feats", "hour_emb", "weekday_emb", "bias", "item_emb"); () = every parameter not frozen.
+    trainable: tuple[str, ...] = ()
+    # Training negatives drawn from exp(prior) instead of uniformly (needs fixed_prior). The prior then
+    # explains nothing in training, so while training the logit leaves it out and the rest learns the
+    # log-odds of the user's items against prior-popular ones — the part ranking adds to the prior.
+    prior_negatives: bool = False
 
     def __post_init__(self) -> None:
         if self.n_items < 1:
             raise ValueError(f"n_items must be >= 1, got {self.n_items}")
         if self.dim < 1 or any(h < 1 for h in self.hidden):
             raise ValueError(f"dim and hidden widths must be >= 1, got dim={self.dim} hidden={self.hidden}")
+        unknown = set(self.trainable) - set(TRAINABLE_MODULES)
+        if unknown:
+            raise ValueError(
+                f"trainable modules must be among {', '.join(TRAINABLE_MODULES)}, got {sorted(unknown)}"
+            )
+        if self.prior_negatives and not self.fixed_prior:
+            raise ValueError("prior_negatives needs fixed_prior (negatives are drawn from the prior)")
+        if "mix" in self.trainable and self.dot_mix is None:
+            raise ValueError("trainable 'mix' needs dot_mix (the learned weight of the dot term)")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["user_cardinalities"] = list(self.user_cardinalities)
         d["hidden"] = list(self.hidden)
+        d["trainable"] = list(self.trainable)
         return d
 
     @classmethod
@@ -62,6 +88,7 @@ class ModelConfig:
         obj = dict(obj)
         obj["user_cardinalities"] = tuple(obj.get("user_cardinalities", ()))
         obj["hidden"] = tuple(obj.get("hidden", (64, 32)))
+        obj["trainable"] = tuple(obj.get("trainable", ()))
         return cls(**obj)
 
 
@@ -140,8 +167,20 @@ class HistoryMLP(nn.Module):
             assert isinstance(out_layer, nn.Linear)
             nn.init.zeros_(out_layer.weight)
             nn.init.zeros_(out_layer.bias)
+        self.mix: nn.Linear | None = None
+        if cfg.dot_mix is not None:
+            self.mix = nn.Linear(1, 1, bias=False)
+            nn.init.constant_(self.mix.weight, cfg.dot_mix)
+        if cfg.zero_init_side:
+            for m in (self.genre_proj, self.hour_emb, self.weekday_emb, *self.user_feats):
+                if m is not None:
+                    nn.init.zeros_(m.weight)
         if cfg.freeze_item_emb:
             self.item_emb.weight.requires_grad_(False)
+        if cfg.trainable:
+            for name, p in self.named_parameters():
+                if name.split(".")[0] not in cfg.trainable:
+                    p.requires_grad_(False)
         self.prior: torch.Tensor | None
         if cfg.fixed_prior:
             self.register_buffer("prior", torch.zeros(cfg.n_items + 1))  # (N+1,) row n_items = padding
@@ -207,10 +246,26 @@ class HistoryMLP(nn.Module):
         if self.bias is not None:
             logit = logit + self.bias(candidates).squeeze(-1)
         if self.cfg.dot_term:
-            logit = logit + (uu * v).sum(-1)
+            dot = (uu * v).sum(-1)  # (B, C)
+            logit = logit + (dot if self.mix is None else self.mix(dot.unsqueeze(-1)).squeeze(-1))
         if self.prior is not None:
-            logit = logit + self.prior[candidates]
+            if self.training and self.cfg.prior_negatives:
+                # Bayes logit of "a user's item vs an exp(prior)-drawn negative" is log-affinity plus
+                # log(positives/negatives); the prior holds log p + log(N/negatives), so that constant
+                # is logsumexp(prior) − log N. The per-item prior itself cancels.
+                n = self.cfg.n_items
+                logit = logit + (torch.logsumexp(self.prior[:n], 0) - math.log(n))
+            else:
+                logit = logit + self.prior[candidates]
         return logit
+
+    def negative_probs(self) -> np.ndarray | None:
+        """(n_items,) sampling distribution of training negatives: exp(prior) normalised, or None (uniform)."""
+        if not self.cfg.prior_negatives or self.prior is None:
+            return None
+        p = torch.softmax(self.prior[: self.cfg.n_items].double(), 0).cpu().numpy()
+        out: np.ndarray = p / p.sum()
+        return out
 
     @torch.no_grad()
     def score_all(
@@ -283,7 +338,7 @@ class HistoryMLP(nn.Module):
             dot = u @ item_vec.T if items is None else torch.bmm(vec, u.unsqueeze(2)).squeeze(2)  # (B, M)
             if c is not None:
                 dot = dot + (u * c).sum(-1, keepdim=True)
-            logit = logit + dot
+            logit = logit + (dot if self.mix is None else dot * self.mix.weight[0, 0])
         return logit
 
     def retrieval_side(

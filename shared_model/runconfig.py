@@ -98,6 +98,18 @@ class RunConfig:
     # share s of each tenant's ε spent on one item release that initialises the MLP (round 1; the
     # DP-SGD rounds get the rest); 0 = off. Approach mlp only (fedrec.server.release_init).
     release_init: float = 0.0
+    # what the release-init model is built from (fedrec.server.release_init): the frozen item table
+    # (eigen = the release's EigenGram vectors | genres = public genre vectors, no ε | genres+eigen), the
+    # release's popularity share ρ (1: popularity only, all of it on the prior), a learned weight on the
+    # dot term started at dot-mix (< 0: off, weight fixed at 1), and the modules DP-SGD trains
+    # (comma list of mix, mlp, genre_proj, user_feats, hour_emb, weekday_emb; "" = all but the frozen table).
+    release_init_items: str = "eigen"
+    release_init_pop: float = 0.5
+    dot_mix: float = -1.0
+    dp_train: str = ""
+    # release-init: draw training negatives from the DP prior (exp(prior)) so DP-SGD learns what the user's
+    # items have beyond popularity, the part that changes the ranking (fedrec.shared_model.model)
+    prior_negatives: bool = False
     resume: bool = False  # continue run-dir from its checkpoint (rounds after the last complete one)
     # --- simulated faults (acted on only by simulated nodes, i.e. with partition-id; client/faults.py)
     fault_dropout: float = 0.0  # probability that a tenant misses a round (drawn from seed/tenant/round)
@@ -127,6 +139,21 @@ class RunConfig:
         if self.release_init > 0 and self.approach != "mlp":
             raise FedrecError(
                 f"release-init initialises the MLP: it needs approach mlp, got {self.approach!r}"
+            )
+        if self.release_init_items not in ("eigen", "genres", "genres+eigen"):
+            raise FedrecError(
+                f"release-init-items must be eigen, genres or genres+eigen, got {self.release_init_items!r}"
+            )
+        if not 0 < self.release_init_pop <= 1:
+            raise FedrecError(f"release-init-pop must be in (0, 1], got {self.release_init_pop}")
+        if self.release_init_pop >= 1 and self.release_init_items != "genres":
+            raise FedrecError(
+                f"release-init-items {self.release_init_items!r} needs a Gram part: release-init-pop < 1"
+            )
+        self.train_modules()  # validates
+        if (self.dot_mix >= 0 or self.dp_train or self.prior_negatives) and self.release_init <= 0:
+            raise FedrecError(
+                "dot-mix, dp-train and prior-negatives shape the release-init model: they need release-init > 0"
             )
         if self.release_init > 0 and self.secagg:
             raise FedrecError("release-init under SecAgg+ is not built yet; run it without --secagg")
@@ -223,6 +250,17 @@ class RunConfig:
                 f"aggregation must be fedavg, median or trimmed:B with 0 < B < 0.5, got {self.aggregation!r}"
             )
         return "trimmed", beta
+
+    def train_modules(self) -> tuple[str, ...]:
+        """``dp-train`` as module names (() = all); "mix" needs dot-mix >= 0."""
+        allowed = ("mix", "mlp", "genre_proj", "user_feats", "hour_emb", "weekday_emb")
+        names = tuple(x.strip() for x in str(self.dp_train).split(",") if x.strip())
+        bad = [x for x in names if x not in allowed]
+        if bad:
+            raise FedrecError(f"dp-train lists unknown module(s) {bad}; choose from {', '.join(allowed)}")
+        if "mix" in names and self.dot_mix < 0:
+            raise FedrecError("dp-train 'mix' needs dot-mix >= 0 (the learned weight's start)")
+        return names
 
     def eval_exact(self) -> bool:
         """Whether evaluation sums leave the tenants exactly (not covered by ε): exact mode or no DP."""

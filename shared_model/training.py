@@ -48,9 +48,16 @@ def pad_rows(rows: list[np.ndarray], pad: int, width: int | None = None) -> np.n
 
 
 def make_user_batch(
-    split: UserSplit, users: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator
+    split: UserSplit,
+    users: np.ndarray,
+    cfg: SamplingConfig,
+    rng: np.random.Generator,
+    neg_probs: np.ndarray | None = None,
 ) -> Batch:
-    """Training batch for ``users`` (one example per user), see the module docstring."""
+    """Training batch for ``users`` (one example per user), see the module docstring.
+
+    ``neg_probs`` (n_items,): draw negatives from it instead of uniformly (``HistoryMLP.negative_probs``).
+    """
     pad = split.n_items
     hists, cands, labels, weights, ctx = [], [], [], [], []
     n_neg = cfg.negatives
@@ -65,7 +72,11 @@ def make_user_batch(
         if len(rest) > cfg.max_history:
             rest = rng.choice(rest, cfg.max_history, replace=False)
         hists.append(items[np.sort(rest)])
-        neg = rng.integers(0, pad, size=n_t * n_neg)
+        neg = (
+            rng.integers(0, pad, size=n_t * n_neg)
+            if neg_probs is None
+            else rng.choice(pad, size=n_t * n_neg, p=neg_probs)
+        )
         neg_w = (~np.isin(neg, items)).astype(np.float32)  # a "negative" the user has is dropped
         cands.append(np.concatenate([tgt, neg]))
         labels.append(np.concatenate([np.ones(n_t, np.float32), np.zeros(len(neg), np.float32)]))

@@ -149,9 +149,44 @@ def test_tampered_real_run_fails_naming_the_check(dp_run: Path, tmp_path: Path) 
 def test_empirical_bound_stays_below_the_dp_claim(dp_run: Path, tmp_path: Path) -> None:
     proc = run_audit(str(dp_run), "--empirical", "--canaries", "200", "--runs", "2", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    emp = json.loads((tmp_path / "audit.json").read_text())["empirical"]
+    doc = json.loads((tmp_path / "audit.json").read_text())
+    emp = doc["empirical"]
     assert emp["canaries"] == 400 and emp["dp"]
     assert emp["epsilon_lower_bound"] <= emp["claimed_epsilon"] <= 3.0
+    # The white-box gradient canaries run beside the data canaries, on the ledger's σ, q, steps, rounds
+    grad = doc["empirical_dpsgd"]
+    assert grad["passed"] and grad["canaries"] == 2000 and grad["rounds"] == 2
+    assert grad["epsilon_lower_bound"] <= grad["claimed_epsilon"] <= 3.0
+    # The audited claim is the DP-SGD rounds' ε alone: the recorded ε also has the round-0 noisy count
+    assert 0.5 * doc["tenants"]["tenant-0"]["epsilon_recorded"] < grad["claimed_epsilon"]
+    assert grad["claimed_epsilon"] <= doc["tenants"]["tenant-0"]["epsilon_recorded"]
+    assert grad["unit"] == "user" and grad["delta"] == 1e-5 and grad["accountant"] == "prv"
+    assert "PASS: DP-SGD of tenant-0" in proc.stdout
+    html = (tmp_path / "audit.html").read_text()
+    assert "white-box DP-SGD audit" in html and grad["verdict"].split(" —")[0] in html
+    assert (tmp_path / "dpsgd_canary_scores.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_planted_broken_dpsgd_fails_the_audit_with_exit_1(dp_run: Path, tmp_path: Path) -> None:
+    proc = run_audit(
+        str(dp_run), "--empirical", "--canaries", "0", "--dpsgd-canaries", "600", "--dpsgd-real-users", "20",
+        "--dpsgd-trainer", "tests.dpsgd_mutants:halved_noise", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "dpsgd_noise (tenant-0)" in proc.stderr and "Traceback" not in proc.stderr
+    doc = json.loads((tmp_path / "audit.json").read_text())
+    assert "empirical" not in doc and not doc["empirical_dpsgd"]["passed"]
+    assert doc["empirical_dpsgd"]["trainer"] == "tests.dpsgd_mutants:halved_noise"
+
+
+def test_unknown_dpsgd_trainer_is_one_line_exit_2(tmp_path: Path) -> None:
+    proc = run_audit(
+        str(tmp_path), "--empirical", "--dpsgd-trainer", "no_such_module:f", "--out", str(tmp_path / "x")
+    )
+    assert proc.returncode == 2
+    assert "cannot import no_such_module" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow

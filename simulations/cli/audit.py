@@ -43,7 +43,12 @@ def audit(
     ] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: RUN_DIR/audit).")] = None,
     canaries: Annotated[
-        int, typer.Option("--canaries", min=4, help="Canaries per replica (more: a stronger bound).")
+        int,
+        typer.Option(
+            "--canaries",
+            min=0,
+            help="DP-SGD runs: data canaries per replica (0: only the gradient canaries).",
+        ),
     ] = 250,
     runs: Annotated[int, typer.Option("--runs", min=1, help="Independent replicas, pooled.")] = 4,
     canary_items: Annotated[
@@ -78,6 +83,31 @@ def audit(
             "(same signature); the hook the mutation tests use to plant broken releases.",
         ),
     ] = None,
+    dpsgd_canaries: Annotated[
+        int,
+        typer.Option(
+            "--dpsgd-canaries",
+            min=0,
+            help="DP-SGD runs: white-box Dirac gradient canaries through the real Opacus optimizer, one run "
+            "(0: off).",
+        ),
+    ] = 2000,
+    dpsgd_real_users: Annotated[
+        int,
+        typer.Option("--dpsgd-real-users", min=1, help="DP-SGD runs: synthetic users beside the canaries."),
+    ] = 100,
+    dpsgd_canary_norm: Annotated[
+        float,
+        typer.Option("--dpsgd-canary-norm", help="DP-SGD runs: a canary's raw gradient norm, in units of C."),
+    ] = 10.0,
+    dpsgd_trainer: Annotated[
+        str | None,
+        typer.Option(
+            "--dpsgd-trainer",
+            help="DP-SGD runs: MODULE:FUNCTION audited instead of fedrec.client.train:make_private_trainer "
+            "(same signature); the hook the mutation tests use to plant a broken DP-SGD.",
+        ),
+    ] = None,
     ledger: Annotated[
         Path | None,
         typer.Option("--ledger", help="Verify one tenant's own ledger.jsonl instead of a RUN_DIR."),
@@ -104,6 +134,7 @@ def audit(
         raise FedrecError("--head and --plan go with --ledger")
     from fedrec.simulations.reports.audit import EmpiricalConfig
     from fedrec.simulations.reports.audit_report import audit as run_audit
+    from fedrec.simulations.reports.dpsgd_audit import GradientAuditConfig, load_trainer
     from fedrec.simulations.reports.release_audit import ReleaseAuditConfig
 
     rel_cfg = ReleaseAuditConfig(
@@ -116,6 +147,17 @@ def audit(
         seed=seed,
     )
 
+    grad_cfg = None
+    if empirical and dpsgd_canaries:
+        grad_cfg = GradientAuditConfig(
+            canaries=dpsgd_canaries,
+            real_users=dpsgd_real_users,
+            canary_norm=dpsgd_canary_norm,
+            trainer=dpsgd_trainer,
+            confidence=confidence,
+            seed=seed,
+        )
+        load_trainer(dpsgd_trainer)  # a bad --dpsgd-trainer fails before any work
     emp = (
         EmpiricalConfig(
             canaries=canaries,
@@ -134,8 +176,14 @@ def audit(
             status.update(line)
             err_console.print(f"[dim]{line}[/dim]", highlight=False)
 
-        outcome = run_audit(run_dir, out=out, empirical=emp, release=rel_cfg, log=log)
-    _print_checks([*outcome.checks.all_checks(), *(outcome.release.checks() if outcome.release else [])])
+        outcome = run_audit(run_dir, out=out, empirical=emp, release=rel_cfg, gradient=grad_cfg, log=log)
+    _print_checks(
+        [
+            *outcome.checks.all_checks(),
+            *(outcome.release.checks() if outcome.release else []),
+            *(outcome.gradient.checks() if outcome.gradient else []),
+        ]
+    )
     privacy = _privacy_json(run_dir)
     out_console.print(
         f"adjacency: {privacy.get('adjacency') or 'not recorded (run predates it: counts, loss and evaluation '}"
@@ -174,6 +222,8 @@ def audit(
     rel = outcome.release
     if rel is not None:
         out_console.print(rel.verdict(), highlight=False, soft_wrap=True)
+    if outcome.gradient is not None:
+        out_console.print(outcome.gradient.verdict(), highlight=False, soft_wrap=True)
     out_console.print(
         f"report: {outcome.report_dir / 'audit.html'} ({outcome.seconds:.1f} s)", highlight=False
     )

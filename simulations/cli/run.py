@@ -148,6 +148,46 @@ def simulate(
             "that initialises the MLP's prior and frozen item embeddings; DP-SGD gets the rest [0: off].",
         ),
     ] = 0.0,
+    release_init_items: Annotated[
+        str,
+        typer.Option(
+            "--release-init-items",
+            help="With --release-init: the frozen item table: eigen (the release's EigenGram vectors) | "
+            "genres (public genre vectors, no ε) | genres+eigen.",
+        ),
+    ] = "eigen",
+    release_init_pop: Annotated[
+        float,
+        typer.Option(
+            "--release-init-pop",
+            help="With --release-init: the release's popularity share ρ (1 = popularity only; needs "
+            "--release-init-items genres).",
+        ),
+    ] = 0.5,
+    dot_mix: Annotated[
+        float,
+        typer.Option(
+            "--dot-mix",
+            help="With --release-init: a learned weight on the u·v term, started at this value, with the "
+            "side embeddings started at 0 [< 0: off, weight fixed at 1].",
+        ),
+    ] = -1.0,
+    dp_train: Annotated[
+        str,
+        typer.Option(
+            "--dp-train",
+            help="With --release-init: the only modules DP-SGD trains, comma-separated: mix, mlp, "
+            "genre_proj, user_feats, hour_emb, weekday_emb [all but the frozen item table].",
+        ),
+    ] = "",
+    prior_negatives: Annotated[
+        bool,
+        typer.Option(
+            "--prior-negatives",
+            help="With --release-init: draw training negatives from the DP prior, so DP-SGD learns what a "
+            "user's items have beyond popularity.",
+        ),
+    ] = False,
     secagg: Annotated[
         bool,
         typer.Option("--secagg", help="SecAgg+: the server sees only the masked sum of the tenants' deltas."),
@@ -266,6 +306,11 @@ def simulate(
         seed=seed,
         approach=approach.strip().replace("-", "_"),
         release_init=release_init,
+        release_init_items=release_init_items.strip(),
+        release_init_pop=release_init_pop,
+        dot_mix=dot_mix,
+        dp_train=dp_train.strip(),
+        prior_negatives=prior_negatives,
         secagg=secagg,
         eval_privacy=eval_privacy.strip(),
         aggregation=aggregation.strip(),

@@ -103,11 +103,13 @@ def load_tenant_splits(fed: Federation, keys_dir: Path | None = None) -> dict[st
     return {t: load_tenant(fed.fed_dir / t, keys / f"{t}.key", expected_tenant=t).split for t in fed.tenants}
 
 
-def baselines(fed: Federation, splits: dict[str, UserSplit], cfg: RunConfig) -> dict[str, Any]:
-    """Popularity and (with DP) DP popularity at each tenant's cap, on the test protocol."""
+def baselines(
+    fed: Federation, splits: dict[str, UserSplit], cfg: RunConfig, which: str = "test"
+) -> dict[str, Any]:
+    """Popularity and (with DP) DP popularity at each tenant's cap, on the ``which`` split (test or val)."""
     union = concat_splits(list(splits.values()))
     out: dict[str, Any] = {}
-    pop = evaluate(Popularity().fit(union), union, fed.catalog, which="test", seed=cfg.seed).to_metrics()
+    pop = evaluate(Popularity().fit(union), union, fed.catalog, which=which, seed=cfg.seed).to_metrics()
     out["popularity"] = {"full": pop["full"], "sampled": pop["sampled"]}
     if cfg.dp:
         rng = np.random.default_rng()  # release noise: fresh, never from the public seed
@@ -124,7 +126,7 @@ def baselines(fed: Federation, splits: dict[str, UserSplit], cfg: RunConfig) -> 
             sigmas[t] = sigma
             total += DPPopularity.release(split, sigma, rng)
         dp = evaluate(
-            DPPopularity().fit_released(total), union, fed.catalog, which="test", seed=cfg.seed
+            DPPopularity().fit_released(total), union, fed.catalog, which=which, seed=cfg.seed
         ).to_metrics()
         out["dp_popularity"] = {
             "full": dp["full"],

@@ -47,7 +47,9 @@ from fedrec.privacy.empirical import (
     threshold_confusion,
 )
 from fedrec.privacy.errors import PrivacyError
+from fedrec.privacy.mechanisms import is_side_entry
 from fedrec.shared_model.runconfig import RELEASE_APPROACHES
+from fedrec.simulations.reports.dpsgd_audit import GradientAuditResult
 from fedrec.simulations.reports.errors import AuditError
 from fedrec.simulations.reports.release_audit import ReleaseAuditResult
 
@@ -167,6 +169,8 @@ def run_plan(run: RunFiles, tenant: str) -> RunPlan:
             sample_rate=1.0,
             steps=1,
         )
+    rounds = rc.get("num-server-rounds")
+    initing = "release_init" in run.privacy  # round 1 was the item release initialising the MLP
     return RunPlan(
         delta=run.privacy.get("delta", rc.get("delta")),
         accountant=run.privacy.get("accountant", rc.get("accountant")),
@@ -174,7 +178,8 @@ def run_plan(run: RunFiles, tenant: str) -> RunPlan:
         local_epochs=rc.get("local-epochs"),
         batch_users=rc.get("batch-users"),
         max_grad_norm=rc.get("max-grad-norm"),
-        planned_rounds=rc.get("num-server-rounds"),
+        planned_rounds=rounds + 1 if initing and rounds is not None else rounds,
+        init_rounds=(1,) if initing else (),
     )
 
 
@@ -281,7 +286,7 @@ def check_run(run: RunFiles, *, log: Log = lambda _: None) -> CheckReport:
 class EmpiricalConfig:
     """The canary experiment (defaults sized for a few minutes on 2 CPU cores)."""
 
-    canaries: int = 250  # m per replica; each included with probability ½
+    canaries: int = 250  # m per replica; each included with probability ½ (0: no data canaries)
     runs: int = 4  # independent replicas (each with fresh canaries); pooled into one bound
     canary_items: int = 16  # distinctive items per canary (half history, half scored)
     confidence: float = 0.95  # of the lower bound
@@ -289,9 +294,9 @@ class EmpiricalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.canaries < 4 or self.runs < 1 or self.canary_items < 2:
+        if (self.canaries < 4 and self.canaries != 0) or self.runs < 1 or self.canary_items < 2:
             raise AuditError(
-                f"need ≥ 4 canaries, ≥ 1 run and ≥ 2 items per canary, got {self.canaries}, {self.runs}, "
+                f"need 0 or ≥ 4 canaries, ≥ 1 run and ≥ 2 items per canary, got {self.canaries}, {self.runs}, "
                 f"{self.canary_items}"
             )
         if not 0 < self.confidence < 1:
@@ -337,9 +342,10 @@ def _mechanism(run: RunFiles, tenant: str) -> dict[str, Any]:
     rc = run.run_config
     if run.dp:
         led = read_ledger(run.ledgers[tenant])
-        entries = [e for e in led.entries if isinstance(e, dict)]
+        # The DP-SGD rounds only: the round-0 noisy count and the DP evaluation are other mechanisms.
+        entries = [e for e in led.entries if isinstance(e, dict) and not is_side_entry(e)]
         if not entries:
-            raise AuditError(f"tenant {tenant} has no ledger entries: nothing to replicate")
+            raise AuditError(f"tenant {tenant} has no training round in its ledger: nothing to replicate")
         users = int(entries[-1]["users"])
         return {
             "users": users,
@@ -539,9 +545,12 @@ class AuditOutcome:
     seconds: float = 0.0
     environment: dict[str, str] = field(default_factory=dict)
     release: ReleaseAuditResult | None = None  # --empirical on a release run
+    gradient: GradientAuditResult | None = None  # --empirical on a DP-SGD run: white-box gradient canaries
 
     def failed(self) -> list[Check]:
         out = self.checks.failed()
+        if self.gradient is not None:
+            out += [c for c in self.gradient.checks() if not c.passed]
         if self.empirical is not None and not self.empirical.check().passed:
             out.append(self.empirical.check())
         if self.release is not None:

@@ -27,6 +27,7 @@ from fedrec.simulations.reports.audit import (
     empirical_audit,
     load_run,
 )
+from fedrec.simulations.reports.dpsgd_audit import GradientAuditConfig, gradient_audit
 from fedrec.simulations.reports.release_audit import ReleaseAuditConfig, release_audit
 
 ACCOUNTANT_LABELS = {
@@ -122,8 +123,14 @@ def _plots(outcome: AuditOutcome, run: RunFiles) -> dict[str, bytes]:
                 rep = replays[t]
                 if key == "recorded":
                     vals.append(rep.recorded[-1])
-                elif key == "empirical":
-                    vals.append(emp.epsilon_lb if emp is not None and emp.tenant == t else 0.0)
+                elif key == "empirical":  # the larger of the data- and gradient-canary bounds
+                    grad = outcome.gradient
+                    vals.append(
+                        max(
+                            emp.epsilon_lb if emp is not None and emp.tenant == t else 0.0,
+                            grad.epsilon_lb if grad is not None and grad.tenant == t else 0.0,
+                        )
+                    )
                 else:
                     vals.append(rep.final.get(key, 0.0))
             label = {"recorded": "claimed (ledger)", "empirical": "empirical lower bound"}.get(
@@ -199,6 +206,19 @@ def _plots(outcome: AuditOutcome, run: RunFiles) -> dict[str, bytes]:
         ax.set_title(f"canary scores, {emp.tenant} replica ({'DP' if emp.dp else 'no DP'})")
         ax.legend(fontsize=8)
         save("canary_scores.png", fig)
+    grad = outcome.gradient
+    if grad is not None:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        ins = [s for s, i in zip(grad.scores, grad.included_mask, strict=True) if i]
+        outs = [s for s, i in zip(grad.scores, grad.included_mask, strict=True) if not i]
+        ax.hist([ins, outs], bins=50, label=["included canaries", "excluded canaries"], alpha=0.8)
+        ax.set_xlabel("log-likelihood ratio of the canary's per-step privatized gradients")
+        ax.set_ylabel("canaries")
+        ax.set_title(
+            f"gradient canaries, {grad.tenant} replica: ε ≥ {grad.epsilon_lb:.2f} vs claimed {grad.claim.epsilon:.2f}"
+        )
+        ax.legend(fontsize=8)
+        save("dpsgd_canary_scores.png", fig)
     return out
 
 
@@ -231,7 +251,11 @@ def audit_json(outcome: AuditOutcome, run: RunFiles) -> dict[str, Any]:
                 "note": c.note,
                 "findings": [asdict(f) for f in c.findings],
             }
-            for c in [*checks.all_checks(), *(outcome.release.checks() if outcome.release else [])]
+            for c in [
+                *checks.all_checks(),
+                *(outcome.release.checks() if outcome.release else []),
+                *(outcome.gradient.checks() if outcome.gradient else []),
+            ]
         ],
         "tenants": {},
         "seconds": {"checks": round(checks.seconds, 3), "total": round(outcome.seconds, 3)},
@@ -254,6 +278,8 @@ def audit_json(outcome: AuditOutcome, run: RunFiles) -> dict[str, Any]:
         }
     if outcome.release is not None:
         doc["empirical_release"] = outcome.release.to_json()
+    if outcome.gradient is not None:
+        doc["empirical_dpsgd"] = outcome.gradient.to_json()
     emp = outcome.empirical
     if emp is not None:
         doc["empirical"] = {
@@ -389,6 +415,44 @@ def _tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
                 ],
             )
         )
+    grad = doc.get("empirical_dpsgd")
+    if grad:
+        out.append(
+            (
+                "white-box DP-SGD audit (Dirac gradient canaries, one run)",
+                [
+                    "tenant",
+                    "trainer",
+                    "claimed ε (δ)",
+                    "rounds × steps, q, σ",
+                    "canaries (in)",
+                    "ε lower bound (one run)",
+                    "guesses right",
+                    "noise / claimed σ·C (ub)",
+                    "ε from the measured noise",
+                    "canary step / C (lb)",
+                    "wall",
+                    "result",
+                ],
+                [
+                    [
+                        grad["tenant"],
+                        grad["trainer"],
+                        f"{_fmt(grad['claimed_epsilon'])} ({grad['delta']:g}, {grad['accountant']})",
+                        f"{grad['rounds']} × {grad['steps_per_round']}, {grad['sample_rate']:.4g}, "
+                        f"{grad['sigmas'][0]:.4g}",
+                        f"{grad['canaries']} ({grad['canaries_included']})",
+                        _fmt(grad["epsilon_lower_bound"]),
+                        f"{grad['correct']}/{grad['guesses']}",
+                        f"{grad['noise_ratio']:.4f} ({grad['noise_ratio_ub']:.4f})",
+                        _fmt(grad["epsilon_from_noise"]),
+                        f"{grad['contribution']:.3f} ({grad['contribution_lb']:.3f})",
+                        f"{grad['seconds']:.1f} s",
+                        "PASS" if grad["passed"] else "FAIL",
+                    ]
+                ],
+            )
+        )
     check_rows = []
     for c in doc["checks"]:
         if c["passed"]:
@@ -417,8 +481,9 @@ def _tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
 def render_markdown(doc: dict[str, Any], images: list[str]) -> str:
     verdict = "PASSED — every check holds" if doc["passed"] else f"FAILED — {', '.join(doc['failed_checks'])}"
     lines = [f"# Privacy budget audit: {doc['run_dir']}", "", f"**{verdict}**", ""]
-    if doc.get("empirical_release"):
-        lines += [doc["empirical_release"]["verdict"], ""]
+    for key in ("empirical_release", "empirical_dpsgd"):
+        if doc.get(key):
+            lines += [doc[key]["verdict"], ""]
     lines += ["## Scope", ""]
     lines += [f"- {s}" for s in doc["scope"]]
     for title, header, rows in _tables(doc):
@@ -459,10 +524,10 @@ def render_html(doc: dict[str, Any], images: dict[str, bytes]) -> str:
         f"<title>fedrec audit — {esc(doc['run_dir'])}</title><style>{_CSS}</style></head><body>",
         f"<h1>Privacy budget audit</h1><p><code>{esc(doc['run_dir'])}</code></p>",
         f"<p class='verdict {'ok' if ok else 'bad'}'>{esc(verdict)}</p>",
-        (
-            f"<p class='sentence'>{esc(doc['empirical_release']['verdict'])}</p>"
-            if doc.get("empirical_release")
-            else ""
+        *(
+            f"<p class='sentence'>{esc(doc[key]['verdict'])}</p>"
+            for key in ("empirical_release", "empirical_dpsgd")
+            if doc.get(key)
         ),
         "<h2>Scope</h2><ul>" + "".join(f"<li>{esc(s)}</li>" for s in doc["scope"]) + "</ul>",
     ]
@@ -514,19 +579,29 @@ def audit(
     out: Path | None = None,
     empirical: EmpiricalConfig | None = None,
     release: ReleaseAuditConfig | None = None,
+    gradient: GradientAuditConfig | None = None,
     log: Log = lambda _: None,
 ) -> AuditOutcome:
-    """Check ``run_dir``, optionally run the canary attack, and write the report into ``out``."""
+    """Check ``run_dir``, optionally run the canary attacks, and write the report into ``out``.
+
+    With ``empirical`` on a DP-SGD run: the data canaries (``empirical.canaries`` > 0) and, when
+    ``gradient`` is given and the run has DP, the white-box gradient canaries.
+    """
     t0 = time.perf_counter()
     run = load_run(run_dir)
     report_dir = Path(out) if out is not None else Path(run_dir) / "audit"
     checks = check_run(run, log=log)
-    emp = rel = None
+    emp = rel = grad = None
     if empirical is not None and _released(run):
         rel = release_audit(run, release or ReleaseAuditConfig(), tenant=empirical.tenant, log=log)
     elif empirical is not None:
-        emp = empirical_audit(run, empirical, log=log)
-    outcome = AuditOutcome(checks, emp, report_dir, environment=_environment(), release=rel)
+        if empirical.canaries > 0:
+            emp = empirical_audit(run, empirical, log=log)
+        if gradient is not None and run.dp:
+            grad = gradient_audit(run, gradient, tenant=empirical.tenant, log=log)
+        elif gradient is not None:
+            log("gradient canaries skipped: a run without DP has no noise to audit")
+    outcome = AuditOutcome(checks, emp, report_dir, environment=_environment(), release=rel, gradient=grad)
     outcome.seconds = time.perf_counter() - t0
     outcome.files = write_report(outcome, run)
     return outcome
