@@ -113,10 +113,19 @@ def _run_release(
     """
     rnd = as_int(conf["round"])
     maybe_drop(cfg, context.node_config, paths.tenant_id, rnd)
+    stage = as_int(conf.get("stage", 0))
+    selection = np.asarray(json.loads(str(conf["items"])), dtype=np.int64) if stage == 2 else None
     # The share of ε this release may spend comes from the tenant's own run config, never the message.
     share = cfg.release_init if cfg.approach == "mlp" and cfg.release_init > 0 else 1.0
     out = tenant_release(
-        cfg, paths, rnd, pop_share=float(conf["pop-share"]), shares=shares, epsilon_share=share
+        cfg,
+        paths,
+        rnd,
+        pop_share=float(conf["pop-share"]),
+        shares=shares,
+        stage=stage,
+        selection=selection,
+        epsilon_share=share,
     )
     maybe_crash(cfg, context.node_config, paths.tenant_id, rnd)  # charged, release not yet sent
     return out, (out.users if out.status == "ok" else 0)

@@ -397,17 +397,29 @@ def tenant_train(
 
 
 def release_message(
-    indptr: np.ndarray, items: np.ndarray, n_items: int, noise: gram.ReleaseNoise, rng: np.random.Generator
+    indptr: np.ndarray,
+    items: np.ndarray,
+    n_items: int,
+    noise: gram.ReleaseNoise,
+    rng: np.random.Generator,
+    selection: np.ndarray | None = None,
 ) -> Weights:
     """What a tenant publishes for its item release, exactly as sent: unit rows from the CSR history
     (``indptr``/``items``), the exact sums plus this tenant's noise share drawn from ``rng``, packed
-    (``popularity`` float32; ``gram`` the packed upper triangle).
+    (``popularity`` float32; ``gram`` the packed upper triangle). ``selection`` (``dp_two_stage``
+    stage 2): the rows are restricted to those items, unit norm over the selection, and the Gram is
+    over them only.
 
     The one function between a tenant's data and its release message: :func:`tenant_release` calls it
     after charging the budget, and ``fedrec audit --empirical`` calls it in its trials (the audit's
     ``--release-mechanism`` hook takes any function with this signature).
     """
-    rel = gram.release(gram.unit_rows(indptr, items, n_items), noise, rng)
+    x = (
+        gram.unit_rows(indptr, items, n_items)
+        if selection is None
+        else gram.selected_rows(indptr, items, n_items, selection)
+    )
+    rel = gram.release(x, noise, rng)
     out: Weights = {}
     if rel.popularity is not None:
         out["popularity"] = rel.popularity.astype(np.float32)
@@ -423,13 +435,18 @@ def tenant_release(
     *,
     pop_share: float,
     shares: int = 1,
+    stage: int = 0,
+    selection: np.ndarray | None = None,
     epsilon_share: float = 1.0,
 ) -> TrainOutcome:
-    """This tenant's one-shot item release (module docstring); ``weights`` holds what is published.
+    """This tenant's item release (module docstring); ``weights`` holds what is published.
 
     ``pop_share`` = 1: the DP popularity vector only; 0: the Gram only (DP-EASE). ``shares`` > 1: the
     distributed-noise mode of SecAgg+ — this tenant adds 1/shares of the noise variance, and the
-    ledger records both the ε of the sum and the ε if its share were seen alone. Without DP the exact
+    ledger records both the ε of the sum and the ε if its share were seen alone. ``stage`` 1/2: the
+    two releases of ``dp_two_stage`` (``fedrec.privacy.gram``, "Two stages"): stage 1 is the popularity
+    release at σ/√select-share (select-share from the run config, never from the server's message),
+    stage 2 the Gram over ``selection`` at the σ that spends the rest of the cap. Without DP the exact
     sums are released (no noise, no charge): only for ``--no-dp`` runs. ``epsilon_share`` < 1: the
     release that initialises the MLP (``release-init``), calibrated alone to that share of the cap
     (the tenant's own run config decides it); the ledger entry states the share.
@@ -437,10 +454,20 @@ def tenant_release(
     data = load_data(paths)
     split = data.split
     n_items = split.n_items
-    if pop_share < 1 and n_items > gram.MAX_GRAM_ITEMS:
+    if stage not in (0, 1, 2) or (stage == 1 and pop_share != 1.0) or (stage == 2 and pop_share != 0.0):
+        raise FedrecError(f"release stage {stage!r} with pop-share {pop_share!r} is not a known release")
+    if (stage == 2) != (selection is not None):
+        raise FedrecError("a stage-2 release needs the item selection, and only it takes one")
+    if stage and epsilon_share < 1:
+        raise FedrecError("a dp_two_stage release spends the whole cap; it never initialises an MLP")
+    try:
+        columns = n_items if selection is None else len(gram.check_selection(selection, n_items))
+    except BudgetError as err:
+        raise FedrecError(f"refusing the stage-2 release: {err}") from None
+    if pop_share < 1 and columns > cfg.gram_limit:
         raise FedrecError(
-            f"the item–item Gram of {n_items} items is too large to release (limit {gram.MAX_GRAM_ITEMS}); "
-            "use the dp_popularity or mlp approach"
+            f"the item–item Gram of {columns} items is too large to release (gram-limit {cfg.gram_limit}); "
+            "use the dp_two_stage, dp_popularity or mlp approach"
         )
     refused = refuse_unwritable(cfg, paths, split.n_users, "the release")
     if refused is not None:
@@ -449,7 +476,7 @@ def tenant_release(
     if not cfg.dp:
         exact = release_message(
             split.indptr, split.train_items, n_items,
-            gram.ReleaseNoise(sigma=0.0, pop_share=pop_share), np.random.default_rng(0),
+            gram.ReleaseNoise(sigma=0.0, pop_share=pop_share), np.random.default_rng(0), selection,
         )  # fmt: skip
         return TrainOutcome(paths.tenant_id, "ok", n, exact, steps=1, sample_rate=1.0)
 
@@ -465,6 +492,8 @@ def tenant_release(
         accountant=cfg.accountant,  # type: ignore[arg-type]
         history_before=[*budget.history, *reserved(cfg)],
     )
+    if stage == 1:
+        sigma = gram.stage_one_sigma(sigma, cfg.select_share)
     if not budget.can_train(noise_multiplier=sigma, sample_rate=1.0, steps=1):
         return TrainOutcome(
             paths.tenant_id, "capped", n, epsilon=budget.spent(), cap=budget.cap, noise_multiplier=sigma,
@@ -487,7 +516,12 @@ def tenant_release(
         accountant=cfg.accountant,  # type: ignore[arg-type]
         cap=budget.cap,
         history_before=budget.history,
+        mechanism={0: gram.MECHANISM, 1: gram.MECHANISM_SELECT, 2: gram.MECHANISM_SELECTED_GRAM}[stage],
     )
+    if stage:
+        fields["stage"] = stage
+    if stage == 2:
+        fields["selected_items"] = columns
     # Charge and log BEFORE anything is computed that could leave the tenant.
     eps = budget.charge(round=round_, noise_multiplier=sigma, sample_rate=1.0, steps=1)
     entry = Ledger(paths.state_dir / LEDGER_FILE).append(
@@ -504,7 +538,7 @@ def tenant_release(
         }
     )
     rng = np.random.default_rng(secrets.randbits(128))
-    message = release_message(split.indptr, split.train_items, n_items, noise, rng)
+    message = release_message(split.indptr, split.train_items, n_items, noise, rng, selection)
     return TrainOutcome(
         paths.tenant_id,
         "ok",

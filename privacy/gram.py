@@ -36,6 +36,15 @@ each tenant's users get the guarantee of ``σ``; if the assumptions fail (no Sec
 ``t`` colluders/dropouts), a tenant's own share still protects its users at ``σ/√k_min``. Both
 figures go into the ledger (:func:`release_ledger_fields`). ``k_min = 1`` is the local mode.
 
+Two stages (``dp_two_stage``, catalogues above the Gram limit). Stage 1 is the release above with
+ρ = 1 (popularity only) at noise multiplier ``σ/√f``: it spends the share ``f`` (``select-share``, 0.1)
+of the budget's μ² (Gaussian mechanisms compose by adding 1/σ²). The server keeps the top ``M`` items
+of the noisy sum (:func:`select_top`, post-processing). Stage 2 is the Gram release (ρ = 0) over the
+selected items only, each user's row renormalised to unit norm over the items of their history that
+are in the selection (:func:`selected_rows`; sensitivity still exactly 1), at the σ that spends the
+rest of the tenant's cap. Both stages are ledger entries of their own; composing them is the
+accountant's job, like DP-SGD rounds. Items outside the selection are ranked by the stage-1 release.
+
 Everything here is a pure function of its arguments (noise from the ``rng`` passed in).
 """
 
@@ -53,6 +62,9 @@ from fedrec.privacy.errors import BudgetError
 
 #: Mechanism name written into the ledger entry of the release.
 MECHANISM = "gaussian:item_release(popularity,gram)/unit_rows/v1"
+#: The two stages of ``dp_two_stage`` (module docstring, "Two stages").
+MECHANISM_SELECT = "gaussian:item_release(popularity)/unit_rows/two_stage_select/v1"
+MECHANISM_SELECTED_GRAM = "gaussian:item_release(gram)/unit_rows_on_selection/two_stage/v1"
 
 
 # ------------------------------------------------------------------ user rows
@@ -76,6 +88,56 @@ def unit_rows(indptr: np.ndarray, items: np.ndarray, n_items: int) -> sp.csr_mat
     scale = np.repeat(1.0 / np.sqrt(np.maximum(n_u, 1)), n_u)
     x.data *= scale
     return x
+
+
+def selected_rows(
+    indptr: np.ndarray, items: np.ndarray, n_items: int, selection: np.ndarray
+) -> sp.csr_matrix:
+    """Users × M unit rows over the ``selection`` (M sorted distinct item indices) only.
+
+    A user's items outside the selection are dropped BEFORE normalising, so every user with at least
+    one selected item has a row of norm exactly 1 (and the stage-2 release keeps sensitivity 1).
+    """
+    selection = check_selection(selection, n_items)
+    items = np.asarray(items, dtype=np.int64)
+    col = np.full(n_items, -1, dtype=np.int64)
+    col[selection] = np.arange(len(selection))
+    mapped = col[items] if len(items) else items  # (nnz,) column in the selection or -1
+    keep = mapped >= 0
+    indptr = np.asarray(indptr, dtype=np.int64)
+    user_of = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))  # (nnz,)
+    counts = np.bincount(user_of[keep], minlength=len(indptr) - 1)
+    sub_indptr = np.concatenate([[0], np.cumsum(counts)])
+    return unit_rows(sub_indptr, mapped[keep], len(selection))
+
+
+def check_selection(selection: np.ndarray, n_items: int) -> np.ndarray:
+    """``selection`` as sorted, distinct int64 indices in [0, n_items); a clear error otherwise."""
+    sel = np.asarray(selection)
+    if sel.ndim != 1 or len(sel) < 1 or not np.issubdtype(sel.dtype, np.integer):
+        raise BudgetError("an item selection must be a non-empty 1-D list of item indices")
+    sel = sel.astype(np.int64)
+    if sel.min() < 0 or sel.max() >= n_items or np.any(np.diff(sel) <= 0):
+        raise BudgetError(f"an item selection must be sorted, distinct indices in [0, {n_items})")
+    return sel
+
+
+def select_top(scores: np.ndarray, m: int) -> np.ndarray:
+    """The ``m`` highest-scoring items, as sorted indices: O(n) argpartition, then a sort of the m kept."""
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(scores)
+    if m < 1:
+        raise BudgetError(f"select at least one item, got m = {m}")
+    if m >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.argpartition(-scores, m - 1)[:m]).astype(np.int64)
+
+
+def stage_one_sigma(sigma: float, select_share: float) -> float:
+    """σ of the selecting popularity release: σ/√f spends the share f of the μ² of a σ release."""
+    if not 0 < select_share < 1:
+        raise BudgetError(f"select_share must be in (0, 1), got {select_share!r}")
+    return sigma / math.sqrt(select_share)
 
 
 def release_vector(x: np.ndarray, pop_share: float) -> np.ndarray:
@@ -274,6 +336,7 @@ def release_ledger_fields(
     accountant: Accountant,
     cap: float,
     history_before: list[tuple[float, float, int]] | None = None,
+    mechanism: str = MECHANISM,
 ) -> dict[str, Any]:
     """The fields a tenant writes for its release (before it leaves the tenant), pure.
 
@@ -294,7 +357,7 @@ def release_ledger_fields(
         "tenant": tenant,
         "unit": "user",
         "users": int(users),
-        "mechanism": MECHANISM,
+        "mechanism": mechanism,
         "sample_rate": 1.0,
         "noise_multiplier": float(sigma),
         "steps": 1,

@@ -63,6 +63,8 @@ OPTIONAL_FIELDS: dict[str, type | tuple[type, ...]] = {
     "shares": int,
     "local_noise_multiplier": (int, float),
     "epsilon_if_alone": (int, float),
+    "stage": int,  # dp_two_stage: 1 = the selecting popularity release, 2 = the Gram on the selection
+    "selected_items": int,  # dp_two_stage stage 2: how many items the Gram covers
     # the neighbouring relation the ε is for, and σ_c of the noisy count that ``users`` holds
     # (fedrec.privacy.mechanisms; absent in ledgers written before counts were noised)
     "relation": str,

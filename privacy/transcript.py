@@ -100,7 +100,8 @@ def _rows() -> list[Field]:
             "JSON list of ledger entries; each field is checked against the ledger-entry rows")  # fmt: skip
     add([TRAIN], "arrays", ANY, PROTECTED,
         "shared parameters after DP-SGD (Gaussian, Poisson; ledger entry of the round) or the DP item "
-        "release 'popularity'/'gram' (ledger mechanism of the release)")  # fmt: skip
+        "release 'popularity'/'gram' (ledger mechanism of the release; dp_two_stage: stage 1 'popularity', "
+        "stage 2 'gram' over the server's selection, each its own ledger entry)")  # fmt: skip
     add([MASKED], "fitres.parameters", ANY, PROTECTED,
         "the delta / release share handed to secaggplus_mod, which masks it (never leaves in clear)")  # fmt: skip
     add([MASKED, SECAGG], "fitres.num_examples", "num_examples", PROTECTED,
@@ -164,6 +165,12 @@ def _rows() -> list[Field]:
         ("count_noise_multiplier", "σ_c of the noisy count the 'users' field holds"),
         ("purpose", "release-init: 'mlp-init' (the release initialises the MLP)"),
         ("release_share", "release-init: the share of the cap the release was calibrated to (run config)"),
+        ("stage", "dp_two_stage: 1 = the selecting DP popularity release, 2 = the Gram on the selection"),
+        (
+            "selected_items",
+            "dp_two_stage stage 2: how many items the Gram covers — the size of the server's "
+            "selection, min(gram-limit, catalogue): run config and the public catalogue",
+        ),
     ):
         add(led, "", key, PUBLIC, why)
     add(led, "", "users", PROTECTED, "the noisy user count ñ (gaussian-count), never the exact n",

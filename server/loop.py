@@ -37,6 +37,7 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedrec.privacy import gram
 from fedrec.privacy.ledger import read_entries, verify_chain
 from fedrec.privacy.mechanisms import COUNT_SIGMA, COUNT_SLACK, EVAL_SIGMA, RELATION, RELATION_TEXT
 from fedrec.server.aggregation import ServerOptimizer, aggregate, fedavg
@@ -45,6 +46,8 @@ from fedrec.server.release import (
     fit_release,
     pop_share,
     release_problem,
+    release_rounds,
+    release_shapes,
     resolve_approach,
     shares_for,
     sum_noise,
@@ -633,25 +636,45 @@ class _Federation:
             return
         self.apply(rd, mean)
 
+    def release_stage(self, rd: _Round) -> tuple[int, np.ndarray | None]:
+        """(stage, selection) of this release round: (0, None) for a one-release approach; for
+        dp_two_stage round 1 is the selecting popularity release, round 2 the Gram over the top
+        gram-limit items of the stage-1 model (restored from the checkpoint after a resume)."""
+        assert self.choice is not None
+        if self.choice.approach != "dp_two_stage":
+            return 0, None
+        if rd.rnd == 1:
+            return 1, None
+        if not isinstance(self.model, ItemReleaseModel) or self.model.cfg.kind != "dp_popularity":
+            raise FedrecError("stage 2 of dp_two_stage needs the stage-1 DP popularity model")
+        prior = self.model.prior.numpy().astype(np.float64)
+        return 2, gram.select_top(prior, min(self.cfg.gram_limit, self.catalog.n_items))
+
+    def release_config(self, stage: int, selection: np.ndarray | None) -> dict[str, Any]:
+        assert self.choice is not None
+        conf: dict[str, Any] = {
+            "phase": ITEM_RELEASE_PHASE,
+            "pop-share": pop_share(self.choice.approach, stage),
+            "stage": stage,
+        }
+        if selection is not None:
+            conf["items"] = json.dumps(selection.tolist())  # public: post-processing of the stage-1 release
+        return conf
+
     def collect_releases(
-        self, rd: _Round, share: float, problem_of: Callable[[Weights, int, int | None], str | None]
+        self,
+        rd: _Round,
+        conf: Mapping[str, Any],
+        problem_of: Callable[[Weights, int, int | None], str | None],
     ) -> tuple[dict[str, np.ndarray], list[float], int]:
-        """Ask every node for its item release (``pop-share`` ``share``) in the clear, refuse a reply
-        that ``problem_of(release, users, manifest users)`` finds wrong, and sum the rest: (the summed
-        release in float64, the contributors' noise multipliers, their (noisy) user count)."""
+        """Ask every node for its item release (``conf``: phase, pop-share, and for dp_two_stage the
+        stage and selection) in the clear, refuse a reply that ``problem_of(release, users, manifest
+        users)`` finds wrong, and sum the rest: (the summed release in float64, the contributors' noise
+        multipliers, their (noisy) user count)."""
         messages = [
             Message(
                 content=RecordDict(
-                    {
-                        "config": ConfigRecord(
-                            {
-                                "phase": ITEM_RELEASE_PHASE,
-                                "round": rd.rnd,
-                                "pop-share": share,
-                                "ledger-head": self.head_for(nid),
-                            }
-                        )
-                    }
+                    {"config": ConfigRecord({**conf, "round": rd.rnd, "ledger-head": self.head_for(nid)})}
                 ),
                 message_type=MessageType.TRAIN,
                 dst_node_id=nid,
@@ -677,20 +700,26 @@ class _Federation:
         return total, sigmas, users
 
     def release_round(self, rd: _Round) -> None:
-        """Every tenant publishes its DP item release in the clear; the server checks and sums them."""
+        """Every tenant publishes its DP item release in the clear; the server checks and sums them
+        (dp_two_stage: this round's stage, over the selection in stage 2)."""
         assert self.choice is not None
-        approach, n_items = self.choice.approach, self.catalog.n_items
-        total, sigmas, users = self.collect_releases(
-            rd, pop_share(approach), lambda rel, n, cap: release_problem(rel, approach, n_items, n, cap)
+        stage, selection = self.release_stage(rd)
+        want = release_shapes(
+            self.choice.approach, stage, self.catalog.n_items, 0 if selection is None else len(selection)
         )
-        self.fit_from_release(rd, total, sigmas, users, shares=1)
+        total, sigmas, users = self.collect_releases(
+            rd, self.release_config(stage, selection), lambda rel, n, cap: release_problem(rel, want, n, cap)
+        )
+        self.fit_from_release(rd, total, sigmas, users, shares=1, stage=stage, selection=selection)
 
     def release_init_round(self, rd: _Round) -> None:
         """Round 1 with ``release-init``: each tenant's item release (charged at its share of ε),
         summed; the global MLP's prior and frozen item table are post-processed from the sum."""
         n_items, rho = self.catalog.n_items, self.cfg.release_init_pop
         total, sigmas, users = self.collect_releases(
-            rd, rho, lambda rel, n, cap: init_problem(rel, n_items, n, cap, rho)
+            rd,
+            {"phase": ITEM_RELEASE_PHASE, "pop-share": rho},
+            lambda rel, n, cap: init_problem(rel, n_items, n, cap, rho),
         )
         if len(rd.contributors) < max(1, self.cfg.min_tenants):
             rd.row["aggregated"] = 0
@@ -734,15 +763,16 @@ class _Federation:
         only the sum (the mean times the contributors' count: every release has weight 1)."""
         assert self.choice is not None and self.release_secure is not None
         approach, n = self.choice.approach, self.catalog.n_items
-        key = "popularity" if approach == "dp_popularity" else "gram"
-        zeros = {key: np.zeros(n if key == "popularity" else n * (n + 1) // 2, dtype=np.float32)}
+        stage, selection = self.release_stage(rd)
+        want = release_shapes(approach, stage, n, 0 if selection is None else len(selection))
+        [(key, shape)] = want.items()
+        zeros = {key: np.zeros(shape, dtype=np.float32)}
         res = self.release_secure.run_round(
             rd.rnd,
             zeros,
             [key],
             lambda nid: {
-                "phase": ITEM_RELEASE_PHASE,
-                "pop-share": pop_share(approach),
+                **self.release_config(stage, selection),
                 "model-config": "{}",
                 "ledger-head": self.head_for(nid),
             },
@@ -767,7 +797,9 @@ class _Federation:
             self.fit_from_release(rd, {}, [], 0, shares=self.release_shares, why=res.halted)
             return
         total = {key: res.mean_delta[key].astype(np.float64) * len(rd.contributors)}
-        self.fit_from_release(rd, total, sigmas, users, shares=self.release_shares)
+        self.fit_from_release(
+            rd, total, sigmas, users, shares=self.release_shares, stage=stage, selection=selection
+        )
 
     def fit_from_release(
         self,
@@ -778,6 +810,8 @@ class _Federation:
         *,
         shares: int,
         why: str = "",
+        stage: int = 0,
+        selection: np.ndarray | None = None,
     ) -> None:
         """Fit the run's model from the summed release, or fail clearly when nothing was released."""
         assert self.choice is not None
@@ -790,6 +824,9 @@ class _Federation:
             )
         # Noise of the sum: every contributor's share of σ_t (shares = 1 with local noise).
         sigma_sum = sum_noise(sigmas, shares) if self.cfg.dp else 0.0
+        prior = None
+        if stage == 2 and isinstance(self.model, ItemReleaseModel):
+            prior = self.model.prior.numpy().astype(np.float64)  # the stage-1 DP popularity, for the rest
         t0 = time.perf_counter()
         model = fit_release(
             total,
@@ -798,6 +835,9 @@ class _Federation:
             users=users,
             sigma_sum=sigma_sum,
             dp=self.cfg.dp,
+            stage=stage,
+            selection=selection,
+            prior=prior,
         )
         self.set_item_model(model)
         rd.row["aggregated"] = len(rd.contributors)
@@ -808,6 +848,10 @@ class _Federation:
             "sum_noise_multiplier": round(sigma_sum, 6),
             "fit_seconds": round(time.perf_counter() - t0, 3),
         }
+        if stage:
+            rd.row["release"]["stage"] = stage
+        if selection is not None:
+            rd.row["release"]["selected_items"] = len(selection)
         for t in rd.contributors:
             self.status[t].rounds_trained += 1
 
@@ -854,7 +898,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     fed.choice = resolve_approach(cfg, users_by_tenant, fed.catalog.n_items, shares=fed.release_shares)
     releasing = fed.choice.approach in RELEASE_APPROACHES
     initing = cfg.release_init > 0 and not releasing  # round 1 is the release that initialises the MLP
-    n_rounds = 1 if releasing else cfg.planned_rounds()
+    n_rounds = release_rounds(fed.choice.approach) if releasing else cfg.planned_rounds()
     if cfg.secagg:
         max_weight = cfg.secagg_max_weight or float(max(fed.max_users.values(), default=0))  # + slack (DP)
         if max_weight <= 0:

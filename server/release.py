@@ -26,21 +26,19 @@ import numpy as np
 from fedrec.privacy import gram
 from fedrec.shared_model.choose import choose
 from fedrec.shared_model.codec import Weights
-from fedrec.shared_model.dp_item import DPEASE
+from fedrec.shared_model.dp_item import DPEASE, DPEASERule
 from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.item_model import ItemReleaseModel
 from fedrec.shared_model.runconfig import RELEASE_APPROACHES, RunConfig
 
-MAX_GRAM_ITEMS = (
-    gram.MAX_GRAM_ITEMS
-)  # catalogues above this never release the Gram (same limit as the tenants')
+MAX_GRAM_ITEMS = gram.MAX_GRAM_ITEMS  # the default gram-limit (run config); tenants check the same limit
 
 
 @dataclass(frozen=True)
 class ApproachChoice:
     """What the run trains and why (written to privacy.json and printed by ``fedrec simulate``)."""
 
-    approach: str  # mlp | dp_ease | dp_popularity
+    approach: str  # mlp | dp_ease | dp_popularity | dp_two_stage
     reason: str
     noise_mode: str  # local | distributed (SecAgg+) | none
     users_per_noise: float | None = None  # the deciding index of the automatic choice
@@ -54,11 +52,29 @@ class ApproachChoice:
         return out
 
 
-def pop_share(approach: str) -> float:
-    """ρ of the release: all of the sensitivity to popularity (dp_popularity) or to the Gram (dp_ease)."""
+def pop_share(approach: str, stage: int = 0) -> float:
+    """ρ of the release: all of the sensitivity to popularity (dp_popularity, stage 1 of dp_two_stage)
+    or to the Gram (dp_ease, stage 2 of dp_two_stage)."""
     if approach not in RELEASE_APPROACHES:
         raise FedrecError(f"{approach!r} is not an item-release approach")
+    if approach == "dp_two_stage":
+        if stage not in (1, 2):
+            raise FedrecError(f"dp_two_stage has stages 1 and 2, got {stage!r}")
+        return 1.0 if stage == 1 else 0.0
     return 1.0 if approach == "dp_popularity" else 0.0
+
+
+def release_rounds(approach: str) -> int:
+    """How many release rounds an item-release approach takes (two for dp_two_stage)."""
+    return 2 if approach == "dp_two_stage" else 1
+
+
+def release_shapes(approach: str, stage: int, n_items: int, selected: int = 0) -> dict[str, tuple[int, ...]]:
+    """What a tenant's release of ``stage`` must hold: its keys and shapes."""
+    if pop_share(approach, stage) == 1.0:
+        return {"popularity": (n_items,)}
+    m = selected if approach == "dp_two_stage" else n_items
+    return {"gram": (m * (m + 1) // 2,)}
 
 
 def shares_for(cfg: RunConfig, threshold: int | None) -> int:
@@ -73,15 +89,21 @@ def resolve_approach(
     """``cfg.approach`` made concrete (module docstring)."""
     mode = "none" if not cfg.dp else ("distributed" if shares > 1 else "local")
     if cfg.approach != "auto":
-        why = {
+        reasons: dict[str, str] = {
             "mlp": "asked for: DP-SGD rounds of the MLP" if cfg.dp else "asked for: the federated MLP",
             "dp_ease": "asked for: one item–item Gram release per tenant, DP-EASE on the server's sum",
             "dp_popularity": "asked for: one popularity release per tenant, ranked by the noisy sum",
-        }[cfg.approach]
-        if cfg.approach == "dp_ease" and n_items > MAX_GRAM_ITEMS:
+        }
+        reasons["dp_two_stage"] = (
+            f"asked for: a DP popularity release ({cfg.select_share:g} of the μ² budget) selects the top "
+            f"{min(cfg.gram_limit, n_items)} items, a Gram release over them, DP-EASE; the rest ranked by "
+            "DP popularity"
+        )
+        why = reasons[cfg.approach]
+        if cfg.approach == "dp_ease" and n_items > cfg.gram_limit:
             raise FedrecError(
-                f"dp_ease releases an item–item Gram: {n_items} items is above the limit ({MAX_GRAM_ITEMS}); "
-                "use dp_popularity or mlp"
+                f"dp_ease releases an item–item Gram: {n_items} items is above the gram-limit "
+                f"({cfg.gram_limit}); use dp_two_stage, dp_popularity or mlp"
             )
         if cfg.approach == "mlp":  # DP-SGD: each tenant adds its own noise, SecAgg+ or not
             return ApproachChoice("mlp", why, "local" if cfg.dp else "none")
@@ -107,11 +129,12 @@ def resolve_approach(
         noise_mode="local",  # σ/√shares per tenant, summed over the tenants: the same as distributed noise
         epsilon=min(caps),
     )
-    if choice.approach == "dp_ease" and n_items > MAX_GRAM_ITEMS:
+    if choice.approach == "dp_ease" and n_items > cfg.gram_limit:
         return ApproachChoice(
-            "dp_popularity",
-            f"{choice.reason}; but {n_items} items is above the Gram release limit ({MAX_GRAM_ITEMS}), "
-            "so DP popularity",
+            "dp_two_stage",
+            f"{choice.reason}; but {n_items} items is above the gram-limit ({cfg.gram_limit}), so two stages: "
+            f"DP popularity ({cfg.select_share:g} of the μ² budget) selects the top {cfg.gram_limit} items, "
+            "DP-EASE on their Gram, the other items ranked below them by DP popularity",
             mode,
             choice.users_per_noise,
         )
@@ -119,20 +142,11 @@ def resolve_approach(
 
 
 def release_problem(
-    weights: Weights, approach: str, n_items: int, users: int, max_users: int | None
+    weights: Weights, want: Mapping[str, tuple[int, ...]], users: int, max_users: int | None
 ) -> str | None:
-    """Why a tenant's release must not be summed, or None."""
-    keys = ("popularity",) if approach == "dp_popularity" else ("gram",)
-    return shape_problem(weights, keys, n_items, users, max_users)
-
-
-def shape_problem(
-    weights: Weights, keys: Sequence[str], n_items: int, users: int, max_users: int | None
-) -> str | None:
-    """The checks every item release passes before it is summed: exactly ``keys`` ('popularity' of
-    n_items, 'gram' the packed upper triangle), float32, finite, and a user count in (0, manifest]."""
-    sizes = {"popularity": (n_items,), "gram": (n_items * (n_items + 1) // 2,)}
-    want = {k: sizes[k] for k in keys}
+    """Why a tenant's release must not be summed (``want``: :func:`release_shapes`), or None: exactly
+    the keys and shapes of ``want`` ('popularity' (N,), 'gram' the packed upper triangle), float32,
+    finite, and a user count in (0, manifest]."""
     if set(weights) != set(want):
         return f"release has keys {sorted(weights)}, expected {sorted(want)}"
     for k, shape in want.items():
@@ -150,25 +164,55 @@ def shape_problem(
     return None
 
 
+def shape_problem(
+    weights: Weights, keys: Sequence[str], n_items: int, users: int, max_users: int | None
+) -> str | None:
+    """:func:`release_problem` for a release of ``keys`` over the whole catalogue (the release-init
+    release: 'popularity' and 'gram' of n_items)."""
+    sizes = {"popularity": (n_items,), "gram": (n_items * (n_items + 1) // 2,)}
+    return release_problem(weights, {k: sizes[k] for k in keys}, users, max_users)
+
+
 def sum_noise(sigmas: Sequence[float], shares: int) -> float:
     """Noise multiplier of the server's sum of releases with multipliers ``sigmas`` split in ``shares``."""
     return math.sqrt(sum(s * s for s in sigmas) / max(1, shares))
 
 
 def fit_release(
-    total: Mapping[str, np.ndarray], approach: str, *, n_items: int, users: int, sigma_sum: float, dp: bool
+    total: Mapping[str, np.ndarray],
+    approach: str,
+    *,
+    n_items: int,
+    users: int,
+    sigma_sum: float,
+    dp: bool,
+    stage: int = 0,
+    selection: np.ndarray | None = None,
+    prior: np.ndarray | None = None,
+    shrinkage: str = "soft",
+    rule: DPEASERule | None = None,
 ) -> ItemReleaseModel:
-    """The server's model from the summed release ``total`` (natural units)."""
-    noise = gram.ReleaseNoise(sigma=sigma_sum, pop_share=pop_share(approach))
-    if approach == "dp_popularity":
+    """The server's model from the summed release ``total`` (natural units).
+
+    dp_two_stage: stage 1 gives the DP popularity model (whose prior selects stage 2's items); stage 2
+    fits DP-EASE on the Gram of the ``selection`` (its support mapped back to catalogue indices) and
+    ranks every other item below by ``prior`` (the stage-1 log-prior).
+    """
+    noise = gram.ReleaseNoise(sigma=sigma_sum, pop_share=pop_share(approach, stage))
+    if noise.pop_share == 1.0:
         return ItemReleaseModel.from_popularity(
             np.asarray(total["popularity"], dtype=np.float64), noise.pop_std() if dp else 0.0
         )
-    g = gram.unpack_gram(np.asarray(total["gram"], dtype=np.float64), n_items)
-    fitted = DPEASE().fit_gram(
+    m = n_items if selection is None else len(selection)
+    g = gram.unpack_gram(np.asarray(total["gram"], dtype=np.float64), m)
+    rule = rule or DPEASERule(max_items=max(DPEASERule().max_items, m))
+    fitted = DPEASE(rule=rule, shrinkage=shrinkage).fit_gram(
         g,
         offdiag_std=noise.offdiag_std() if dp and sigma_sum > 0 else 0.0,
         diag_std=noise.diag_std() if dp and sigma_sum > 0 else 0.0,
         users=users,
     )
-    return ItemReleaseModel.from_ease(fitted, n_items, kind="dp_ease" if dp else "ease")
+    if selection is not None:
+        assert fitted.items is not None
+        fitted.items = np.asarray(selection, dtype=np.int64)[fitted.items]  # support → catalogue indices
+    return ItemReleaseModel.from_ease(fitted, n_items, kind="dp_ease" if dp else "ease", prior=prior)

@@ -71,6 +71,26 @@ class DPEASERule:
         return max(self.lam_per_user * max(users, 1), self.noise_mult * 2.0 * offdiag_std * math.sqrt(m))
 
 
+SHRINKAGES = ("soft", "optimal")
+
+
+def _shrink(vals: np.ndarray, s: float, kind: str) -> np.ndarray:
+    """Denoised eigenvalues from noisy ones above the edge ``2s`` (s = off-diagonal std · √M).
+
+    ``soft``: ``λ − 2s``. ``optimal``: for a low-rank signal plus symmetric Gaussian noise (spiked
+    Wigner), an eigenvalue θ of the signal appears at ``λ = θ + s²/θ`` with its eigenvector at squared
+    cosine ``1 − s²/θ²`` to the true one; the Frobenius-optimal shrinker keeps ``θ·(1 − s²/θ²)`` =
+    ``θ − s²/θ`` with ``θ = (λ + √(λ² − 4s²))/2`` — 0 at the edge, ≈ ``λ − 2s²/λ`` far above it (far
+    less shrinkage of the strong components than soft-thresholding).
+    """
+    if kind == "soft":
+        return np.maximum(vals - 2.0 * s, 0.0)
+    if kind == "optimal":
+        theta = 0.5 * (vals + np.sqrt(np.maximum(vals * vals - 4.0 * s * s, 0.0)))
+        return np.maximum(theta - s * s / np.maximum(theta, 1e-300), 0.0)
+    raise ValueError(f"shrinkage must be one of {SHRINKAGES}, got {kind!r}")
+
+
 @dataclass
 class DPEASE:
     """EASE on a released (noisy) Gram; a :class:`fedrec.shared_model.evaluate.Scorer`."""
@@ -82,6 +102,7 @@ class DPEASE:
     prior: np.ndarray | None = field(default=None, repr=False)  # (N,) for out-of-support items
     lam_used: float = 0.0
     denoise: bool = True  # soft-threshold the noisy spectrum at the noise edge (module docstring)
+    shrinkage: str = "soft"  # soft: λ_k − edge | optimal: θ_k − s²M/θ_k (spiked Wigner, module docstring)
     components: int = 0  # eigencomponents kept by the denoising (0: not denoised)
 
     def fit_gram(
@@ -109,8 +130,9 @@ class DPEASE:
             edge = 2.0 * offdiag_std * math.sqrt(m)
             keep = vals > edge
             v = vecs[:, keep]  # (M, k)
-            # (Ĝ + λI)⁻¹ with Ĝ = V diag(λ_k − edge) Vᵀ: V diag(1/(λ_k − edge + λ) − 1/λ) Vᵀ + I/λ
-            p = (v * (1.0 / (vals[keep] - edge + lam_v) - 1.0 / lam_v)) @ v.T + np.eye(m) / lam_v
+            shrunk = _shrink(vals[keep], offdiag_std * math.sqrt(m), self.shrinkage)  # (k,)
+            # (Ĝ + λI)⁻¹ with Ĝ = V diag(η_k) Vᵀ: V diag(1/(η_k + λ) − 1/λ) Vᵀ + I/λ
+            p = (v * (1.0 / (shrunk + lam_v) - 1.0 / lam_v)) @ v.T + np.eye(m) / lam_v
             self.components = int(keep.sum())
         else:
             lam_v = self.rule.lam(offdiag_std, m, users) if lam is None else float(lam)

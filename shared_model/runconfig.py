@@ -47,9 +47,10 @@ AUTO_DP: dict[str, Any] = {
 
 #: What a run trains: DP-SGD rounds of the MLP, or one DP item release fitted by the server; ``auto``
 #: lets the server pick from public facts (``fedrec.shared_model.choose``).
-APPROACHES: tuple[str, ...] = ("mlp", "dp_ease", "dp_popularity", "auto")
-#: The approaches that are one item release (``fedrec.privacy.gram``) instead of training rounds.
-RELEASE_APPROACHES: tuple[str, ...] = ("dp_ease", "dp_popularity")
+APPROACHES: tuple[str, ...] = ("mlp", "dp_ease", "dp_popularity", "dp_two_stage", "auto")
+#: The approaches that are DP item releases (``fedrec.privacy.gram``) instead of training rounds:
+#: one release, or two for ``dp_two_stage`` (a DP popularity release selects the items of a Gram release).
+RELEASE_APPROACHES: tuple[str, ...] = ("dp_ease", "dp_popularity", "dp_two_stage")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,10 @@ class RunConfig:
     seed: int = 0  # model init, sampling and noise seeds derive from this
     # mlp (DP-SGD rounds) | dp_ease | dp_popularity (one DP item release, docs/PRIVACY_UTILITY.md) | auto
     approach: str = "mlp"
+    gram_limit: int = 4000  # most items one item–item Gram release covers (the O(M³) fit, M(M+1)/2 floats)
+    select_share: float = (
+        0.1  # dp_two_stage: share of the budget's μ² spent on the selecting popularity release
+    )
     # --- secure aggregation, validation, robust aggregation (server/secagg.py, server/aggregation.py)
     secagg: bool = False  # SecAgg+: the server only ever sees the masked sum of the tenants' deltas
     max_update_norm: float = 0.0  # L2 bound on one tenant's delta per round, SecAgg+'s ±range (0: auto)
@@ -171,6 +176,10 @@ class RunConfig:
             raise FedrecError(f"eval-privacy must be 'dp' or 'exact', got {self.eval_privacy!r}")
         if self.approach not in APPROACHES:
             raise FedrecError(f"approach must be one of {', '.join(APPROACHES)}, got {self.approach!r}")
+        if isinstance(self.gram_limit, bool) or not isinstance(self.gram_limit, int) or self.gram_limit < 2:
+            raise FedrecError(f"gram-limit must be an integer ≥ 2, got {self.gram_limit!r}")
+        if not 0 < self.select_share < 1:
+            raise FedrecError(f"select-share must be in (0, 1), got {self.select_share!r}")
         if not self.max_update_norm > 0:
             raise FedrecError(f"max-update-norm must be > 0, got {self.max_update_norm}")
         if self.secagg_max_weight < 0:

@@ -155,13 +155,14 @@ def test_auto_picks_by_users_per_noise_and_never_releases_a_gram_without_dp() ->
     mlp = resolve_approach(RunConfig(approach="mlp", secagg=True), {"a": 10, "b": 10}, 300, shares=2)
     assert mlp.approach == "mlp" and mlp.noise_mode == "local", "DP-SGD noise is each tenant's own"
     huge = resolve_approach(cfg, {"a": 10**6}, gram.MAX_GRAM_ITEMS + 1)
-    assert huge.approach == "dp_popularity" and "Gram release limit" in huge.reason
+    assert huge.approach == "dp_two_stage" and "above the gram-limit" in huge.reason
+    assert "selects the top 4000 items" in huge.reason
 
 
 def test_bad_approach_settings_fail_with_one_clear_message() -> None:
     with pytest.raises(FedrecError, match="approach must be one of"):
         RunConfig(approach="svd")
-    with pytest.raises(FedrecError, match="above the limit"):
+    with pytest.raises(FedrecError, match="above the gram-limit"):
         resolve_approach(RunConfig(approach="dp_ease"), {"a": 100}, gram.MAX_GRAM_ITEMS + 1)
 
 
@@ -177,9 +178,9 @@ def test_bad_approach_settings_fail_with_one_clear_message() -> None:
     ],
 )
 def test_a_malformed_release_is_refused_with_its_reason(weights: dict, users: int, expected: str) -> None:
-    problem = release_problem(weights, "dp_ease", 3, users, 10)
+    problem = release_problem(weights, {"gram": (6,)}, users, 10)
     assert problem is not None and expected in problem
-    assert release_problem({"gram": np.zeros(6, np.float32)}, "dp_ease", 3, 5, 10) is None
+    assert release_problem({"gram": np.zeros(6, np.float32)}, {"gram": (6,)}, 5, 10) is None
 
 
 # ---------------------------------------------------------------- runs over the in-process grid
@@ -330,11 +331,8 @@ def test_small_federation_falls_back_to_dp_popularity(small_fed: Path, tmp_path:
     assert 0 <= metrics["full"]["hr@10"] <= 1
 
 
-def test_a_catalogue_too_large_for_the_gram_is_refused_before_any_charge(
-    fed: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(gram, "MAX_GRAM_ITEMS", 10)
-    cfg = RunConfig(fed_dir=str(fed), run_name="too-large")
+def test_a_catalogue_too_large_for_the_gram_is_refused_before_any_charge(fed: Path) -> None:
+    cfg = RunConfig(fed_dir=str(fed), run_name="too-large", gram_limit=10)
     paths = resolve_tenant({"partition-id": 1}, cfg)
     with pytest.raises(FedrecError, match="too large to release"):
         tenant_release(cfg, paths, 1, pop_share=0.0)

@@ -13,6 +13,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from fedrec.simulations.data.dataset import PreparedData
+    from fedrec.simulations.data.synth_scale import SynthSpec
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -40,6 +41,41 @@ MinRatingOpt = Annotated[
 ]
 SynthUsersOpt = Annotated[int | None, typer.Option("--synth-users", help="Users of --data synthetic.")]
 SynthItemsOpt = Annotated[int | None, typer.Option("--synth-items", help="Items of --data synthetic.")]
+SynthProfileOpt = Annotated[
+    str,
+    typer.Option(
+        "--synth-profile",
+        help="Shape of --data synthetic: 'movielens' (small, rated) or 'scale' (large catalogue, long tail, "
+        "few items per user, low-rank tastes + noise).",
+    ),
+]
+SynthPerUserOpt = Annotated[
+    float | None,
+    typer.Option("--synth-per-user", help="Median items per user of --synth-profile scale [20]."),
+]
+SynthRankOpt = Annotated[
+    int | None, typer.Option("--synth-rank", help="Taste topics of --synth-profile scale [200].")
+]
+SynthNoiseOpt = Annotated[
+    float | None,
+    typer.Option("--synth-noise", help="Share of draws from global popularity, --synth-profile scale [0.3]."),
+]
+
+
+def synth_spec(
+    profile: str, per_user: float | None, rank: int | None, noise: float | None
+) -> SynthSpec | None:
+    """The generator shape from the --synth-* options (None: the default generator, untouched)."""
+    from fedrec.simulations.data.synth_scale import SynthSpec
+
+    given = {"per_user": per_user, "rank": rank, "noise": noise}
+    if profile == "movielens" and any(v is not None for v in given.values()):
+        from fedrec.simulations.errors import DataError
+
+        raise DataError("--synth-per-user/--synth-rank/--synth-noise shape --synth-profile scale only.")
+    return SynthSpec(profile=profile, **{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
+
+
 TestOpt = Annotated[
     str | None,
     typer.Option(
@@ -58,6 +94,7 @@ def load_prepared(
     users: int | None,
     items: int | None,
     test: str | None = None,
+    synth: SynthSpec | None = None,
 ) -> PreparedData:
     """Load + clean + split a data source (or a given TRAIN/TEST pair), with a status spinner."""
     from fedrec.shared_model.errors import FedrecError
@@ -71,7 +108,7 @@ def load_prepared(
             train_raw, test_raw = load_given_split(src, test, columns=columns)
             data = prepare_given_split(train_raw, test_raw, seed=seed, min_rating=min_rating)
         else:
-            raw = load(src, columns=columns, seed=seed, synth_users=users, synth_items=items)
+            raw = load(src, columns=columns, seed=seed, synth_users=users, synth_items=items, synth=synth)
             data = prepare_dataset(raw, min_rating=min_rating)
     err_console.print(
         f"[dim]{data.source}: {data.split.n_users} users, {data.catalog.n_items} items, "

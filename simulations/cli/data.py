@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from fedrec.simulations.cli.common import SeedOpt, err_console, out_console
+from fedrec.simulations.cli.common import (
+    SeedOpt,
+    SynthNoiseOpt,
+    SynthPerUserOpt,
+    SynthProfileOpt,
+    SynthRankOpt,
+    err_console,
+    out_console,
+    synth_spec,
+)
 
 data_app = typer.Typer(help="Make or fetch datasets.", no_args_is_help=True)
 
@@ -22,12 +31,17 @@ def data_synth(
     users: Annotated[int, typer.Option("--users", min=1, help="Number of users.")] = 2000,
     items: Annotated[int, typer.Option("--items", min=2, help="Number of items.")] = 1000,
     seed: SeedOpt = 0,
+    profile: SynthProfileOpt = "movielens",
+    per_user: SynthPerUserOpt = None,
+    rank: SynthRankOpt = None,
+    noise: SynthNoiseOpt = None,
 ) -> None:
-    """Write the built-in synthetic dataset (MovieLens 'latest' CSV layout + users.csv)."""
+    """Write the built-in synthetic dataset (MovieLens 'latest' CSV layout, + users.csv for movielens)."""
     from fedrec.simulations.data.sources import synthetic, write_synthetic
 
+    spec = synth_spec(profile, per_user, rank, noise)
     with err_console.status("generating …"):
-        ds = synthetic(users=users, items=items, seed=seed)
+        ds = synthetic(users=users, items=items, seed=seed, spec=spec)
         paths = write_synthetic(ds, out)
     out_console.print(f"wrote {len(ds.interactions)} interactions to {', '.join(str(p) for p in paths)}")
 

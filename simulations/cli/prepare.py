@@ -13,6 +13,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedrec.simulations.cli.common import (
+    SynthNoiseOpt,
+    SynthPerUserOpt,
+    SynthProfileOpt,
+    SynthRankOpt,
+    synth_spec,
+)
+
 if TYPE_CHECKING:
     from fedrec.simulations.data.prepare import PrepareResult
 
@@ -85,6 +93,10 @@ def prepare(
     synth_items: Annotated[
         int | None, typer.Option("--synth-items", help="Items of --data synthetic.")
     ] = None,
+    synth_profile: SynthProfileOpt = "movielens",
+    synth_per_user: SynthPerUserOpt = None,
+    synth_rank: SynthRankOpt = None,
+    synth_noise: SynthNoiseOpt = None,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -106,7 +118,16 @@ def prepare(
 
     parse_partition(partition)  # fail on a typo before loading anything
     check_fed_out(out, overwrite=overwrite)
-    prepared = load_prepared(data, columns, seed, min_rating, synth_users, synth_items, test)
+    prepared = load_prepared(
+        data,
+        columns,
+        seed,
+        min_rating,
+        synth_users,
+        synth_items,
+        test,
+        synth=synth_spec(synth_profile, synth_per_user, synth_rank, synth_noise),
+    )
     cfg = PrepareConfig(
         tenants=tenants,
         partition=partition,

@@ -15,6 +15,10 @@ from fedrec.simulations.cli.common import (
     MinRatingOpt,
     SeedOpt,
     SynthItemsOpt,
+    SynthNoiseOpt,
+    SynthPerUserOpt,
+    SynthProfileOpt,
+    SynthRankOpt,
     SynthUsersOpt,
     TestOpt,
     err_console,
@@ -22,6 +26,7 @@ from fedrec.simulations.cli.common import (
     out_console,
     print_metrics_table,
     print_run_summary,
+    synth_spec,
 )
 
 
@@ -48,6 +53,10 @@ def centralized(
     min_rating: MinRatingOpt = None,
     synth_users: SynthUsersOpt = None,
     synth_items: SynthItemsOpt = None,
+    synth_profile: SynthProfileOpt = "movielens",
+    synth_per_user: SynthPerUserOpt = None,
+    synth_rank: SynthRankOpt = None,
+    synth_noise: SynthNoiseOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing RUN_DIR.")] = False,
 ) -> None:
     """Train the MLP recommender on all data (no federation, no DP) and compare with baselines."""
@@ -57,7 +66,16 @@ def centralized(
     from fedrec.simulations.driver.rundir import check_out_dir
 
     check_out_dir(out, overwrite=overwrite)
-    prepared = load_prepared(data, columns, seed, min_rating, synth_users, synth_items, test)
+    prepared = load_prepared(
+        data,
+        columns,
+        seed,
+        min_rating,
+        synth_users,
+        synth_items,
+        test,
+        synth=synth_spec(synth_profile, synth_per_user, synth_rank, synth_noise),
+    )
     given = {"epochs": epochs, "patience": patience, "lr": lr}
     cfg = CentralizedConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
     resolved = {"data": data, "test": test, "columns": columns, "min_rating": min_rating, "seed": seed}
@@ -128,9 +146,24 @@ def simulate(
         typer.Option(
             "--approach",
             help="auto (pick from tenant sizes and ε, docs/PRIVACY_UTILITY.md) | mlp (DP-SGD rounds) | "
-            "dp_ease | dp_popularity (one DP item release per tenant; --rounds does not apply).",
+            "dp_ease | dp_popularity (one DP item release per tenant; --rounds does not apply) | "
+            "dp_two_stage (catalogues above --gram-limit: a DP popularity release selects the top "
+            "--gram-limit items, DP-EASE on their Gram; two releases, --select-share of the μ² budget on the first).",
         ),
     ] = "auto",
+    gram_limit: Annotated[
+        int,
+        typer.Option(
+            "--gram-limit",
+            min=2,
+            help="Most items one item–item Gram release covers (O(M³) fit, M(M+1)/2 floats per tenant); "
+            "above it auto picks dp_two_stage.",
+        ),
+    ] = 4000,
+    select_share: Annotated[
+        float,
+        typer.Option("--select-share", help="dp_two_stage: share of the μ² budget on the selecting release."),
+    ] = 0.1,
     eval_privacy: Annotated[
         str,
         typer.Option(
@@ -252,6 +285,10 @@ def simulate(
     min_rating: MinRatingOpt = None,
     synth_users: SynthUsersOpt = None,
     synth_items: SynthItemsOpt = None,
+    synth_profile: SynthProfileOpt = "movielens",
+    synth_per_user: SynthPerUserOpt = None,
+    synth_rank: SynthRankOpt = None,
+    synth_noise: SynthNoiseOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing RUN_DIR.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's and Ray's logs.")] = False,
     ray_address: Annotated[
@@ -305,6 +342,8 @@ def simulate(
         max_grad_norm=max_grad_norm,
         seed=seed,
         approach=approach.strip().replace("-", "_"),
+        gram_limit=gram_limit,
+        select_share=select_share,
         release_init=release_init,
         release_init_items=release_init_items.strip(),
         release_init_pop=release_init_pop,
@@ -329,7 +368,14 @@ def simulate(
         from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
 
         prepared = load_prepared(
-            data or "synthetic", columns, seed, min_rating, synth_users, synth_items, test
+            data or "synthetic",
+            columns,
+            seed,
+            min_rating,
+            synth_users,
+            synth_items,
+            test,
+            synth=synth_spec(synth_profile, synth_per_user, synth_rank, synth_noise),
         )
 
         def prepare(fed_dir: Path) -> None:

@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedrec.simulations.data.synth_scale import SynthSpec, scale_synthetic
 from fedrec.simulations.errors import DataError
 
 __all__ = [
@@ -176,14 +177,22 @@ def load(
     seed: int = 0,
     synth_users: int | None = None,
     synth_items: int | None = None,
+    synth: SynthSpec | None = None,
 ) -> RawDataset:
-    """Read ``src`` ("synthetic", a MovieLens folder/file or a generic CSV/Parquet) as a RawDataset."""
+    """Read ``src`` ("synthetic", a MovieLens folder/file or a generic CSV/Parquet) as a RawDataset.
+
+    ``synth`` shapes ``"synthetic"``: the default MovieLens-like generator, or the ``scale`` profile
+    (:mod:`fedrec.simulations.data.synth_scale`).
+    """
     if src == "synthetic":
         return synthetic(
             users=2000 if synth_users is None else synth_users,
             items=1000 if synth_items is None else synth_items,
             seed=seed,
+            spec=synth,
         )
+    if synth is not None and synth != SynthSpec():
+        raise DataError(f"--synth-* options shape --data synthetic only, not {src!r}.")
     path = Path(src).expanduser()
     if not path.exists():
         raise DataError(
@@ -758,8 +767,13 @@ _GENRE_WEIGHTS = np.array([10, 6, 2, 3, 17, 6, 2, 24, 2, 1, 4, 2, 3, 8, 4, 9, 2,
 _OCC_WEIGHTS = np.array([8, 3, 1, 10, 7, 2, 3, 2, 1, 1, 5, 3, 1, 11, 7, 1, 1, 3, 21, 3, 5], dtype=np.float64)
 
 
-def synthetic(*, users: int = 2000, items: int = 1000, seed: int = 0) -> RawDataset:
+def synthetic(
+    *, users: int = 2000, items: int = 1000, seed: int = 0, spec: SynthSpec | None = None
+) -> RawDataset:
     """A deterministic MovieLens-like data set: latent tastes, Zipf popularity, genres, demographics.
+
+    ``spec.profile == "scale"``: the large-catalogue implicit generator of
+    :mod:`fedrec.simulations.data.synth_scale` instead (no ratings, no user data).
 
     Items get 1–3 of the 18 genres, a latent vector (dim 8) built from their genres plus noise,
     a Zipf(1) popularity and a year. Users get a latent taste, demographics (age 7–73, gender,
@@ -769,6 +783,17 @@ def synthetic(*, users: int = 2000, items: int = 1000, seed: int = 0) -> RawData
     items follow the taste more closely, over a window inside two years. Ratings 1–5 follow the
     affinity plus noise.
     """
+    if spec is not None and spec.profile == "scale":
+        inter_s, items_s = scale_synthetic(users=users, items=items, seed=seed, spec=spec, genres=GENRES)
+        return RawDataset(
+            interactions=inter_s,
+            items=items_s,
+            users=None,
+            source=(
+                f"synthetic-scale(seed={seed},users={users},items={items},per_user={spec.per_user:g},"
+                f"rank={spec.rank},noise={spec.noise:g},zipf={spec.zipf:g})"
+            ),
+        )
     if users < 1 or items < 10:
         raise DataError(f"A synthetic data set needs at least 1 user and 10 items (got {users} and {items}).")
     rng = np.random.default_rng(seed)

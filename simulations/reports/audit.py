@@ -165,7 +165,7 @@ def run_plan(run: RunFiles, tenant: str) -> RunPlan:
             accountant=run.privacy.get("accountant", rc.get("accountant")),
             cap=float(cap) if cap is not None else None,
             max_grad_norm=1.0,
-            planned_rounds=1,
+            planned_rounds=2 if (run.privacy.get("approach") or {}).get("name") == "dp_two_stage" else 1,
             sample_rate=1.0,
             steps=1,
         )
