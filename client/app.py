@@ -30,14 +30,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 
 from fedrec.client.faults import adversary_kind, corrupt, maybe_crash, maybe_drop
+from fedrec.client.mods import secagg_when_asked
 from fedrec.client.task import (
     TenantPaths,
     TrainOutcome,
@@ -79,16 +79,6 @@ def _checked(kind: str, msg: Message, cfg: RunConfig) -> Message:
     """The reply, after the transcript inventory allowed every field in it (else nothing is sent)."""
     transcript.check_reply(kind, msg.content, exact_allowed=cfg.eval_exact())
     return msg
-
-
-def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Route SecAgg+ protocol messages through Flower's ``secaggplus_mod``; others pass untouched."""
-    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
-        from flwr.client.mod import secaggplus_mod
-
-        reply = secaggplus_mod(msg, context, call_next)
-        return _checked(transcript.SECAGG, reply, RunConfig.from_mapping(context.run_config))
-    return call_next(msg, context)
 
 
 app = ClientApp(mods=[secagg_when_asked])
@@ -291,6 +281,8 @@ def evaluate(msg: Message, context: Context) -> Message:
             sums, cfg, paths, as_int(conf["round"]), digest.hexdigest()
         )
         status["ledger-entries"] = json.dumps(ledger_since(paths, str(conf.get("ledger-head", ""))))
+    elif "ledger-head" in conf:  # entries the server lacks (a round charged whose reply was lost)
+        status["ledger-entries"] = json.dumps(ledger_since(paths, str(conf["ledger-head"])))
     content = RecordDict({"status": ConfigRecord(status)})
     if sums:
         content["sums"] = MetricRecord(sums)

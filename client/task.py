@@ -138,24 +138,29 @@ def noise_plan(paths: TenantPaths, budget: TenantBudget, plan: StepPlan, cfg: Ru
         accountant=cfg.accountant,  # type: ignore[arg-type]
         history_before=[*budget.history, *reserved(cfg)],
     )
-    paths.state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "noise_multiplier": sigma,
-                "sample_rate": plan.sample_rate,
-                "steps": plan.steps,
-                "planned_rounds": cfg.planned_rounds(),
-                "init_rounds": [1] if cfg.release_init > 0 else [],  # the release-init round (q = 1)
-                "cap": budget.cap,
-                "delta": cfg.delta,
-                "accountant": cfg.accountant,
-            }
-        ),
-        encoding="utf-8",
-    )
-    os.replace(tmp, path)
+    try:
+        paths.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "noise_multiplier": sigma,
+                    "sample_rate": plan.sample_rate,
+                    "steps": plan.steps,
+                    "planned_rounds": cfg.planned_rounds(),
+                    "init_rounds": [1] if cfg.release_init > 0 else [],  # the release-init round (q = 1)
+                    "cap": budget.cap,
+                    "delta": cfg.delta,
+                    "accountant": cfg.accountant,
+                }
+            ),
+            encoding="utf-8",
+        )
+        os.replace(tmp, path)
+    except OSError:
+        # The state dir cannot be written (read-only mount, immutable, full): the plan is not kept,
+        # and tenant_train refuses the round before training, so nothing is charged under it.
+        pass
     return sigma
 
 
@@ -165,6 +170,7 @@ class TrainOutcome:
 
     tenant_id: str
     status: str  # "ok" | "capped" | "already-charged" (a re-sent round: no update, no new charge)
+    # | "refused" (its state dir cannot be written, so the round could not be charged: no training)
     users: int
     weights: Weights | None = None  # shared parameters (None when capped)
     epsilon: float | None = None  # cumulative ε after this round (None without DP)
@@ -176,6 +182,28 @@ class TrainOutcome:
     ledger_entry: dict[str, Any] | None = None
     message: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def state_dir_problem(state_dir: Path) -> str | None:
+    """Why the budget and ledger in ``state_dir`` cannot be written now (None: they can).
+
+    Tried, not guessed from permission bits (root ignores them; a read-only mount or an immutable
+    directory does not): a file is created and removed beside the budget, and the ledger is opened
+    for appending, as a charge does."""
+    probe = state_dir / f".write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"x")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+        ledger = state_dir / LEDGER_FILE
+        if ledger.exists():
+            with open(ledger, "ab"):
+                pass
+    except OSError as e:
+        return f"state dir {state_dir} is not writable: {e.strerror or e}"
+    return None
 
 
 def load_data(paths: TenantPaths) -> TenantData:
@@ -249,11 +277,34 @@ def tenant_count(cfg: RunConfig, paths: TenantPaths, n: int) -> int:
     return noisy
 
 
+def refuse_unwritable(cfg: RunConfig, paths: TenantPaths, n_users: int, what: str) -> TrainOutcome | None:
+    """With DP, a refusal (nothing trained, charged or counted) when the state dir cannot be written,
+    checked before anything is charged — the noisy count ñ of round 0 included: its charge could not be
+    written either, so the refusal reports 0 users rather than an uncharged count."""
+    if not cfg.dp:
+        return None
+    try:
+        paths.state_dir.mkdir(parents=True, exist_ok=True)  # a first round: not there yet
+        unwritable = state_dir_problem(paths.state_dir)
+    except OSError as e:
+        unwritable = f"state dir {paths.state_dir} cannot be created: {e.strerror or e}"
+    if not unwritable:
+        return None
+    budget = tenant_budget(cfg, paths, n_users)
+    return TrainOutcome(
+        paths.tenant_id, "refused", 0, epsilon=budget.spent(), cap=budget.cap,
+        message=f"cannot charge {what} to the ledger ({unwritable}); refusing to train",
+    )  # fmt: skip
+
+
 def tenant_train(
     weights: Weights, model_cfg: ModelConfig, cfg: RunConfig, paths: TenantPaths, round_: int
 ) -> TrainOutcome:
     """One round of local training for this tenant (see module docstring for the order of steps)."""
     split = load_data(paths).split
+    refused = refuse_unwritable(cfg, paths, split.n_users, f"round {round_}")
+    if refused is not None:
+        return refused
     n = tenant_count(cfg, paths, split.n_users)  # ñ with DP: everything below is planned from it
     local = local_config(cfg)
     plan = plan_round(n, local)
@@ -301,6 +352,11 @@ def tenant_train(
     if not budget.can_train(noise_multiplier=sigma, sample_rate=q, steps=steps):
         after = budget.preview(noise_multiplier=sigma, sample_rate=q, steps=steps)
         return refuse(f"training round {round_} would reach ε={after:.3f} > cap {budget.cap:g}")
+    unwritable = state_dir_problem(paths.state_dir)
+    if unwritable:  # it could not charge the round: refuse before training, release nothing
+        return refuse(
+            f"cannot charge round {round_} to the ledger ({unwritable}); refusing to train", "refused"
+        )
     stats = train_round(model, split, local, noise_multiplier=sigma, seed=secrets.randbits(63), plan=plan)
     # Charge and log BEFORE the update leaves the tenant.
     eps = budget.charge(round=round_, noise_multiplier=sigma, sample_rate=q, steps=steps)
@@ -413,6 +469,9 @@ def tenant_release(
             f"the item–item Gram of {columns} items is too large to release (gram-limit {cfg.gram_limit}); "
             "use the dp_two_stage, dp_popularity or mlp approach"
         )
+    refused = refuse_unwritable(cfg, paths, split.n_users, "the release")
+    if refused is not None:
+        return refused
     n = tenant_count(cfg, paths, split.n_users)  # ñ with DP (reported, and in the ledger)
     if not cfg.dp:
         exact = release_message(
@@ -439,6 +498,12 @@ def tenant_release(
         return TrainOutcome(
             paths.tenant_id, "capped", n, epsilon=budget.spent(), cap=budget.cap, noise_multiplier=sigma,
             sample_rate=1.0, steps=1, message=f"no budget left for the release (cap {budget.cap:g})",
+        )  # fmt: skip
+    unwritable = state_dir_problem(paths.state_dir)
+    if unwritable:
+        return TrainOutcome(
+            paths.tenant_id, "refused", n, epsilon=budget.spent(), cap=budget.cap, noise_multiplier=sigma,
+            sample_rate=1.0, steps=1, message=f"cannot charge the release to the ledger ({unwritable})",
         )  # fmt: skip
     noise = gram.ReleaseNoise(sigma=sigma, pop_share=pop_share, shares=shares)
     fields = gram.release_ledger_fields(

@@ -53,7 +53,7 @@ from fedrec.server.release import (
     sum_noise,
 )
 from fedrec.server.release_init import init_from_release, init_model_config, init_problem
-from fedrec.server.secagg import SecureAggregator, shares_and_threshold
+from fedrec.server.secagg import SecureAggregator, reply_node, shares_and_threshold
 from fedrec.shared_model.artifacts import save_model, write_json_atomic
 from fedrec.shared_model.codec import (
     Weights,
@@ -115,6 +115,18 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
             raise FedrecError(
                 f"only {len(nodes)} of {expected} tenant node(s) connected within {timeout:g} s"
             )
+        time.sleep(0.5)
+
+
+def wait_for_rejoin(grid: Grid, nodes: list[int], timeout: float) -> list[int]:
+    """Before a round, wait up to ``timeout`` s for every node of the run to be connected (a partner
+    whose SuperNode restarted after a crash, or that stalled and resumed, takes part again instead of
+    being lost for one more round); the nodes still missing, which the round then goes on without."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = sorted(set(nodes) - set(grid.get_node_ids()))
+        if not missing or time.monotonic() >= deadline:
+            return missing
         time.sleep(0.5)
 
 
@@ -200,20 +212,21 @@ def federated_eval(
     sees each reply's status record (its ledger entries); a reply without sums (a tenant that refused:
     capped, already charged) is reported as an error line.
     """
-    msgs = []
+    sent: list[Message] = []
     for nid in nodes:
         config = {"which": which, "model-config": model_json, **(extra(nid) if extra else {})}
-        msgs.extend(_messages([nid], MessageType.EVALUATE, weights, config, group))
-    replies = grid.send_and_receive(msgs, timeout=timeout)
+        sent.extend(_messages([nid], MessageType.EVALUATE, weights, config, group))
+    replies = grid.send_and_receive(sent, timeout=timeout)
     total: EvalResult | None = None
     errors = []
     for rep in replies:
+        nid = reply_node(rep, sent)
         if rep.has_error():
-            errors.append(f"node {rep.metadata.src_node_id}: {_short(rep.error.reason or '')}")
+            errors.append(f"node {nid}: {_short(rep.error.reason or '')}")
             continue
         st = config_of(rep.content, "status")
         if on_status is not None:
-            on_status(rep.metadata.src_node_id, st)
+            on_status(nid, st)
         if "sums" not in rep.content.metric_records:
             errors.append(f"{st.get('tenant')!s}: {st.get('status')!s} {st.get('message', '')!s}".strip())
             continue
@@ -343,6 +356,11 @@ class _Federation:
         """The final test evaluation; under eval-privacy dp each tenant charges it at ``charge_round``
         and hands over the ledger entry, which the server's copy records like a training round's."""
         cfg = self.cfg
+        if cfg.eval_exact():  # the exact sums are not charged, but the replies bring lost entries
+            return federated_eval(
+                self.grid, self.nodes, self.eval_weights(), self.model_json, "test", cfg.round_timeout, "test",
+                **self.ledger_sync(),
+            )  # fmt: skip
         extra = on_status = None
         if not cfg.eval_exact():
 
@@ -367,6 +385,21 @@ class _Federation:
         )  # fmt: skip
 
     # ---------------------------------------------------------- ledgers
+    def ledger_sync(self) -> dict[str, Any]:
+        """``federated_eval`` hooks with which each evaluation reply brings the tenant's ledger entries
+        the server lacks: a round charged whose update was lost to a crash is recorded even when no
+        training round follows (the last round)."""
+
+        def extra(nid: int) -> dict[str, Any]:
+            return {"ledger-head": self.head_for(nid)}
+
+        def on_status(nid: int, st: Mapping[str, Any]) -> None:
+            problem = self.sync_ledger(nid, st)
+            if problem:
+                self.log(f"node {nid}: evaluation ledger entries not recorded: {problem}")
+
+        return {"extra": extra, "on_status": on_status}
+
     def head_for(self, nid: int) -> str:
         """The ledger head the server holds for the node's tenant ("" = unknown: send everything)."""
         tenant = self.node_tenant.get(nid)
@@ -405,6 +438,19 @@ class _Federation:
                 os.fsync(f.fileno())
             ts.ledger_head = str(new[-1]["hash"])
         return None
+
+    def sync_ledger(self, nid: int, st: Mapping[str, Any]) -> str | None:
+        """Record the ledger entries an evaluation reply brought (none: nothing to do)."""
+        if "ledger-entries" not in st:
+            return None
+        tenant = str(st["tenant"])
+        self.node_tenant[nid] = tenant
+        ts = self.status.setdefault(tenant, TenantStatus())
+        entries = json.loads(str(st["ledger-entries"]) or "[]")
+        problem = self.record_ledger(tenant, ts, entries, self.sent_heads.get(nid, ""))
+        if not problem and entries:
+            ts.epsilon = max(ts.epsilon or 0.0, float(entries[-1]["epsilon"]))
+        return problem
 
     # ---------------------------------------------------------- resume
     def restore(self) -> int:
@@ -502,7 +548,7 @@ class _Federation:
         """
         seen = set()
         for rep in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
-            nid = rep.metadata.src_node_id
+            nid = reply_node(rep, messages)  # not the SuperLink's id when it answers for a lost node
             seen.add(nid)
             if rep.has_error():
                 rd.failure(nid, rep.error.reason or "")
@@ -886,7 +932,12 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     rounds_path = out / "rounds.jsonl"
     for rnd in range(done + 1, n_rounds + 1):
         r0 = time.perf_counter()
+        missing = wait_for_rejoin(grid, fed.nodes, cfg.rejoin_wait) if cfg.rejoin_wait > 0 else []
         rd = _Round(fed, rnd)
+        if cfg.rejoin_wait > 0:
+            rd.row["waited_for_rejoin"] = round(time.perf_counter() - r0, 1)
+            if missing:
+                rd.row["not_connected"] = missing
         if cfg.resume and rnd == done + 1:
             rd.row["resumed_from"] = done
         faults = cfg.planned_faults(fed.tenants, rnd)
@@ -908,7 +959,14 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
             )
         elif rnd % max(1, cfg.eval_every) == 0 or rnd == n_rounds:
             val, errs = federated_eval(
-                grid, fed.nodes, fed.eval_weights(), fed.model_json, "val", cfg.round_timeout, f"val-{rnd}"
+                grid,
+                fed.nodes,
+                fed.eval_weights(),
+                fed.model_json,
+                "val",
+                cfg.round_timeout,
+                f"val-{rnd}",
+                **fed.ledger_sync(),
             )
             row["val"] = val.get("full", {})
             row["failures"] += [{"reason": e, "phase": "val"} for e in errs]
@@ -941,6 +999,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     test, errs = fed.test_eval(n_rounds + 1)
     if not test:
         raise FedrecError("final test evaluation got no result from any tenant: " + "; ".join(errs[:3]))
+    for err in errs:
+        log(f"test evaluation: {err}")
     metrics: dict[str, Any] = dict(test)
     metrics["evaluation"] = evaluation_label(cfg)
     metrics["final_model"] = final

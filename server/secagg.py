@@ -36,6 +36,7 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -135,14 +136,44 @@ class _WatchedGrid(Grid):
         if sent and RECORD_KEY_CONFIGS in sent[0].content.config_records:
             stage = str(sent[0].content.config_records[RECORD_KEY_CONFIGS].get(SaKey.STAGE, ""))
         replies = list(self.inner.send_and_receive(sent, timeout=timeout))
-        answered = {r.metadata.src_node_id for r in replies}
+        answered = {reply_node(r, sent) for r in replies}
         for r in replies:
             if r.has_error():
-                self.errors.append((r.metadata.src_node_id, f"SecAgg+ {stage}: {_reason(r.error.reason)}"))
+                self.errors.append((reply_node(r, sent), f"SecAgg+ {stage}: {_reason(r.error.reason)}"))
         for m in sent:
             if m.metadata.dst_node_id not in answered:
                 self.errors.append((m.metadata.dst_node_id, f"SecAgg+ {stage}: no reply within {timeout} s"))
         return replies
+
+
+def reply_node(reply: Message, sent: Iterable[Message]) -> int:
+    """The node a reply answers for. An error the SuperLink makes itself (e.g. "Node Unavailable": no
+    heartbeat) comes from the SuperLink's own id (1), so the node is the one the message was sent to."""
+    for m in sent:
+        if m.metadata.message_id and m.metadata.message_id == reply.metadata.reply_to_message_id:
+            return int(m.metadata.dst_node_id)
+    return int(reply.metadata.src_node_id)
+
+
+class _Workflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, with one fix for nodes lost *before* their key shares went out.
+
+    Flower keeps a node that failed the setup or share-keys stage in ``sampled_node_ids`` and then
+    names it a dropout in the unmask stage; the survivors hold no share of its key (it never sent
+    them), so every survivor's ClientApp fails with ``KeyError`` and the round is lost although the
+    threshold still answers (seen with a SuperNode SIGSTOPped during setup, tests/test_deploy_faults.py).
+    After share keys only the nodes whose shares were forwarded can be dropouts, and only they were
+    masked against: the sampled set and every neighbourhood shrink to them.
+    """
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = bool(super().share_keys_stage(grid, context, state))
+        kept = set(state.active_node_ids)
+        state.sampled_node_ids = kept
+        state.nid_to_neighbours = {
+            nid: nb & kept for nid, nb in state.nid_to_neighbours.items() if nid in kept
+        }
+        return ok
 
 
 class SecureAggregator:
@@ -165,7 +196,7 @@ class SecureAggregator:
         self.max_weight = max_weight
         self.timeout = timeout
         self.num_rounds = num_rounds
-        self.workflow = SecAggPlusWorkflow(
+        self.workflow = _Workflow(
             # An int ≤ 2 is rejected by Flower; 1.0 means "every sampled node", the same thing.
             num_shares=self.num_shares if self.num_shares > 2 else 1.0,
             reconstruction_threshold=self.threshold,

@@ -64,6 +64,7 @@ class RunConfig:
     min_tenants: int = 1  # fewest successful tenants for a round to count
     node_wait_timeout: float = 120.0  # seconds to wait for the SuperNodes to connect
     round_timeout: float = 1800.0  # seconds to wait for the replies of one round
+    rejoin_wait: float = 0.0  # before each round, seconds to wait for a dropped tenant node to come back
     dp: bool = True  # user-level DP-SGD; false = same pipeline without clipping or noise
     epsilon: float = 8.0  # each tenant's user-level ε cap for the whole run
     delta: float = 1e-5  # δ; must be < 1/users of every tenant

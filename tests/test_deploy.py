@@ -12,6 +12,7 @@ import shlex
 import stat
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -344,3 +345,76 @@ def test_deploy_json_has_no_key_material(tmp_path: Path) -> None:
     init_deployment(root, address="127.0.0.1:9555", partners=["tenant-0"], app_dir=APP_DIR)
     text = (root / "deploy.json").read_text()
     assert "PRIVATE" not in text and json.loads(text)["format"] == deploy.DEPLOY_FORMAT
+
+
+def test_resume_point_reads_the_checkpoint_and_refuses_what_it_cannot_continue(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(FedrecError, match="no checkpoint to resume from"):
+        deploy.resume_point(run, "r1", 3)
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "round.json").write_text('{"round": 2}')
+    (run / "checkpoint" / "model.json").write_text('{"run_id": "r1"}')
+    assert deploy.resume_point(run, "r1", 3) == 2
+    with pytest.raises(FedrecError, match="run name 'r1'"):
+        deploy.resume_point(run, "other", 3)
+    with pytest.raises(FedrecError, match="already has 2 of 2"):
+        deploy.resume_point(run, "r1", 2)
+
+
+def test_cli_launch_resume_without_a_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
+    root = tmp_path / "op"
+    ok = subprocess.run(
+        [*FEDREC, "deploy", "init", str(root), "--address", "127.0.0.1:9555", "--partner", "tenant-0",
+         "--partner", "tenant-1", "--app-dir", str(APP_DIR)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text("{}")
+    run = tmp_path / "run"
+    bad = subprocess.run(
+        [*FEDREC, "deploy", "launch", str(root), "--run-dir", str(run), "--catalog", str(catalog),
+         "--max-users", "10", "--resume", "--dry-run"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0 and "no checkpoint to resume from" in bad.stderr
+    assert not run.exists() and not (root / "runs").exists(), "nothing written"
+
+
+# ------------------------------------------------------------------ the deployed ClientApp, rejoin-wait
+def test_the_deployed_clientapp_loads_without_torch() -> None:
+    """A SuperNode starts one ClientApp process per message; the module it loads (pyproject's
+    ``clientapp``) must not import torch, which only the training and evaluation handlers need."""
+    app_ref = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"][
+        "flwr"
+    ]["app"]["components"]["clientapp"]
+    module = app_ref.split(":")[0]
+    code = f"import sys, {module}; assert 'torch' not in sys.modules and 'opacus' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+class _Link:
+    """The one Grid call rejoin-wait makes: the nodes the SuperLink lists connected (``back_at``: when
+    each hidden node reconnects)."""
+
+    def __init__(self, nodes: list[int], back_at: dict[int, float]) -> None:
+        self.nodes, self.back_at = nodes, back_at
+
+    def get_node_ids(self) -> list[int]:
+        now = time.monotonic()
+        return [n for n in self.nodes if self.back_at.get(n, 0.0) <= now]
+
+
+def test_rejoin_wait_waits_for_a_restarted_node_and_gives_up_after_its_bound() -> None:
+    from fedrec.server.loop import wait_for_rejoin
+
+    t0 = time.monotonic()
+    link = _Link([1, 2, 3], {2: t0 + 0.6})
+    assert wait_for_rejoin(link, [1, 2, 3], timeout=10.0) == []  # type: ignore[arg-type]
+    assert 0.6 <= time.monotonic() - t0 < 5
+    t1 = time.monotonic()
+    gone = _Link([1, 2, 3], {3: t1 + 1e9})
+    assert wait_for_rejoin(gone, [1, 2, 3], timeout=0.5) == [3]  # type: ignore[arg-type]
+    assert 0.5 <= time.monotonic() - t1 < 5

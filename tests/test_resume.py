@@ -8,6 +8,7 @@ process group, Ray included) and runs ``--resume``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from flwr.app import Message, MessageType
+from flwr.app import Error, Message, MessageType
 
 from fedrec.client.app import app
 from fedrec.client.task import LEDGER_FILE
@@ -172,3 +173,127 @@ def test_kill_9_of_fedrec_simulate_then_resume(fed: Path, tmp_path: Path) -> Non
     trained = [e["round"] for e in own if e.get("mechanism") is None]  # besides the noisy count (round 0)
     assert trained == [1, 2, 3], "the crashed round stays charged, once"
     assert not (out.parent / ".run.partial").exists() and not (out / "resume.json").exists()
+
+
+def test_a_last_round_charged_whose_reply_was_lost_reaches_the_servers_copy_at_evaluation(
+    fed: Path, tmp_path: Path
+) -> None:
+    """tenant-1 trains and charges the last round, but its reply is lost (its SuperNode killed after
+    charging, tests/test_deploy_faults.py): no training round follows, so the final test evaluation
+    must bring the entry — the server's copy equals the tenant's own, and privacy.json says the ε spent."""
+    run = tmp_path / "run"
+    cfg = RunConfig(
+        fed_dir=str(fed),
+        run_dir=str(run),
+        run_name="lost-last",
+        num_server_rounds=1,
+        num_tenants=TENANTS,
+        min_tenants=1,
+        epsilon=6.0,
+        batch_users=32,
+        accountant="rdp",
+        eval_every=5,
+        eval_privacy="exact",  # an uncharged evaluation must bring the entry too (dp's charges anyway)
+    )
+    grid: list[LoopbackGrid] = []
+
+    def lossy(msg: Message, context: object) -> Message:
+        reply = app(msg, context)  # the real ClientApp: trains, charges, logs
+        lost = context.node_config["partition-id"] == 1  # type: ignore[attr-defined]
+        if lost and msg.metadata.message_type == MessageType.TRAIN:
+            return Message(Error(code=0, reason="Node Unavailable: killed after charging"), reply_to=msg)
+        return reply
+
+    grid.append(LoopbackGrid(lossy, cfg.to_mapping(), TENANTS))  # type: ignore[arg-type]
+    run_federation(grid[0], cfg, log=lambda _: None)
+    own, _ = read_entries(fed / "tenant-1" / "state" / "lost-last" / LEDGER_FILE)
+    copy, problems = read_entries(run / "ledger" / "tenant-1.jsonl")
+    assert [e["round"] for e in own] == [0, 1], "tenant-1 was charged for its count and round 1"
+    assert not problems and [e["hash"] for e in copy] == [e["hash"] for e in own]
+    row = json.loads((run / "rounds.jsonl").read_text().splitlines()[0])
+    assert "tenant-1" not in row["tenants"] and row["aggregated"] == 1, "its update never arrived"
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert privacy["tenants"]["tenant-1"]["epsilon"] == pytest.approx(own[-1]["epsilon"])
+    assert privacy["tenants"]["tenant-1"]["ledger_head"] == own[-1]["hash"]
+
+
+@contextlib.contextmanager
+def unwritable(folder: Path):  # type: ignore[no-untyped-def]
+    """``folder`` made read-only for real: mode 0500 (enough unless root), else ``chattr +i`` (root on
+    ext4); skips when neither stops a write here."""
+    probe = folder / ".probe"
+    folder.chmod(0o500)
+    undo = ["chmod"]
+    try:
+        probe.write_bytes(b"x")
+        probe.unlink()
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False).returncode:
+            pytest.skip("cannot make a folder read-only here (root without chattr)")
+        undo.append("chattr")
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        if "chattr" in undo:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o700)
+
+
+def test_a_partner_whose_state_dir_is_read_only_refuses_to_train_and_says_so(
+    fed: Path, tmp_path: Path
+) -> None:
+    from fedrec.client.task import resolve_tenant, tenant_train
+    from fedrec.server.loop import model_config
+    from fedrec.shared_model.codec import state_weights
+    from fedrec.shared_model.data import Catalog
+    from fedrec.shared_model.model import HistoryMLP
+
+    cfg = RunConfig(
+        fed_dir=str(fed), run_dir=str(tmp_path / "run"), run_name="readonly", num_server_rounds=3,
+        num_tenants=TENANTS, epsilon=6.0, batch_users=32, accountant="rdp",
+    )  # fmt: skip
+    cat = Catalog.from_json(json.loads((fed / "catalog.json").read_text()))
+    model = HistoryMLP(model_config(cat, cfg), cat.genres)
+    weights = state_weights(model)
+    paths = resolve_tenant({"partition-id": 0}, cfg)
+    first = tenant_train(weights, model.cfg, cfg, paths, 1)
+    assert first.status == "ok"
+    ledger = paths.state_dir / LEDGER_FILE
+    before = ledger.read_bytes()
+    with unwritable(paths.state_dir):
+        second = tenant_train(weights, model.cfg, cfg, paths, 2)
+    assert second.status == "refused" and second.weights is None
+    assert "cannot charge round 2" in second.message and "not writable" in second.message
+    assert second.epsilon == pytest.approx(first.epsilon), "nothing charged"
+    assert ledger.read_bytes() == before, "the ledger is untouched"
+    third = tenant_train(weights, model.cfg, cfg, paths, 3)  # writable again: it trains
+    assert third.status == "ok" and [e["round"] for e in read_entries(ledger)[0]] == [0, 1, 3]  # 0: ñ
+
+
+def test_a_state_dir_read_only_before_the_first_round_is_refused_not_an_error(
+    fed: Path, tmp_path: Path
+) -> None:
+    """Read-only before anything was written (no noise plan yet): the round is refused with the reason,
+    not a ClientApp crash while persisting the plan; once writable again the partner trains."""
+    from fedrec.client.task import resolve_tenant, tenant_train
+    from fedrec.server.loop import model_config
+    from fedrec.shared_model.codec import state_weights
+    from fedrec.shared_model.data import Catalog
+    from fedrec.shared_model.model import HistoryMLP
+
+    cfg = RunConfig(
+        fed_dir=str(fed), run_dir=str(tmp_path / "run"), run_name="readonly-first", num_server_rounds=2,
+        num_tenants=TENANTS, epsilon=6.0, batch_users=32, accountant="rdp",
+    )  # fmt: skip
+    cat = Catalog.from_json(json.loads((fed / "catalog.json").read_text()))
+    model = HistoryMLP(model_config(cat, cfg), cat.genres)
+    paths = resolve_tenant({"partition-id": 1}, cfg)
+    paths.state_dir.mkdir(parents=True)
+    with unwritable(paths.state_dir):
+        first = tenant_train(state_weights(model), model.cfg, cfg, paths, 1)
+    assert first.status == "refused" and first.weights is None and "not writable" in first.message
+    assert sorted(p.name for p in paths.state_dir.iterdir()) == [], "nothing written, nothing charged"
+    again = tenant_train(state_weights(model), model.cfg, cfg, paths, 1)
+    rounds = [e["round"] for e in read_entries(paths.state_dir / LEDGER_FILE)[0]]
+    assert again.status == "ok" and rounds == [0, 1]  # 0: the noisy count, charged with the first round

@@ -28,7 +28,7 @@ from fedrec.shared_model.runconfig import RunConfig
 from fedrec.simulations.data.dataset import prepare_dataset
 from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
 from fedrec.simulations.data.sources import load
-from fedrec.simulations.driver.loopback import LoopbackGrid
+from fedrec.simulations.driver.loopback import UNAVAILABLE, LoopbackGrid
 
 TENANTS = 3
 
@@ -69,21 +69,26 @@ def stage_of(msg: Message) -> str | None:
     return str(rec[Key.STAGE]) if rec is not None and Key.STAGE in rec else None
 
 
-def drop_in_training(*partitions: int):  # type: ignore[no-untyped-def]
-    """A drop rule: these partitions fail the SecAgg+ stage that carries the model (mid-round)."""
+def drop_in_training(*partitions: int, stage: str = Stage.COLLECT_MASKED_VECTORS):  # type: ignore[no-untyped-def]
+    """A drop rule: these partitions fail ``stage`` (default: the one that carries the model) and,
+    being gone, every later stage of the round; answered as the SuperLink answers for a lost node."""
 
     def rule(nid: int, msg: Message, grid: list[LoopbackGrid]) -> str | None:
         pid = grid[0].contexts[nid].node_config["partition-id"]
-        if pid in partitions and stage_of(msg) == Stage.COLLECT_MASKED_VECTORS:
-            return f"partition {pid} died mid-round"
+        order = [Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK]
+        now = stage_of(msg)
+        if pid in partitions and now in order and order.index(now) >= order.index(stage):
+            return f"{UNAVAILABLE}: partition {pid} died mid-round"
         return None
 
     return rule
 
 
-def make_grid(cfg: RunConfig, drop_parts: tuple[int, ...] = ()) -> LoopbackGrid:
+def make_grid(
+    cfg: RunConfig, drop_parts: tuple[int, ...] = (), stage: str = Stage.COLLECT_MASKED_VECTORS
+) -> LoopbackGrid:
     holder: list[LoopbackGrid] = []
-    rule = drop_in_training(*drop_parts)
+    rule = drop_in_training(*drop_parts, stage=stage)
     grid = LoopbackGrid(app, cfg.to_mapping(), TENANTS, drop=lambda nid, msg: rule(nid, msg, holder))
     holder.append(grid)
     return grid
@@ -99,9 +104,15 @@ def test_shares_and_threshold_follow_the_number_of_tenants() -> None:
 
 
 def secure_mean(
-    fed: Path, cfg: RunConfig, weights: dict[str, np.ndarray], param_keys: list[str], drop: tuple[int, ...]
+    fed: Path,
+    cfg: RunConfig,
+    weights: dict[str, np.ndarray],
+    param_keys: list[str],
+    drop: tuple[int, ...],
+    stage: str = Stage.COLLECT_MASKED_VECTORS,
+    failures: list[tuple[int, str]] | None = None,
 ) -> tuple[dict[str, np.ndarray] | None, str, float]:
-    grid = make_grid(cfg, drop)
+    grid = make_grid(cfg, drop, stage)
     agg = SecureAggregator(
         grid,
         sorted(grid.get_node_ids()),
@@ -113,6 +124,8 @@ def secure_mean(
     model_json = json.dumps(global_weights(fed, cfg)[0].cfg.to_json())
     t0 = time.perf_counter()
     res = agg.run_round(1, weights, param_keys, lambda nid: {"model-config": model_json, "ledger-head": ""})
+    if failures is not None:
+        failures.extend(res.failures)
     return res.mean_delta, res.halted, time.perf_counter() - t0
 
 
@@ -189,14 +202,22 @@ def test_a_plain_train_message_is_refused_when_the_run_uses_secagg(fed: Path, tm
     assert reply.has_error() and "refusing to send an unmasked update" in (reply.error.reason or "")
 
 
-def test_one_tenant_dropping_mid_round_is_within_the_threshold(fed: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", [Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK])
+def test_one_tenant_dropping_mid_round_is_within_the_threshold(fed: Path, tmp_path: Path, stage: str) -> None:
+    """At every stage (a SuperNode SIGSTOPped or killed there, as the SuperLink reports it). Before
+    the fix in ``fedrec.server.secagg._Workflow`` a drop at setup or share keys lost the whole round
+    (Flower named the node a dropout in unmask; the survivors hold no share of its key)."""
     cfg = run_cfg(fed, tmp_path / "drop1")
     model, weights = global_weights(fed, cfg)
     keys = [k for k, _ in model.named_parameters()]
     deltas = plaintext_deltas(fed, cfg, weights)
-    mean, halted, _ = secure_mean(fed, cfg, weights, keys, (1,))
+    failures: list[tuple[int, str]] = []
+    mean, halted, _ = secure_mean(fed, cfg, weights, keys, (1,), stage, failures)
     assert not halted and mean is not None
-    survivors = [deltas[0], deltas[2]]
+    # the lost node is named (not the SuperLink's id 1), once per stage it missed
+    assert failures and all(nid != 1 and UNAVAILABLE in why for nid, why in failures), failures
+    # dropped at unmask, its masked update is already in the sum (its own shares are not needed)
+    survivors = deltas if stage == Stage.UNMASK else [deltas[0], deltas[2]]
     expected = {k: sum(n * d[k] for d, n in survivors) / sum(n for _, n in survivors) for k in keys}
     worst = max(float(np.abs(mean[k] - expected[k]).max()) for k in keys)
     assert worst <= 3 * quantization_step(cfg.max_update_norm), "the dropped tenant's masks were removed"

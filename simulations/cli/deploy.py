@@ -211,6 +211,14 @@ def launch(
     ] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds --wait waits at most.")] = 3600.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write and print the run config only.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue RUN_DIR after its last checkpointed round (same --run-name; e.g. after the "
+            "SuperLink died mid-run). Partners never pay twice for a round they were charged.",
+        ),
+    ] = False,
 ) -> None:
     """Operator: write the run config (DP + SecAgg+ on) and start the run with `flwr run`."""
     from fedrec.simulations.deploy.kit import (
@@ -218,6 +226,7 @@ def launch(
         deployment_run_config,
         launch_run,
         parse_set,
+        resume_point,
         run_command,
         run_config_toml,
         wait_for_run,
@@ -226,6 +235,10 @@ def launch(
     dep = Deployment(deploy_dir.absolute())
     s = dep.settings()
     extra = {"epsilon": epsilon, **parse_set(set_ or [])}
+    if resume:
+        done = resume_point(run_dir, run_name, rounds)
+        extra["resume"] = True
+        err_console.print(f"resuming {run_dir} after round {done} of {rounds}")
     config = deployment_run_config(
         run_dir=run_dir,
         catalog=catalog,

@@ -510,6 +510,26 @@ def deployment_run_config(
     return config
 
 
+def resume_point(run_dir: Path, run_name: str, rounds: int) -> int:
+    """The last round RUN_DIR checkpointed, for ``deploy launch --resume``; one-line error when there
+    is nothing to resume (no checkpoint, another run name, every round done)."""
+    ck = run_dir / "checkpoint"
+    try:
+        done = int(json.loads((ck / "round.json").read_text(encoding="utf-8"))["round"])
+        saved = json.loads((ck / "model.json").read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FedrecError(
+            f"{run_dir} has no checkpoint to resume from (no round finished); launch it again without --resume"
+        ) from None
+    if saved is not None and saved != run_name:
+        raise FedrecError(
+            f"{run_dir} belongs to run name {saved!r}, not {run_name!r}: pass --run-name {saved}"
+        )
+    if done >= rounds:
+        raise FedrecError(f"{run_dir} already has {done} of {rounds} round(s): nothing to resume")
+    return done
+
+
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
     """``--set key=VALUE`` (VALUE in TOML: 3, 0.5, true, "text") → a mapping."""
     out: dict[str, Any] = {}
@@ -838,6 +858,7 @@ __all__ = [
     "make_server_cert",
     "node_config_string",
     "register_command",
+    "resume_point",
     "run_status",
     "superlink_command",
     "supernode_command",

@@ -8,7 +8,8 @@ aggregation, SecAgg+, ledgers, resume); the real transport is exercised by the s
 
 ``received`` keeps every reply the server got, so a test can inspect exactly what reached it;
 ``drop`` lets a test make a node fail a given SecAgg+ stage or round (an error reply, as Flower
-reports a node whose ClientApp raised or died).
+reports a node whose ClientApp raised or died; a reason starting with :data:`UNAVAILABLE` comes from
+the SuperLink's id, as Flower reports a SuperNode that stopped sending heartbeats).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 #: decides whether node ``nid`` fails ``msg`` (return a reason) or handles it (None)
 DropRule = Callable[[int, Message], str | None]
+#: a drop reason starting with this is answered as the SuperLink answers for a node whose heartbeat
+#: stopped (a stalled or dead SuperNode): an error reply from the SuperLink's own node id
+UNAVAILABLE = "Node Unavailable"
 
 
 class LoopbackGrid(Grid):
@@ -95,7 +99,10 @@ class LoopbackGrid(Grid):
             nid = msg.metadata.dst_node_id
             reason = self.drop(nid, msg) if self.drop else None
             if reason is not None:
-                replies.append(Message(Error(code=0, reason=reason), reply_to=msg))
+                err = Message(Error(code=0, reason=reason), reply_to=msg)
+                if reason.startswith(UNAVAILABLE):  # made by the SuperLink itself: its own node id
+                    err.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+                replies.append(err)
                 continue
             t0 = time.perf_counter()
             try:  # a copy, as if serialized: the mods edit what they receive

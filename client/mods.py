@@ -1,0 +1,28 @@
+"""The ClientApp's Flower mods, in a module light to import (``fedrec.client.entry`` loads it in every
+ClientApp process, before it knows whether the message needs torch)."""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from fedrec.privacy import transcript
+from fedrec.shared_model.runconfig import RunConfig
+
+
+def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Route SecAgg+ protocol messages through Flower's ``secaggplus_mod``; others pass untouched.
+    Every SecAgg+ reply (keys, shares, the masked vector, unmask shares) passes the transcript
+    inventory before it leaves (:func:`fedrec.privacy.transcript.check_reply`)."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        from flwr.client.mod import secaggplus_mod
+
+        reply = secaggplus_mod(msg, context, call_next)
+        cfg = RunConfig.from_mapping(context.run_config)
+        transcript.check_reply(transcript.SECAGG, reply.content, exact_allowed=cfg.eval_exact())
+        return reply
+    return call_next(msg, context)
+
+
+__all__ = ["secagg_when_asked"]
