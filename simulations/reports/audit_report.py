@@ -12,6 +12,7 @@ import html
 import math
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -195,30 +196,34 @@ def _plots(outcome: AuditOutcome, run: RunFiles) -> dict[str, bytes]:
         )
         save("release_tradeoff.png", fig)
 
+    def score_histogram(
+        name: str, scores: Sequence[float], included: Sequence[bool], bins: int, xlabel: str, title: str
+    ) -> None:
+        """Included vs excluded canaries' scores, one histogram (both empirical audits draw one)."""
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        ins = [s for s, i in zip(scores, included, strict=True) if i]
+        outs = [s for s, i in zip(scores, included, strict=True) if not i]
+        ax.hist([ins, outs], bins=bins, label=["included canaries", "excluded canaries"], alpha=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("canaries")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        save(name, fig)
+
     emp = outcome.empirical
     if emp is not None:
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        ins = [s for s, i in zip(emp.scores, emp.included, strict=True) if i]
-        outs = [s for s, i in zip(emp.scores, emp.included, strict=True) if not i]
-        ax.hist([ins, outs], bins=40, label=["included canaries", "excluded canaries"], alpha=0.8)
-        ax.set_xlabel("membership score (standardised lift of held-out canary items)")
-        ax.set_ylabel("canaries")
-        ax.set_title(f"canary scores, {emp.tenant} replica ({'DP' if emp.dp else 'no DP'})")
-        ax.legend(fontsize=8)
-        save("canary_scores.png", fig)
+        score_histogram(
+            "canary_scores.png", emp.scores, emp.included, 40,
+            "membership score (standardised lift of held-out canary items)",
+            f"canary scores, {emp.tenant} replica ({'DP' if emp.dp else 'no DP'})",
+        )  # fmt: skip
     grad = outcome.gradient
     if grad is not None:
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        ins = [s for s, i in zip(grad.scores, grad.included_mask, strict=True) if i]
-        outs = [s for s, i in zip(grad.scores, grad.included_mask, strict=True) if not i]
-        ax.hist([ins, outs], bins=50, label=["included canaries", "excluded canaries"], alpha=0.8)
-        ax.set_xlabel("log-likelihood ratio of the canary's per-step privatized gradients")
-        ax.set_ylabel("canaries")
-        ax.set_title(
-            f"gradient canaries, {grad.tenant} replica: ε ≥ {grad.epsilon_lb:.2f} vs claimed {grad.claim.epsilon:.2f}"
-        )
-        ax.legend(fontsize=8)
-        save("dpsgd_canary_scores.png", fig)
+        score_histogram(
+            "dpsgd_canary_scores.png", grad.scores, grad.included_mask, 50,
+            "log-likelihood ratio of the canary's per-step privatized gradients",
+            f"gradient canaries, {grad.tenant} replica: ε ≥ {grad.epsilon_lb:.2f} vs claimed {grad.claim.epsilon:.2f}",
+        )  # fmt: skip
     return out
 
 
