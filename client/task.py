@@ -235,6 +235,47 @@ def tenant_budget(cfg: RunConfig, paths: TenantPaths, n_users: int) -> TenantBud
     )
 
 
+def dp_entry(
+    cfg: RunConfig,
+    paths: TenantPaths,
+    cap: float,
+    *,
+    round_: int,
+    users: int,
+    sigma: float,
+    q: float,
+    steps: int,
+    eps: float,
+    max_grad_norm: float,
+    mechanism: str | None = None,
+    count_sigma: float = mech.COUNT_SIGMA,
+) -> dict[str, Any]:
+    """The ledger entry of a Poisson-sampled Gaussian charge — the noisy count (round 0), a DP-SGD
+    round, the DP evaluation — in the field order every ledger has (``mechanism`` absent: DP-SGD)."""
+    entry: dict[str, Any] = {
+        "round": round_,
+        "tenant": paths.tenant_id,
+        "unit": "user",
+        "users": users,
+        "sample_rate": q,
+        "noise_multiplier": sigma,
+        "max_grad_norm": max_grad_norm,
+        "steps": steps,
+        "delta": cfg.delta,
+        "accountant": cfg.accountant,
+        "epsilon": eps,
+        "cap": cap,
+        "poisson": True,
+        "secure_mode": False,  # Opacus secure_mode is unavailable (stated in the README)
+        "status": "ok",
+    }
+    if mechanism is not None:
+        entry["mechanism"] = mechanism
+    entry["relation"] = mech.RELATION
+    entry["count_noise_multiplier"] = count_sigma
+    return entry
+
+
 def tenant_count(cfg: RunConfig, paths: TenantPaths, n: int) -> int:
     """This tenant's noisy user count ñ (``fedrec.privacy.mechanisms``): drawn, charged (round 0) and
     logged once per run, then reused; the exact ``n`` without DP (nothing is protected then)."""
@@ -253,26 +294,20 @@ def tenant_count(cfg: RunConfig, paths: TenantPaths, n: int) -> int:
         eps = budget.charge(round=mech.COUNT_ROUND, noise_multiplier=sigma, sample_rate=q, steps=steps)
     noisy = mech.noisy_count(n)
     ledger.append(
-        {
-            "round": mech.COUNT_ROUND,
-            "tenant": paths.tenant_id,
-            "unit": "user",
-            "users": noisy,
-            "sample_rate": q,
-            "noise_multiplier": sigma,
-            "max_grad_norm": 1.0,  # sensitivity of a count under add/remove
-            "steps": steps,
-            "delta": cfg.delta,
-            "accountant": cfg.accountant,
-            "epsilon": eps,
-            "cap": budget.cap,
-            "poisson": True,  # q = 1: every user is counted (the accountant's q = 1 case)
-            "secure_mode": False,
-            "status": "ok",
-            "mechanism": mech.COUNT_MECHANISM,
-            "relation": mech.RELATION,
-            "count_noise_multiplier": sigma,
-        }
+        dp_entry(
+            cfg,
+            paths,
+            budget.cap,
+            round_=mech.COUNT_ROUND,
+            users=noisy,
+            sigma=sigma,
+            q=q,
+            steps=steps,
+            eps=eps,
+            max_grad_norm=1.0,  # sensitivity of a count under add/remove (q = 1: every user is counted)
+            mechanism=mech.COUNT_MECHANISM,
+            count_sigma=sigma,
+        )
     )
     return noisy
 
@@ -361,25 +396,18 @@ def tenant_train(
     # Charge and log BEFORE the update leaves the tenant.
     eps = budget.charge(round=round_, noise_multiplier=sigma, sample_rate=q, steps=steps)
     entry = Ledger(paths.state_dir / LEDGER_FILE).append(
-        {
-            "round": round_,
-            "tenant": paths.tenant_id,
-            "unit": "user",
-            "users": n,
-            "sample_rate": q,
-            "noise_multiplier": sigma,
-            "max_grad_norm": local.max_grad_norm,
-            "steps": steps,
-            "delta": cfg.delta,
-            "accountant": cfg.accountant,
-            "epsilon": eps,
-            "cap": budget.cap,
-            "poisson": True,
-            "secure_mode": False,
-            "status": "ok",
-            "relation": mech.RELATION,
-            "count_noise_multiplier": mech.COUNT_SIGMA,
-        }
+        dp_entry(
+            cfg,
+            paths,
+            budget.cap,
+            round_=round_,
+            users=n,
+            sigma=sigma,
+            q=q,
+            steps=steps,
+            eps=eps,
+            max_grad_norm=local.max_grad_norm,
+        )
     )
     return TrainOutcome(
         paths.tenant_id,
@@ -475,17 +503,25 @@ def tenant_release(
     n = tenant_count(cfg, paths, split.n_users)  # ñ with DP (reported, and in the ledger)
     if not cfg.dp:
         exact = release_message(
-            split.indptr, split.train_items, n_items,
-            gram.ReleaseNoise(sigma=0.0, pop_share=pop_share), np.random.default_rng(0), selection,
-        )  # fmt: skip
+            split.indptr,
+            split.train_items,
+            n_items,
+            gram.ReleaseNoise(sigma=0.0, pop_share=pop_share),
+            np.random.default_rng(0),
+            selection,
+        )
         return TrainOutcome(paths.tenant_id, "ok", n, exact, steps=1, sample_rate=1.0)
 
     budget = tenant_budget(cfg, paths, split.n_users)
     if round_ in budget.rounds:  # re-sent (a crash after charging): never charge twice, never re-release
         return TrainOutcome(
-            paths.tenant_id, "already-charged", n, epsilon=budget.spent(), cap=budget.cap,
+            paths.tenant_id,
+            "already-charged",
+            n,
+            epsilon=budget.spent(),
+            cap=budget.cap,
             message=f"the release of round {round_} was already charged",
-        )  # fmt: skip
+        )
     sigma = gram.calibrate_release_sigma(
         target_epsilon=budget.cap * epsilon_share,
         delta=cfg.delta,
@@ -496,15 +532,29 @@ def tenant_release(
         sigma = gram.stage_one_sigma(sigma, cfg.select_share)
     if not budget.can_train(noise_multiplier=sigma, sample_rate=1.0, steps=1):
         return TrainOutcome(
-            paths.tenant_id, "capped", n, epsilon=budget.spent(), cap=budget.cap, noise_multiplier=sigma,
-            sample_rate=1.0, steps=1, message=f"no budget left for the release (cap {budget.cap:g})",
-        )  # fmt: skip
+            paths.tenant_id,
+            "capped",
+            n,
+            epsilon=budget.spent(),
+            cap=budget.cap,
+            noise_multiplier=sigma,
+            sample_rate=1.0,
+            steps=1,
+            message=f"no budget left for the release (cap {budget.cap:g})",
+        )
     unwritable = state_dir_problem(paths.state_dir)
     if unwritable:
         return TrainOutcome(
-            paths.tenant_id, "refused", n, epsilon=budget.spent(), cap=budget.cap, noise_multiplier=sigma,
-            sample_rate=1.0, steps=1, message=f"cannot charge the release to the ledger ({unwritable})",
-        )  # fmt: skip
+            paths.tenant_id,
+            "refused",
+            n,
+            epsilon=budget.spent(),
+            cap=budget.cap,
+            noise_multiplier=sigma,
+            sample_rate=1.0,
+            steps=1,
+            message=f"cannot charge the release to the ledger ({unwritable})",
+        )
     noise = gram.ReleaseNoise(sigma=sigma, pop_share=pop_share, shares=shares)
     fields = gram.release_ledger_fields(
         tenant=paths.tenant_id,
@@ -687,26 +737,19 @@ def private_eval(
     eps = budget.charge(round=round_, noise_multiplier=sigma, sample_rate=q, steps=steps)
     noisy, sens = mech.noisy_eval_record(record)
     Ledger(paths.state_dir / LEDGER_FILE).append(
-        {
-            "round": round_,
-            "tenant": paths.tenant_id,
-            "unit": "user",
-            "users": n,
-            "sample_rate": q,
-            "noise_multiplier": sigma,
-            "max_grad_norm": sens,  # L2 sensitivity of the released sums: √d
-            "steps": steps,
-            "delta": cfg.delta,
-            "accountant": cfg.accountant,
-            "epsilon": eps,
-            "cap": budget.cap,
-            "poisson": True,
-            "secure_mode": False,
-            "status": "ok",
-            "mechanism": mech.EVAL_MECHANISM,
-            "relation": mech.RELATION,
-            "count_noise_multiplier": mech.COUNT_SIGMA,
-        }
+        dp_entry(
+            cfg,
+            paths,
+            budget.cap,
+            round_=round_,
+            users=n,
+            sigma=sigma,
+            q=q,
+            steps=steps,
+            eps=eps,
+            max_grad_norm=sens,  # L2 sensitivity of the released sums: √d
+            mechanism=mech.EVAL_MECHANISM,
+        )
     )
     tmp = kept.with_suffix(".tmp")
     tmp.write_text(json.dumps({"round": round_, "model": model_digest, "record": noisy}), encoding="utf-8")
