@@ -354,49 +354,35 @@ class _Federation:
 
     def test_eval(self, charge_round: int) -> tuple[dict[str, Any], list[str]]:
         """The final test evaluation; under eval-privacy dp each tenant charges it at ``charge_round``
-        and hands over the ledger entry, which the server's copy records like a training round's."""
+        and hands over the ledger entry, which the server's copy records like a training round's. The
+        exact sums are not charged, but their replies too bring the entries the server lacks."""
         cfg = self.cfg
-        if cfg.eval_exact():  # the exact sums are not charged, but the replies bring lost entries
-            return federated_eval(
-                self.grid, self.nodes, self.eval_weights(), self.model_json, "test", cfg.round_timeout, "test",
-                **self.ledger_sync(),
-            )  # fmt: skip
-        extra = on_status = None
-        if not cfg.eval_exact():
-
-            def extra(nid: int) -> dict[str, Any]:
-                return {"round": charge_round, "ledger-head": self.head_for(nid)}
-
-            def on_status(nid: int, st: Mapping[str, Any]) -> None:
-                tenant = str(st["tenant"])
-                self.node_tenant[nid] = tenant
-                ts = self.status.setdefault(tenant, TenantStatus())
-                entries = json.loads(str(st.get("ledger-entries", "[]")) or "[]")
-                problem = self.record_ledger(tenant, ts, entries, self.sent_heads.get(nid, ""))
-                if problem:
-                    self.log(f"{tenant}: evaluation ledger entries not recorded: {problem}")
-                elif entries:
-                    ts.epsilon = float(entries[-1]["epsilon"])
-                    ts.history.append((charge_round, ts.epsilon))
-
         return federated_eval(
             self.grid, self.nodes, self.eval_weights(), self.model_json, "test", cfg.round_timeout, "test",
-            extra=extra, on_status=on_status,
+            **self.ledger_sync(None if cfg.eval_exact() else charge_round),
         )  # fmt: skip
 
     # ---------------------------------------------------------- ledgers
-    def ledger_sync(self) -> dict[str, Any]:
+    def ledger_sync(self, charge_round: int | None = None) -> dict[str, Any]:
         """``federated_eval`` hooks with which each evaluation reply brings the tenant's ledger entries
         the server lacks: a round charged whose update was lost to a crash is recorded even when no
-        training round follows (the last round)."""
+        training round follows (the last round). ``charge_round``: the DP evaluation's round, sent to
+        the tenants and recorded in each tenant's ε history when its entry arrives."""
 
         def extra(nid: int) -> dict[str, Any]:
-            return {"ledger-head": self.head_for(nid)}
+            conf: dict[str, Any] = {"ledger-head": self.head_for(nid)}
+            if charge_round is not None:
+                conf["round"] = charge_round
+            return conf
 
         def on_status(nid: int, st: Mapping[str, Any]) -> None:
             problem = self.sync_ledger(nid, st)
             if problem:
                 self.log(f"node {nid}: evaluation ledger entries not recorded: {problem}")
+            elif charge_round is not None and json.loads(str(st.get("ledger-entries", "[]")) or "[]"):
+                eps = self.status[str(st["tenant"])].epsilon
+                if eps is not None:  # set by sync_ledger from the entry just recorded
+                    self.status[str(st["tenant"])].history.append((charge_round, eps))
 
         return {"extra": extra, "on_status": on_status}
 
