@@ -11,7 +11,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 $(BIN)/fedrec: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,text]'
 	$(BIN)/pip check
 	touch $(BIN)/fedrec
 

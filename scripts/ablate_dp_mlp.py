@@ -38,7 +38,7 @@ from fedrec.privacy import gram
 from fedrec.privacy.accounting import calibrate_noise, epsilon
 from fedrec.server.loop import model_config
 from fedrec.server.release import sum_noise
-from fedrec.server.release_init import init_from_release, init_model_config
+from fedrec.server.release_init import init_from_release, init_model_config, public_item_text
 from fedrec.shared_model.baselines import DPPopularity
 from fedrec.shared_model.codec import load_weights, parameter_weights
 from fedrec.shared_model.data import concat_splits
@@ -122,6 +122,7 @@ def run_config(spec: dict[str, Any], fed: Path, splits: dict[str, Any], seed: in
     emb, prior, facts = init_from_release(
         total, n_items=n_items, users=users, sigma_sum=sum_noise(list(sig_rel.values()), 1), dim=cfg.dim,
         pop_share=rho, source=cfg.release_init_items, genres=catalog.genres,
+        text=_item_text(cfg, catalog),
     )  # fmt: skip
     mcfg = init_model_config(
         model_config(catalog, cfg),
@@ -177,6 +178,20 @@ def run_config(spec: dict[str, Any], fed: Path, splits: dict[str, Any], seed: in
         row["mix"] = round(float(model.mix.weight.detach()[0, 0]), 4)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+_TEXT: dict[tuple[str, ...], np.ndarray] = {}
+
+
+def _item_text(cfg: RunConfig, catalog: Any) -> np.ndarray | None:
+    """The product's title embeddings, computed once per process (each seed's federation folder is new)."""
+    if not cfg.release_init_items.endswith("text"):
+        return None
+    if catalog.titles not in _TEXT:
+        text = public_item_text(cfg, catalog)
+        assert text is not None
+        _TEXT[catalog.titles] = text
+    return _TEXT[catalog.titles]
 
 
 def _buffers(model: HistoryMLP) -> dict[str, np.ndarray]:

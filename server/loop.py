@@ -52,7 +52,7 @@ from fedrec.server.release import (
     shares_for,
     sum_noise,
 )
-from fedrec.server.release_init import init_from_release, init_model_config, init_problem
+from fedrec.server.release_init import init_from_release, init_model_config, init_problem, public_item_text
 from fedrec.server.secagg import SecureAggregator, reply_node, shares_and_threshold
 from fedrec.shared_model.artifacts import save_model, write_json_atomic
 from fedrec.shared_model.codec import (
@@ -311,6 +311,9 @@ class _Federation:
                 trainable=cfg.train_modules(),
                 prior_negatives=cfg.prior_negatives,
             )
+        # public title embeddings for release-init-items text (None otherwise); read before round 1 so a
+        # missing titles file or model package stops the run before any tenant is charged
+        self.item_text = public_item_text(cfg, self.catalog)
         self.model_json = json.dumps(self.mcfg.to_json())
         torch.manual_seed(cfg.seed)
         self.model: Ranker = HistoryMLP(self.mcfg, self.catalog.genres if self.mcfg.n_genres else None)
@@ -725,6 +728,7 @@ class _Federation:
             pop_share=self.cfg.release_init_pop,
             source=self.cfg.release_init_items,
             genres=self.catalog.genres,
+            text=self.item_text,
         )
         model = self.model
         assert isinstance(model, HistoryMLP)

@@ -22,17 +22,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedrec.privacy import gram
 from fedrec.server.release import shape_problem
+from fedrec.shared_model import item_text
 from fedrec.shared_model.codec import Weights
+from fedrec.shared_model.data import Catalog
 from fedrec.shared_model.dp_item import DPEASERule, EigenGram
 from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.model import ModelConfig
 from fedrec.shared_model.priors import log_prior
+from fedrec.shared_model.runconfig import RunConfig
 from fedrec.shared_model.training import SamplingConfig
 
 #: ρ of the initialising release: half the sensitivity to popularity (the prior), half to the Gram.
@@ -42,8 +46,11 @@ EMB_NORM = 1.0
 
 
 #: Where the frozen item table comes from: the release's EigenGram vectors (DP, post-processing), the
-#: public genres (no ε), or the genres followed by as many EigenGram vectors as fit in ``dim``.
-ITEM_SOURCES: tuple[str, ...] = ("eigen", "genres", "genres+eigen")
+#: public genres (no ε), the public title-text embeddings (``fedrec.shared_model.item_text``, no ε), or
+#: blocks side by side in the order named (genres first; each later block fills the width left).
+ITEM_SOURCES: tuple[str, ...] = ("eigen", "genres", "genres+eigen", "text", "genres+text")
+#: The item sources that need a Gram part in the release (pop share < 1).
+GRAM_SOURCES: tuple[str, ...] = ("eigen", "genres+eigen")
 
 
 def init_model_config(
@@ -108,11 +115,13 @@ def init_from_release(
     pop_share: float = POP_SHARE,
     source: str = "eigen",
     genres: np.ndarray | None = None,
+    text: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(item embeddings (n, dim), log-prior (n,), facts) from the SUMMED release (natural units).
 
     ``sigma_sum`` is the noise multiplier of the sum (0 without DP: the exact statistics); ``pop_share``
-    the release's ρ; ``source`` one of :data:`ITEM_SOURCES` (``genres`` needs the public genre matrix).
+    the release's ρ; ``source`` one of :data:`ITEM_SOURCES` (``genres`` needs the public genre matrix,
+    ``text`` the public title embeddings of ``fedrec.shared_model.item_text.title_embeddings``).
     """
     if source not in ITEM_SOURCES:
         raise FedrecError(f"release-init item table must be one of {', '.join(ITEM_SOURCES)}, got {source!r}")
@@ -130,6 +139,14 @@ def init_from_release(
         emb = genre_embeddings(genres, dim)
         first = genres.shape[1]
     facts: dict[str, Any] = {"source": source, "genre_columns": first}
+    if source.endswith("text"):
+        if text is None or text.shape[0] != n_items:
+            raise FedrecError("release-init from title text needs the catalogue's title embeddings")
+        width = dim - first
+        if width < 1:
+            raise FedrecError(f"no room for title text in embedding width {dim} after {first} genre columns")
+        emb[:, first:] = item_text.text_table(text, width)
+        facts.update({"text_columns": width, "items_with_text": int((np.abs(text).sum(axis=1) > 0).sum())})
     if source.endswith("eigen"):
         if pop_share >= 1:
             raise FedrecError(f"release-init item table {source!r} needs a Gram part (pop share < 1)")
@@ -145,3 +162,26 @@ def init_from_release(
             emb[eig.items, first : first + k] = rows
         facts.update({"components": int(eig.components), "used": int(k), "support": len(eig.items)})
     return emb.astype(np.float32), prior.astype(np.float32), facts
+
+
+def text_cache_dir(cfg: RunConfig) -> Path:
+    """Where the title embeddings are cached: beside the public catalogue (no user data there)."""
+    folder = Path(cfg.catalog).parent if cfg.catalog else Path(cfg.fed_dir)
+    return folder / item_text.CACHE_DIR_NAME
+
+
+def public_item_text(cfg: RunConfig, catalog: Catalog) -> np.ndarray | None:
+    """The title embeddings that ``release-init-items`` text / genres+text needs (None for the others):
+    the titles of ``item-titles`` (a CSV) or else the catalogue's own, embedded by the bundled sentence
+    model and cached by :func:`text_cache_dir`. Public data only: no ε."""
+    if not (cfg.release_init > 0 and cfg.release_init_items.endswith("text")):
+        return None
+    titles = (
+        item_text.read_titles_file(cfg.item_titles, catalog.item_ids) if cfg.item_titles else catalog.titles
+    )
+    if not any(titles):
+        raise FedrecError(
+            f"release-init-items {cfg.release_init_items} needs item titles: the catalogue has none; "
+            "give --item-titles FILE (a CSV with item and title columns)"
+        )
+    return item_text.title_embeddings(titles, text_cache_dir(cfg))

@@ -104,11 +104,15 @@ class RunConfig:
     # DP-SGD rounds get the rest); 0 = off. Approach mlp only (fedrec.server.release_init).
     release_init: float = 0.0
     # what the release-init model is built from (fedrec.server.release_init): the frozen item table
-    # (eigen = the release's EigenGram vectors | genres = public genre vectors, no ε | genres+eigen), the
+    # (eigen = the release's EigenGram vectors | genres = public genre vectors, no ε | genres+eigen |
+    # text = public title embeddings of a bundled sentence model, no ε | genres+text), the
     # release's popularity share ρ (1: popularity only, all of it on the prior), a learned weight on the
     # dot term started at dot-mix (< 0: off, weight fixed at 1), and the modules DP-SGD trains
     # (comma list of mix, mlp, genre_proj, user_feats, hour_emb, weekday_emb; "" = all but the frozen table).
     release_init_items: str = "eigen"
+    # public item titles for release-init-items text / genres+text: a CSV with an item (or movieId) and a
+    # title column; "" = the catalogue's own titles (fedrec.shared_model.item_text)
+    item_titles: str = ""
     release_init_pop: float = 0.5
     dot_mix: float = -1.0
     dp_train: str = ""
@@ -145,13 +149,14 @@ class RunConfig:
             raise FedrecError(
                 f"release-init initialises the MLP: it needs approach mlp, got {self.approach!r}"
             )
-        if self.release_init_items not in ("eigen", "genres", "genres+eigen"):
+        if self.release_init_items not in ("eigen", "genres", "genres+eigen", "text", "genres+text"):
             raise FedrecError(
-                f"release-init-items must be eigen, genres or genres+eigen, got {self.release_init_items!r}"
+                "release-init-items must be eigen, genres, genres+eigen, text or genres+text, "
+                f"got {self.release_init_items!r}"
             )
         if not 0 < self.release_init_pop <= 1:
             raise FedrecError(f"release-init-pop must be in (0, 1], got {self.release_init_pop}")
-        if self.release_init_pop >= 1 and self.release_init_items != "genres":
+        if self.release_init_pop >= 1 and self.release_init_items.endswith("eigen"):
             raise FedrecError(
                 f"release-init-items {self.release_init_items!r} needs a Gram part: release-init-pop < 1"
             )

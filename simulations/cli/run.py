@@ -186,15 +186,24 @@ def simulate(
         typer.Option(
             "--release-init-items",
             help="With --release-init: the frozen item table: eigen (the release's EigenGram vectors) | "
-            "genres (public genre vectors, no ε) | genres+eigen.",
+            "genres (public genre vectors, no ε) | genres+eigen | text (public title embeddings of a "
+            "bundled sentence model, no ε; needs fedrec[text]) | genres+text.",
         ),
     ] = "eigen",
+    item_titles: Annotated[
+        str,
+        typer.Option(
+            "--item-titles",
+            help="With --release-init-items text: a CSV of public item titles (item or movieId column, "
+            "title column) [default: the catalogue's titles].",
+        ),
+    ] = "",
     release_init_pop: Annotated[
         float,
         typer.Option(
             "--release-init-pop",
             help="With --release-init: the release's popularity share ρ (1 = popularity only; needs "
-            "--release-init-items genres).",
+            "--release-init-items genres, text or genres+text).",
         ),
     ] = 0.5,
     dot_mix: Annotated[
@@ -346,6 +355,7 @@ def simulate(
         select_share=select_share,
         release_init=release_init,
         release_init_items=release_init_items.strip(),
+        item_titles=item_titles.strip(),
         release_init_pop=release_init_pop,
         dot_mix=dot_mix,
         dp_train=dp_train.strip(),

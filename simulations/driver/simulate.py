@@ -35,6 +35,7 @@ import numpy as np
 
 from fedrec.client.vault import load_tenant
 from fedrec.privacy.accounting import calibrate_noise, check_delta
+from fedrec.server.release_init import public_item_text
 from fedrec.shared_model.artifacts import write_json_atomic
 from fedrec.shared_model.baselines import DPPopularity, Popularity
 from fedrec.shared_model.data import Catalog, UserSplit, concat_splits
@@ -95,6 +96,9 @@ def preflight(fed: Federation, cfg: RunConfig) -> None:
         raise DataError(f"--crash/--adversary name unknown tenant(s) {unknown}; tenants: {fed.tenants}")
     if cfg.secagg and len(fed.tenants) < 2:
         raise DataError("--secagg needs at least 2 tenants (3 or more to tolerate a dropout)")
+    # public title embeddings (release-init-items text): a missing titles file or model package stops the
+    # run here, before Ray; the embeddings are cached beside the catalogue for the server to read
+    public_item_text(cfg, fed.catalog)
 
 
 def load_tenant_splits(fed: Federation, keys_dir: Path | None = None) -> dict[str, UserSplit]:
