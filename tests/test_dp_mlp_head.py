@@ -206,7 +206,7 @@ def test_genre_release_init_trains_the_head_and_the_ledger_charges_both_stages(
     [
         ({"release_init": 0.5, "dp_train": "mix"}, "needs dot-mix >= 0"),
         ({"release_init": 0.5, "dp_train": "item_emb"}, "unknown module"),
-        ({"release_init": 0.5, "release_init_items": "text"}, "release-init-items must be"),
+        ({"release_init": 0.5, "release_init_items": "words"}, "release-init-items must be"),
         ({"release_init": 0.5, "release_init_pop": 1.0}, "needs a Gram part"),
         ({"release_init": 0.5, "release_init_pop": 0.0}, r"release-init-pop must be in \(0, 1\]"),
         ({"dot_mix": 1.0}, "need release-init > 0"),

@@ -189,6 +189,8 @@ def simulate(
                 "run-dir": str(work.resolve()),
                 "run-name": cfg.run_name if cfg.run_name != "run" else f"sim-{uuid.uuid4().hex[:10]}",
                 "num-tenants": len(fed.tenants),
+                # absolute: the server may run in another working directory (Ray)
+                "item-titles": str(Path(cfg.item_titles).resolve()) if cfg.item_titles else "",
             }
         )
         preflight(fed, run_cfg)
