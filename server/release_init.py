@@ -49,8 +49,6 @@ EMB_NORM = 1.0
 #: public genres (no ε), the public title-text embeddings (``fedrec.shared_model.item_text``, no ε), or
 #: blocks side by side in the order named (genres first; each later block fills the width left).
 ITEM_SOURCES: tuple[str, ...] = ("eigen", "genres", "genres+eigen", "text", "genres+text")
-#: The item sources that need a Gram part in the release (pop share < 1).
-GRAM_SOURCES: tuple[str, ...] = ("eigen", "genres+eigen")
 
 
 def init_model_config(

@@ -154,6 +154,11 @@ class RunConfig:
                 "release-init-items must be eigen, genres, genres+eigen, text or genres+text, "
                 f"got {self.release_init_items!r}"
             )
+        if self.item_titles and not (self.release_init > 0 and self.release_init_items.endswith("text")):
+            raise FedrecError(
+                "item-titles is read only by the release-init title-text table: it needs release-init > 0 "
+                "and release-init-items text or genres+text"
+            )
         if not 0 < self.release_init_pop <= 1:
             raise FedrecError(f"release-init-pop must be in (0, 1], got {self.release_init_pop}")
         if self.release_init_pop >= 1 and self.release_init_items.endswith("eigen"):

@@ -168,6 +168,14 @@ def test_titles_file_is_read_by_item_id_and_bad_files_are_refused(tmp_path: Path
         item_text.read_titles_file(f, ["7", "8"])
 
 
+def test_titles_file_is_refused_where_no_text_table_reads_it() -> None:
+    with pytest.raises(FedrecError, match="item-titles is read only by the release-init title-text"):
+        RunConfig(approach="mlp", release_init=0.5, release_init_items="genres", item_titles="t.csv")
+    with pytest.raises(FedrecError, match="item-titles is read only"):
+        RunConfig(approach="mlp", item_titles="t.csv")
+    assert RunConfig(approach="mlp", release_init=0.5, release_init_items="text", release_init_pop=1.0)
+
+
 def test_genres_plus_text_release_init_runs_end_to_end_under_dp(tmp_path: Path) -> None:
     data = prepare_dataset(load("synthetic", synth_users=160, synth_items=60, seed=3))
     fed = tmp_path / "fed"
