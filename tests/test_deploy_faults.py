@@ -44,6 +44,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,11 @@ class FaultCluster(Cluster):
     def ledger(self, i: int, run_name: str) -> Path:
         return self.partner_dir(i) / "state" / run_name / "ledger.jsonl"
 
+    def fedrec_all(self, *commands: list[str]) -> list[subprocess.CompletedProcess[str]]:
+        """Independent ``fedrec`` commands run side by side (each process spends seconds importing)."""
+        with ThreadPoolExecutor(len(commands)) as pool:
+            return list(pool.map(lambda args: self.fedrec(*args), commands))
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultCluster]:
@@ -171,29 +177,27 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultCluster]:
 def deployed(cluster: FaultCluster) -> FaultCluster:
     c = cluster
     t0 = time.perf_counter()
-    _ok(
-        c.fedrec(
-            "prepare", "--data", "synthetic", "--synth-users", str(USERS), "--synth-items", str(ITEMS),
-            "--seed", "3", "--tenants", str(PARTNERS), "--out", str(c.fed),
-        )
-    )  # fmt: skip
-    _ok(
-        c.fedrec(
-            "deploy", "init", str(c.dep.root), "--address", f"127.0.0.1:{c.port}", "--host", "127.0.0.1",
-            "--app-dir", str(APP_DIR),
-        )
-    )  # fmt: skip
-    for i in range(PARTNERS):
-        t = tenant(i)
+    for done in c.fedrec_all(
+        ["prepare", "--data", "synthetic", "--synth-users", str(USERS), "--synth-items", str(ITEMS),
+         "--seed", "3", "--tenants", str(PARTNERS), "--out", str(c.fed)],
+        ["deploy", "init", str(c.dep.root), "--address", f"127.0.0.1:{c.port}", "--host", "127.0.0.1",
+         "--app-dir", str(APP_DIR)],
+    ):  # fmt: skip
+        _ok(done)
+    for done in c.fedrec_all(*(
+        ["deploy", "partner", str(c.partner_dir(i)), "--name", tenant(i), "--superlink", f"127.0.0.1:{c.port}",
+         "--ca", str(c.dep.ca_cert), "--tenant-dir", str(c.fed / tenant(i)), "--key-file",
+         str(c.fed / "keys" / f"{tenant(i)}.key"), "--state-dir", str(c.partner_dir(i) / "state"),
+         "--node-port", str(c.node_ports[i])]
+        for i in range(PARTNERS)
+    )):  # fmt: skip
+        _ok(done)
+    for i in range(PARTNERS):  # one at a time: each rewrites the deployment's partner list
         _ok(
             c.fedrec(
-                "deploy", "partner", str(c.partner_dir(i)), "--name", t, "--superlink", f"127.0.0.1:{c.port}",
-                "--ca", str(c.dep.ca_cert), "--tenant-dir", str(c.fed / t), "--key-file",
-                str(c.fed / "keys" / f"{t}.key"), "--state-dir", str(c.partner_dir(i) / "state"),
-                "--node-port", str(c.node_ports[i]),
+                "deploy", "add-partner", str(c.dep.root), tenant(i), str(c.partner_dir(i) / "auth.key.pub")
             )
-        )  # fmt: skip
-        _ok(c.fedrec("deploy", "add-partner", str(c.dep.root), t, str(c.partner_dir(i) / "auth.key.pub")))
+        )
     c.start_superlink()
     reg = _ok(subprocess.run(["bash", str(c.dep.scripts / "register.sh")], capture_output=True, text=True))
     assert reg.count('"success": true') == PARTNERS, reg
@@ -460,13 +464,17 @@ def test_faults_during_a_run_lose_nothing_and_charge_nothing_twice(deployed: Fau
 
     # ledgers: verify, no round twice, coordinator copy == partner's own, charged rounds stay charged
     entries: dict[str, list[dict[str, Any]]] = {}
+    own_entries = {i: read_entries(c.ledger(i, run_name)) for i in range(PARTNERS)}
+    audits = c.fedrec_all(*(
+        ["audit", "--ledger", str(c.ledger(i, run_name)), "--head", own_entries[i][0][-1]["hash"]]
+        for i in range(PARTNERS)
+    ))  # fmt: skip
     for i in range(PARTNERS):
-        own = c.ledger(i, run_name)
-        got, problems = read_entries(own)
+        got, problems = own_entries[i]
         assert problems == [] and verify_chain(got) == [], f"[seed {SEED}] {tenant(i)}: {problems}"
         rounds = [int(e["round"]) for e in got]
         assert len(rounds) == len(set(rounds)), f"[seed {SEED}] {tenant(i)} charged twice: {rounds}"
-        audit = c.fedrec("audit", "--ledger", str(own), "--head", got[-1]["hash"])
+        audit = audits[i]
         assert audit.returncode == 0, f"[seed {SEED}] " + audit.stdout + audit.stderr
         copy, _ = read_entries(run_dir / "ledger" / f"{tenant(i)}.jsonl")
         assert [e["hash"] for e in copy] == [e["hash"] for e in got], (
