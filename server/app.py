@@ -2,19 +2,88 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
 from logging import INFO
 
-from flwr.app import Context
+from flwr.app import Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
 
 from fedrec.server.loop import run_federation
 from fedrec.shared_model.runconfig import RunConfig
 
 app = ServerApp()
 
+#: seconds between two pulls of the replies to a round's messages in a deployment
+PULL_INTERVAL = 0.5
+
+
+class PromptGrid(Grid):
+    """A deployed run's grid (Flower's ``HttpGrid``), pulling the replies every ``interval`` s.
+
+    Flower's ``send_and_receive`` sleeps a fixed 3 s between two pulls, so every exchange of a round
+    (four per SecAgg+ round, plus each evaluation) ends on average 1.5 s after its last reply arrived.
+    The pulls are the same calls, only closer together; the timeout and the replies are unchanged.
+    """
+
+    def __init__(self, inner: Grid, interval: float = PULL_INTERVAL) -> None:
+        self.inner, self.interval = inner, interval
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Push ``messages``, then pull their replies until all are in or ``timeout`` s have passed
+        (None: no limit) — Flower's contract, polled every ``interval`` s."""
+        pending = set(self.inner.push_messages(messages))
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        got: list[Message] = []
+        while timeout is None or time.time() < end:
+            replies = list(self.inner.pull_messages(pending))
+            got.extend(replies)
+            pending.difference_update(r.metadata.reply_to_message_id for r in replies)
+            if not pending:
+                break
+            time.sleep(self.interval if timeout is None else max(0.0, min(self.interval, end - time.time())))
+        return got
+
+
+def prompt(grid: Grid) -> Grid:
+    """``grid`` wrapped in :class:`PromptGrid` when it is a deployment's (a SuperLink's ``HttpGrid``);
+    a simulation's grid as it is (it already pulls often, or answers in place)."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    return PromptGrid(grid) if isinstance(grid, HttpGrid) else grid
+
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)
-    run_federation(grid, cfg, log=lambda line: log(INFO, "%s", line))
+    run_federation(prompt(grid), cfg, log=lambda line: log(INFO, "%s", line))

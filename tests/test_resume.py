@@ -271,11 +271,15 @@ def test_a_partner_whose_state_dir_is_read_only_refuses_to_train_and_says_so(
     assert third.status == "ok" and [e["round"] for e in read_entries(ledger)[0]] == [0, 1, 3]  # 0: ñ
 
 
+@pytest.mark.parametrize("next_round", [1, 2])  # the refused round re-sent; the next round (a deployment)
 def test_a_state_dir_read_only_before_the_first_round_is_refused_not_an_error(
-    fed: Path, tmp_path: Path
+    fed: Path, tmp_path: Path, next_round: int
 ) -> None:
     """Read-only before anything was written (no noise plan yet): the round is refused with the reason,
-    not a ClientApp crash while persisting the plan; once writable again the partner trains."""
+    not a ClientApp crash while persisting the plan; once writable again the partner trains — the
+    refused round if it is sent again, or the next round, as in ``tests/test_deploy_faults.py``
+    (seed 282067: read-only in round 1 from its start, writable again, round 2 trains and its noisy
+    count, round 0, is charged with it; nothing of the refusal is remembered)."""
     from fedrec.client.task import resolve_tenant, tenant_train
     from fedrec.server.loop import model_config
     from fedrec.shared_model.codec import state_weights
@@ -283,8 +287,8 @@ def test_a_state_dir_read_only_before_the_first_round_is_refused_not_an_error(
     from fedrec.shared_model.model import HistoryMLP
 
     cfg = RunConfig(
-        fed_dir=str(fed), run_dir=str(tmp_path / "run"), run_name="readonly-first", num_server_rounds=2,
-        num_tenants=TENANTS, epsilon=6.0, batch_users=32, accountant="rdp",
+        fed_dir=str(fed), run_dir=str(tmp_path / "run"), run_name=f"readonly-first-{next_round}",
+        num_server_rounds=2, num_tenants=TENANTS, epsilon=6.0, batch_users=32, accountant="rdp",
     )  # fmt: skip
     cat = Catalog.from_json(json.loads((fed / "catalog.json").read_text()))
     model = HistoryMLP(model_config(cat, cfg), cat.genres)
@@ -294,6 +298,7 @@ def test_a_state_dir_read_only_before_the_first_round_is_refused_not_an_error(
         first = tenant_train(state_weights(model), model.cfg, cfg, paths, 1)
     assert first.status == "refused" and first.weights is None and "not writable" in first.message
     assert sorted(p.name for p in paths.state_dir.iterdir()) == [], "nothing written, nothing charged"
-    again = tenant_train(state_weights(model), model.cfg, cfg, paths, 1)
+    again = tenant_train(state_weights(model), model.cfg, cfg, paths, next_round)
     rounds = [e["round"] for e in read_entries(paths.state_dir / LEDGER_FILE)[0]]
-    assert again.status == "ok" and rounds == [0, 1]  # 0: the noisy count, charged with the first round
+    assert again.status == "ok" and again.users > 0 and again.epsilon and again.epsilon > 0
+    assert rounds == [0, next_round]  # 0: the noisy count, charged with the first round trained

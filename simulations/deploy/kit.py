@@ -466,6 +466,14 @@ def connection_toml(address: str, root_certificates: Path) -> str:
 
 
 # ------------------------------------------------------------------ run configuration
+#: a deployed run's default ``rejoin-wait`` (s): before each round, wait this long for a partner whose
+#: SuperNode died to come back. Its restart is refused until the SuperLink lists it offline (no
+#: heartbeat for 60 s, fixed in Flower), so a supervisor brings it back 60–100 s after the crash
+#: (systemd ``RestartSec=30``, ``Restart=always``: refused once, then accepted); a partner that is gone
+#: for good costs each round this long at most. ``--set rejoin-wait=0`` turns it off.
+DEPLOY_REJOIN_WAIT = 150.0
+
+
 #: run-config keys a deployment always sets itself (everything else may be passed with --set).
 def deployment_run_config(
     *,
@@ -477,7 +485,8 @@ def deployment_run_config(
     max_weight: int,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The run config of a deployed run: DP and SecAgg+ on; absolute coordinator paths.
+    """The run config of a deployed run: DP and SecAgg+ on; absolute coordinator paths; partners that
+    drop out are waited for before each round (``rejoin-wait``, :data:`DEPLOY_REJOIN_WAIT` unless set).
 
     ``max_weight`` bounds the largest partner's user count (SecAgg+ scales each delta by
     users / max_weight; the coordinator has no manifests to read it from).
@@ -501,6 +510,7 @@ def deployment_run_config(
         "dp": True,
         "secagg": True,
         "secagg-max-weight": float(max_weight),
+        "rejoin-wait": DEPLOY_REJOIN_WAIT,
     }
     for key, value in (extra or {}).items():
         config[key] = value
@@ -843,6 +853,7 @@ __all__ = [
     "CONNECTION",
     "DEFAULT_NODE_PORT",
     "DEFAULT_PORT",
+    "DEPLOY_REJOIN_WAIT",
     "FLOWER_ENV",
     "DeploySettings",
     "Deployment",
