@@ -235,8 +235,9 @@ class Batcher:
 
     The first request of a batch waits while more keep coming: one pass of the event loop at a time
     (requests already received get parsed and join), for at most ``max_wait_s``, and only as long as
-    the last pass brought someone new. A lone request therefore pays one loop pass, never more than
-    ``max_wait_s``; under load a batch fills while the previous one is computed. ``max_wait_s = 0``
+    the last pass brought someone new. A lone request therefore pays two loop passes (event-loop
+    callbacks: no task), never more than ``max_wait_s``; under load a batch fills while the previous
+    one is computed. ``max_wait_s = 0``
     ranks every request on its own. The ranking runs on the event loop (it is GIL-bound Python and
     torch, sub-millisecond per row): no thread hop.
     """
@@ -247,39 +248,34 @@ class Batcher:
         self.max_wait_s, self.max_batch = max_wait_s, max_batch
         self._pending: list[tuple[Query, asyncio.Future[dict[str, Any]]]] = []
         self._collecting = False
-        self._tasks: set[asyncio.Task[None]] = set()  # the collector running (references kept)
         self.batches = self.requests = 0  # counters, read by tests and the benchmark
 
     async def submit(self, q: Query) -> dict[str, Any]:
         if self.max_wait_s == 0.0:
             self.batches, self.requests = self.batches + 1, self.requests + 1
             return q.engine.answer([q])[0]
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending.append((q, fut))
         if not self._collecting:
-            self._start_collecting()
+            self._start_collecting(loop)
         return await fut
 
-    def _start_collecting(self) -> None:
+    def _start_collecting(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Event-loop callbacks, not a task: a lone request pays two loop passes and no coroutine.
         self._collecting = True
-        task = asyncio.get_running_loop().create_task(self._collect())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        loop.call_soon(self._pass, loop, loop.time() + self.max_wait_s, -1)
 
-    async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait_s
-        try:
-            while len(self._pending) < self.max_batch and loop.time() < deadline:
-                before = len(self._pending)
-                await asyncio.sleep(0)  # one event-loop pass: received requests get parsed and join
-                if len(self._pending) == before:
-                    break
-        finally:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-            self._collecting = False
-            if self._pending:  # more than one batch's worth arrived: the rest goes next
-                self._start_collecting()
+    def _pass(self, loop: asyncio.AbstractEventLoop, deadline: float, before: int) -> None:
+        """After each event-loop pass: wait one more while the last one brought someone new."""
+        n = len(self._pending)
+        if n > before and n < self.max_batch and loop.time() < deadline:
+            loop.call_soon(self._pass, loop, deadline, n)  # received requests get parsed and join
+            return
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+        self._collecting = False
+        if self._pending:  # more than one batch's worth arrived: the rest goes next
+            self._start_collecting(loop)
         self._run(batch)
 
     def _run(self, batch: list[tuple[Query, asyncio.Future[dict[str, Any]]]]) -> None:

@@ -63,17 +63,19 @@ class MLPKernel:
                 user0 = user0 + table.weight[0]  # an unknown feature is code 0
             self.user0 = user0.numpy().astype(np.float32)  # (d,)
             self.has_user_feats = len(model.user_feats) > 0
-            self.hour = self.wday = None
-            if model.hour_emb is not None and model.weekday_emb is not None:
-                self.hour = model.hour_emb.weight.detach().numpy()  # (25, d) index 0 = unknown
-                self.wday = model.weekday_emb.weight.detach().numpy()  # (8, d)
             first = model.mlp[0]
             assert isinstance(first, nn.Linear)
             self.w_u_t = first.weight[:, :d].T.contiguous()  # (d, h1)
-            self.w_v_t = first.weight[:, d:].T.contiguous()  # (d, h1)
-            self.b1 = (
-                first.bias.detach().clone() if first.bias is not None else torch.zeros(first.out_features)
-            )
+            w_v_t = first.weight[:, d:].T  # (d, h1)
+            b1 = first.bias if first.bias is not None else torch.zeros(first.out_features)
+            # Every (hour, weekday) context once: its vector c (25, 8, d) and W_v·c + b (25, 8, h1).
+            self.ctx_vec: np.ndarray | None = None
+            if model.hour_emb is not None and model.weekday_emb is not None:
+                c = model.hour_emb.weight[:, None] + model.weekday_emb.weight[None]  # (25, 8, d)
+                self.ctx_vec = c.numpy()
+                self.ctx_h1 = (c @ w_v_t + b1).numpy()  # (25, 8, h1)
+            else:
+                self.ctx_h1 = b1.reshape(1, 1, -1).numpy().copy()  # (1, 1, h1): no context
             # Layers after the first ReLU: (W^T (in, out), bias (out,) or None, ReLU after it).
             self.layers: list[tuple[torch.Tensor, torch.Tensor | None, bool]] = []
             rest = list(model.mlp)[2:]
@@ -108,13 +110,16 @@ class MLPKernel:
                 u[r] = 0.0
         if self.has_user_feats:
             u += self.user0
-        tu = torch.from_numpy(u)
-        uh1 = torch.addmm(self.b1, tu, self.w_u_t)  # (B, h1)
-        c = None
-        if self.hour is not None and self.wday is not None:
-            ctx = np.asarray(context, dtype=np.int64)
-            c = self.hour[np.maximum(ctx[:, 0] + 1, 0)] + self.wday[np.maximum(ctx[:, 1] + 1, 0)]  # (B, d)
-            uh1 += torch.from_numpy(c) @ self.w_v_t
+        ctx = np.asarray(context, dtype=np.int64)
+        if self.ctx_vec is None:
+            hour = wday = np.zeros(n, dtype=np.int64)
+            c = None
+        else:  # -1 (unknown) → row 0
+            hour, wday = np.maximum(ctx[:, 0] + 1, 0), np.maximum(ctx[:, 1] + 1, 0)
+            c = self.ctx_vec[hour, wday]  # (B, d)
+        uh1 = torch.addmm(
+            torch.from_numpy(self.ctx_h1[hour, wday]), torch.from_numpy(u), self.w_u_t
+        )  # (B, h1)
         return u, uh1.numpy(), c
 
     # ------------------------------------------------------------------ item side

@@ -223,11 +223,11 @@ class Recommender:
         n, n_items = len(histories), self.catalog.n_items
         c = min(n_cand, n_items)
         ctx = _contexts(context, n)  # (B, 2)
-        feats = torch.zeros((n, self._n_feats), dtype=torch.int64)  # unknown demographics
+        kern = self._kernel
+        feats = torch.zeros((n, self._n_feats), dtype=torch.int64) if kern is None else None  # unknown
         items = np.empty((n, c), dtype=np.int64)  # (B, C)
         scores = np.empty((n, c), dtype=np.float32)  # (B, C)
         per_call = max(1, PAIR_BUDGET // c)
-        kern = self._kernel
         with torch.inference_mode():
             for a in range(0, n, per_call):
                 b = min(n, a + per_call)
@@ -235,6 +235,7 @@ class Recommender:
                     ku, kh1, kc = kern.user_parts([np.asarray(h) for h in histories[a:b]], ctx[a:b])
                     r = self.model.retrieval_scores(torch.from_numpy(ku), self._retrieval).numpy()  # (b, N)
                 else:
+                    assert feats is not None
                     hist = pad_rows([np.asarray(h)[-cap:] for h in histories[a:b]], n_items)
                     u, cv = self.model.user_parts(
                         torch.from_numpy(hist), feats[a:b], torch.from_numpy(ctx[a:b])
@@ -245,16 +246,17 @@ class Recommender:
                     cand = np.argpartition(r, n_items - c, axis=1)[:, n_items - c :]  # (b, C), unordered
                 else:
                     cand = np.broadcast_to(np.arange(n_items), (b - a, n_items)).copy()
-                cand[np.isneginf(np.take_along_axis(r, cand, 1))] = n_items  # masked: sorted last
+                cand[r[np.arange(b - a)[:, None], cand] == -np.inf] = n_items  # masked: sorted last
                 cand.sort(axis=1)
                 none = cand == n_items  # (b, C) no item in this column
-                safe = np.where(none, 0, cand)
+                short = bool(none.any())  # a row with fewer than C items left
+                safe = np.where(none, 0, cand) if short else cand
                 if kern is not None:
                     s = kern.score_items(ku, kh1, kc, safe)
                 else:
                     s = self.model.score_items(u, cv, self._item_side, torch.from_numpy(safe)).numpy()
-                items[a:b] = np.where(none, -1, cand)
-                scores[a:b] = np.where(none, -np.inf, s)
+                items[a:b] = np.where(none, -1, cand) if short else cand
+                scores[a:b] = np.where(none, -np.inf, s) if short else s
         return Ranked(scores, items)
 
     def recommend(
