@@ -784,12 +784,14 @@ def run(
         timeout_graceful_shutdown=10,
         server_header=False,
     )
+    # The loaded objects (torch, FastAPI, the model) leave the GC's lists: the collections that
+    # requests trigger then scan only what requests allocate, and workers do not touch shared pages.
+    gc.collect()
+    gc.freeze()
     if workers == 1:
         uvicorn.Server(config).run()
         return
     sock = config.bind_socket()  # one listening socket, inherited by every worker
-    gc.collect()
-    gc.freeze()  # the loaded objects leave the GC's lists: collections in a worker do not touch them
     pids: list[int] = []
     for _ in range(workers):
         pid = os.fork()
