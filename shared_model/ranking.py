@@ -21,6 +21,20 @@ def _row_col(
     """Flatten per-row item lists into (row, col) index arrays, checking every index."""
     if len(rows_items) != n_rows:
         raise ValueError(f"{what} must have one entry per score row ({n_rows}), got {len(rows_items)}")
+    if n_rows == 1:  # one served request: no per-row bookkeeping
+        cols = np.asarray(rows_items[0], dtype=np.int64).reshape(-1)
+        rows = np.zeros(cols.shape[0], dtype=np.int64)
+    else:
+        rows, cols = _flatten(rows_items, n_rows)
+    if cols.size and (cols.min() < 0 or cols.max() >= n_items):
+        raise ValueError(
+            f"{what} holds item index outside 0..{n_items - 1}: {int(cols.min())}..{int(cols.max())}"
+        )
+    return rows, cols
+
+
+def _flatten(rows_items: Sequence[np.ndarray], n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of every item of every row, unchecked."""
     lengths = np.fromiter((len(h) for h in rows_items), dtype=np.int64, count=n_rows)  # (B,)
     rows = np.repeat(np.arange(n_rows, dtype=np.int64), lengths)  # (Σ n_b,)
     cols = (
@@ -28,10 +42,6 @@ def _row_col(
         if n_rows
         else np.zeros(0, dtype=np.int64)
     )  # (Σ n_b,)
-    if cols.size and (cols.min() < 0 or cols.max() >= n_items):
-        raise ValueError(
-            f"{what} holds item index outside 0..{n_items - 1}: {int(cols.min())}..{int(cols.max())}"
-        )
     return rows, cols
 
 
@@ -86,32 +96,32 @@ def top_k(scores: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.nda
         raise ValueError("scores contain NaN; cannot rank")
     n = s.shape[1]
     k = min(k, n)
-    if k == n or n <= 64:  # small: a stable sort of everything is as cheap as anything cleverer
+    rows = np.arange(s.shape[0])[:, None]  # (B, 1) plain indexing: cheaper than take_along_axis
+    if k == n or n <= 256:  # small (a re-rank of C = 200): a stable sort of all is cheaper than the rest
         order = np.argsort(-s, axis=1, kind="stable")[:, :k]  # (B, k)
     else:
-        order = _top_k_unsorted(s, k)  # (B, k), ascending item index
+        order = _top_k_unsorted(s, k, rows)  # (B, k), ascending item index
         # Stable sort of the k chosen (ascending index): descending score, lower index among equals.
-        order = np.take_along_axis(order, np.argsort(-np.take_along_axis(s, order, 1), 1, kind="stable"), 1)
-    best = np.take_along_axis(s, order, axis=1)  # (B, k)
-    masked = np.isneginf(best)  # (B, k)
-    order[masked] = -1
-    return order.astype(np.int64), best
+        order = order[rows, np.argsort(-s[rows, order], 1, kind="stable")]
+    best = s[rows, order]  # (B, k)
+    order[best == -np.inf] = -1  # masked
+    return order.astype(np.int64, copy=False), best
 
 
-def _top_k_unsorted(s: np.ndarray, k: int) -> np.ndarray:
+def _top_k_unsorted(s: np.ndarray, k: int, rows: np.ndarray) -> np.ndarray:
     """The ``k`` best items of each row of ``s`` (B, N), k < N, as (B, k) indices in ascending order.
 
     ``argpartition`` picks k items per row in O(N) around the k-th best score t. Where more items tie
     at t than the row has room for, partition picks arbitrary ones; those rows are redone by the ties
     rule of :func:`top_k` (all items above t, then the lowest-index items equal to t), so the result is
-    exactly the first k of a full stable sort, without sorting N.
+    exactly the first k of a full stable sort, without sorting N. ``rows``: ``arange(B)[:, None]``.
     """
     n = s.shape[1]
     part = np.argpartition(s, n - k, axis=1)[:, n - k :]  # (B, k), unordered
-    kth = np.take_along_axis(s, part, 1).min(1, keepdims=True)  # (B, 1) the k-th best score
-    tied = s == kth  # (B, N)
-    need = k - (s > kth).sum(1)  # (B,) ≥ 1: tied items the row takes
-    for r in np.flatnonzero(tied.sum(1) > need):  # ambiguous rows only (ties across the boundary)
-        ties = np.flatnonzero(tied[r])[: need[r]]
-        part[r] = np.concatenate([np.flatnonzero(s[r] > kth[r, 0]), ties])
+    kth = s[rows, part].min(1, keepdims=True)  # (B, 1) the k-th best score
+    # More than k items at or above the k-th best score: ties across the boundary (one pass over N).
+    for r in np.flatnonzero((s >= kth).sum(1) > k):  # ambiguous rows only
+        above = np.flatnonzero(s[r] > kth[r, 0])
+        ties = np.flatnonzero(s[r] == kth[r, 0])[: k - len(above)]
+        part[r] = np.concatenate([above, ties])
     return np.sort(part, axis=1)

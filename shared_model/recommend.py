@@ -29,6 +29,7 @@ import torch
 from fedrec.shared_model.artifacts import LoadedModel
 from fedrec.shared_model.diversity import mmr
 from fedrec.shared_model.errors import FedrecError
+from fedrec.shared_model.mlp_kernel import MLPKernel
 from fedrec.shared_model.model import HistoryMLP
 from fedrec.shared_model.ranking import mask_items, top_k
 from fedrec.shared_model.training import pad_rows
@@ -149,6 +150,12 @@ class Recommender:
             src = retrieval_model if retrieval_model is not None else self.model
             assert isinstance(src, HistoryMLP)
             self._retrieval = src.retrieval_side(src.item_side())
+        # The same arithmetic without nn.Module calls (fp32 Linear/ReLU MLPs; None: the torch path).
+        self._kernel = (
+            MLPKernel.build(self.model, self._item_side, loaded.sampling.max_eval_history)
+            if isinstance(self.model, HistoryMLP) and self._item_side is not None
+            else None
+        )
 
     def to_indices(self, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """Map original item ids to dense indices; returns (known indices, unknown ids)."""
@@ -166,8 +173,14 @@ class Recommender:
         cap = self.loaded.sampling.max_eval_history
         n = len(histories)
         ctx = _contexts(context, n)  # (B, 2)
-        feats = torch.zeros((n, self._n_feats), dtype=torch.int64)  # unknown demographics
         out = np.empty((n, self.catalog.n_items), dtype=np.float32)  # (B, N)
+        if self._kernel is not None:
+            with torch.inference_mode():
+                for a in range(0, n, self.rows_per_call):
+                    b = min(n, a + self.rows_per_call)
+                    out[a:b] = self._kernel.score_all(histories[a:b], ctx[a:b])
+            return out
+        feats = torch.zeros((n, self._n_feats), dtype=torch.int64)  # unknown demographics
         with torch.inference_mode():
             for a in range(0, n, self.rows_per_call):
                 b = min(n, a + self.rows_per_call)
@@ -210,27 +223,40 @@ class Recommender:
         n, n_items = len(histories), self.catalog.n_items
         c = min(n_cand, n_items)
         ctx = _contexts(context, n)  # (B, 2)
-        feats = torch.zeros((n, self._n_feats), dtype=torch.int64)  # unknown demographics
+        kern = self._kernel
+        feats = torch.zeros((n, self._n_feats), dtype=torch.int64) if kern is None else None  # unknown
         items = np.empty((n, c), dtype=np.int64)  # (B, C)
         scores = np.empty((n, c), dtype=np.float32)  # (B, C)
         per_call = max(1, PAIR_BUDGET // c)
         with torch.inference_mode():
             for a in range(0, n, per_call):
                 b = min(n, a + per_call)
-                hist = pad_rows([np.asarray(h)[-cap:] for h in histories[a:b]], n_items)
-                u, cv = self.model.user_parts(torch.from_numpy(hist), feats[a:b], torch.from_numpy(ctx[a:b]))
-                r = self.model.retrieval_scores(u, self._retrieval).numpy()  # (b, N)
+                if kern is not None:
+                    ku, kh1, kc = kern.user_parts([np.asarray(h) for h in histories[a:b]], ctx[a:b])
+                    r = self.model.retrieval_scores(torch.from_numpy(ku), self._retrieval).numpy()  # (b, N)
+                else:
+                    assert feats is not None
+                    hist = pad_rows([np.asarray(h)[-cap:] for h in histories[a:b]], n_items)
+                    u, cv = self.model.user_parts(
+                        torch.from_numpy(hist), feats[a:b], torch.from_numpy(ctx[a:b])
+                    )
+                    r = self.model.retrieval_scores(u, self._retrieval).numpy()  # (b, N)
                 mask_items(r, histories[a:b], None if exclude is None else exclude[a:b])
                 if c < n_items:
                     cand = np.argpartition(r, n_items - c, axis=1)[:, n_items - c :]  # (b, C), unordered
                 else:
                     cand = np.broadcast_to(np.arange(n_items), (b - a, n_items)).copy()
-                cand[np.isneginf(np.take_along_axis(r, cand, 1))] = n_items  # masked: sorted last
+                cand[r[np.arange(b - a)[:, None], cand] == -np.inf] = n_items  # masked: sorted last
                 cand.sort(axis=1)
                 none = cand == n_items  # (b, C) no item in this column
-                s = self.model.score_items(u, cv, self._item_side, torch.from_numpy(np.where(none, 0, cand)))
-                items[a:b] = np.where(none, -1, cand)
-                scores[a:b] = np.where(none, -np.inf, s.numpy())
+                short = bool(none.any())  # a row with fewer than C items left
+                safe = np.where(none, 0, cand) if short else cand
+                if kern is not None:
+                    s = kern.score_items(ku, kh1, kc, safe)
+                else:
+                    s = self.model.score_items(u, cv, self._item_side, torch.from_numpy(safe)).numpy()
+                items[a:b] = np.where(none, -1, cand) if short else cand
+                scores[a:b] = np.where(none, -np.inf, s) if short else s
         return Ranked(scores, items)
 
     def recommend(
