@@ -48,6 +48,7 @@ class ItemModelConfig:
     n_support: int
     has_prior: bool = False
     lam: float = 0.0  # the ridge the rule chose (dp_ease / ease)
+    select: int = 0  # dp_two_stage stage 1: items the stage-2 Gram covers (the M rule; 0 = the gram-limit)
 
     def __post_init__(self) -> None:
         if self.kind not in ITEM_KINDS:
@@ -56,6 +57,8 @@ class ItemModelConfig:
             raise FedrecError(
                 f"need n_items ≥ 1 and 0 ≤ n_support ≤ n_items, got {self.n_items}, {self.n_support}"
             )
+        if not 0 <= self.select <= self.n_items:
+            raise FedrecError(f"select must be in 0..n_items ({self.n_items}), got {self.select}")
         if self.kind == "dp_popularity" and (self.n_support or not self.has_prior):
             raise FedrecError("a dp_popularity model has no support and needs a prior")
 
@@ -65,13 +68,16 @@ class ItemModelConfig:
         return []
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "kind": self.kind,
             "n_items": self.n_items,
             "n_support": self.n_support,
             "has_prior": self.has_prior,
             "lam": self.lam,
         }
+        if self.select:
+            out["select"] = self.select
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ItemModelConfig:
@@ -82,6 +88,7 @@ class ItemModelConfig:
                 n_support=int(d["n_support"]),
                 has_prior=bool(d.get("has_prior", False)),
                 lam=float(d.get("lam", 0.0)),
+                select=int(d.get("select", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FedrecError(f"unreadable item model config ({type(e).__name__}: {e})") from None
@@ -132,10 +139,11 @@ class ItemReleaseModel(nn.Module):
         return model
 
     @classmethod
-    def from_popularity(cls, released: np.ndarray, noise_std: float) -> ItemReleaseModel:
-        """DP popularity: rank by the log-prior of the (summed, noisy) popularity release."""
+    def from_popularity(cls, released: np.ndarray, noise_std: float, *, select: int = 0) -> ItemReleaseModel:
+        """DP popularity: rank by the log-prior of the (summed, noisy) popularity release (``select``:
+        see :class:`ItemModelConfig`)."""
         released = np.asarray(released, dtype=np.float64)
-        model = cls(ItemModelConfig("dp_popularity", len(released), 0, has_prior=True))
+        model = cls(ItemModelConfig("dp_popularity", len(released), 0, has_prior=True, select=select))
         model.prior.copy_(torch.from_numpy(log_prior(released, noise_std).astype(np.float32)))
         return model
 
