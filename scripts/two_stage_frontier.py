@@ -163,7 +163,7 @@ def main() -> None:
         indptr, items, tests, n = split_movielens(Path(args.data), args.seed, args.which)
         name = Path(args.data).name
     users = len(indptr) - 1
-    ms = [min(int(m), n) for m in args.m.split(",")]
+    ms = [min(int(m), n) for m in args.m.split(",") if m]
     lams: list[float | None] = (
         [float(x) for x in args.lam_per_user.split(",")] if args.lam_per_user else [None]
     )
