@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedrec.privacy import gram
-from fedrec.server.release import fit_release, two_stage_size
+from fedrec.server.release import TWO_STAGE_LAM_PER_USER, fit_release, two_stage_size
 from fedrec.shared_model.dp_item import DPEASERule
 from fedrec.shared_model.item_model import ItemReleaseModel
 from fedrec.shared_model.split_scores import SharedScores, SplitRanker
@@ -113,10 +113,10 @@ def recall_at(
 
 
 def _lam_rule(m: int, lam_per_user: float | None) -> DPEASERule:
-    base = DPEASERule()
+    """The product's stage-2 rule (ridge TWO_STAGE_LAM_PER_USER per user) unless a ridge is given."""
     return DPEASERule(
-        max_items=max(base.max_items, m),
-        lam_per_user=base.lam_per_user if lam_per_user is None else lam_per_user,
+        max_items=max(DPEASERule().max_items, m),
+        lam_per_user=TWO_STAGE_LAM_PER_USER if lam_per_user is None else lam_per_user,
     )
 
 
@@ -140,7 +140,11 @@ def main() -> None:
         help="also the M picked by the M rule (two_stage_size) for these c values, comma list",
     )
     ap.add_argument("--m-cap", type=int, default=4000, help="the M rule's cap (the gram-limit)")
-    ap.add_argument("--lam-per-user", default="", help="EASE ridge per user, comma list [the rule's 0.002]")
+    ap.add_argument(
+        "--lam-per-user",
+        default="",
+        help="EASE ridge per user, comma list [the product's TWO_STAGE_LAM_PER_USER]",
+    )
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=0, help="data/split seed")
     ap.add_argument("--noise-seeds", default="0", help="seeds of the DP noise draws, comma list")
