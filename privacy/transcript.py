@@ -169,7 +169,8 @@ def _rows() -> list[Field]:
         (
             "selected_items",
             "dp_two_stage stage 2: how many items the Gram covers — the size of the server's "
-            "selection, min(gram-limit, catalogue): run config and the public catalogue",
+            "selection: min(gram-limit, catalogue), or the M rule's pick from the stage-1 DP release "
+            "(post-processing) capped there: run config, the public catalogue and a released DP output",
         ),
     ):
         add(led, "", key, PUBLIC, why)

@@ -4,13 +4,22 @@ over the in-process grid (no Ray; the same code as ``fedrec simulate``): release
 
 Peak RSS is the process's ``ru_maxrss`` after each phase (it only grows), plus a 0.2 s sampler of the
 current RSS so the table says which phase set the peak. Prints one JSON line per phase and a summary.
+The DP run's line also says how much of it was the federated evaluation (``eval_s``: every
+validation and test evaluation round trip, timed around the server's ``federated_eval``), and a last
+phase computes the baselines ``fedrec simulate`` adds to ``metrics.json`` (popularity and DP
+popularity on the test split): the whole run is what ``fedrec simulate`` does.
+
+``--code CHECKOUT`` imports fedrec from another checkout (e.g. the main branch's) with this same
+script, so old and new code are timed by one harness, back to back:
 
     python scripts/measure_scale.py --users 30000 --items 40000 --tenants 5 --epsilon 8 --secagg
+    python scripts/measure_scale.py --code /path/to/old/checkout ...   # the reference, same flags
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import shutil
@@ -20,16 +29,23 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+_CODE = (
+    sys.argv[sys.argv.index("--code") + 1]
+    if "--code" in sys.argv
+    else str(Path(__file__).resolve().parents[1])
+)
+sys.path.insert(0, _CODE)
 
-from fedrec.client.app import app
-from fedrec.server.loop import run_federation
-from fedrec.shared_model.runconfig import RunConfig
-from fedrec.simulations.data.dataset import prepare_dataset
-from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
-from fedrec.simulations.data.sources import load
-from fedrec.simulations.data.synth_scale import SynthSpec
-from fedrec.simulations.driver.loopback import LoopbackGrid
+import fedrec.server.loop as server_loop  # noqa: E402
+from fedrec.client.app import app  # noqa: E402
+from fedrec.server.loop import run_federation  # noqa: E402
+from fedrec.shared_model.runconfig import RunConfig  # noqa: E402
+from fedrec.simulations.data.dataset import prepare_dataset  # noqa: E402
+from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation  # noqa: E402
+from fedrec.simulations.data.sources import load  # noqa: E402
+from fedrec.simulations.data.synth_scale import SynthSpec  # noqa: E402
+from fedrec.simulations.driver.loopback import LoopbackGrid  # noqa: E402
+from fedrec.simulations.driver.simulate import baselines, load_tenant_splits, open_federation  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -55,6 +71,16 @@ class Sampler(threading.Thread):
         return out
 
 
+def _select_rule(args: argparse.Namespace) -> dict[str, float]:
+    """As ``fedrec simulate``: an explicit --gram-limit turns the M rule off unless --select-rule is given
+    (nothing for a checkout that predates the rule)."""
+    if "select_rule" not in {f.name for f in dataclasses.fields(RunConfig)}:
+        return {}
+    if args.select_rule is not None:
+        return {"select_rule": args.select_rule}
+    return {"select_rule": RunConfig.select_rule if args.gram_limit is None else 0.0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=30000)
@@ -62,10 +88,28 @@ def main() -> None:
     ap.add_argument("--tenants", type=int, default=5)
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--approach", default="auto")
-    ap.add_argument("--gram-limit", type=int, default=4000)
+    ap.add_argument(
+        "--gram-limit",
+        type=int,
+        default=None,
+        help="as fedrec simulate: given, M = this (the M rule off) [4000]",
+    )
+    ap.add_argument("--select-rule", type=float, default=None, help="the M rule's c [the run config's]")
     ap.add_argument("--secagg", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--code", default=_CODE, help="the checkout whose fedrec is timed [this one]")
     args = ap.parse_args()
+    eval_seconds: list[float] = []
+    inner_eval = server_loop.federated_eval
+
+    def timed_eval(*a: object, **kw: object) -> object:
+        t = time.perf_counter()
+        try:
+            return inner_eval(*a, **kw)
+        finally:
+            eval_seconds.append(time.perf_counter() - t)
+
+    server_loop.federated_eval = timed_eval
     sampler = Sampler()
     sampler.start()
     phases: list[dict] = []
@@ -108,7 +152,8 @@ def main() -> None:
             num_tenants=args.tenants,
             epsilon=args.epsilon,
             approach=args.approach,
-            gram_limit=args.gram_limit,
+            gram_limit=RunConfig.gram_limit if args.gram_limit is None else args.gram_limit,
+            **_select_rule(args),
             secagg=args.secagg,
         )
         t0 = time.perf_counter()
@@ -123,18 +168,30 @@ def main() -> None:
             approach=json.loads((root / "run" / "privacy.json").read_text())["approach"]["name"],
             round_seconds=[r["seconds"] for r in rounds],
             fit_seconds=[r.get("release", {}).get("fit_seconds") for r in rounds],
+            select=[r["release"]["select"] for r in rounds if "select" in r.get("release", {})],
+            eval_s=[round(x, 1) for x in eval_seconds],
             test=metrics["full"],
         )
         print(json.dumps({"log": lines}), flush=True)
+        t0 = time.perf_counter()
+        fed = open_federation(root / "fed")
+        base = baselines(fed, load_tenant_splits(fed), cfg)
+        phase(
+            "baselines (popularity, DP popularity: test)",
+            t0,
+            test={k: v["full"] for k, v in base.items()},
+        )
     finally:
         sampler.stop = True
         shutil.rmtree(root, ignore_errors=True)
     total = sum(p["wall_s"] for p in phases)
-    print(
-        json.dumps(
-            {"summary": {"total_wall_s": round(total, 1), "peak_rss_mb": phases[-1]["process_peak_rss_mb"]}}
-        )
-    )
+    summary = {
+        "code": args.code,
+        "total_wall_s": round(total, 1),
+        "eval_s": round(sum(eval_seconds), 1),
+        "peak_rss_mb": phases[-1]["process_peak_rss_mb"],
+    }
+    print(json.dumps({"summary": summary}))
 
 
 if __name__ == "__main__":

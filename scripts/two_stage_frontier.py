@@ -32,10 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedrec.privacy import gram
-from fedrec.server.release import fit_release
+from fedrec.server.release import TWO_STAGE_LAM_PER_USER, fit_release, two_stage_size
 from fedrec.shared_model.dp_item import DPEASERule
 from fedrec.shared_model.item_model import ItemReleaseModel
-from fedrec.shared_model.ranking import top_k
+from fedrec.shared_model.split_scores import SharedScores, SplitRanker
 from fedrec.simulations.data.sources import synthetic
 from fedrec.simulations.data.synth_scale import SynthSpec
 
@@ -89,31 +89,34 @@ def split_movielens(
 def recall_at(
     model: ItemReleaseModel, indptr: np.ndarray, items: np.ndarray, tests: list[np.ndarray], k: int = 20
 ) -> float:
-    """Mean Recall@k over users with a held-out item, in batches of 256 users (never users × items)."""
+    """Mean Recall@k over users with a held-out item, in batches of 1 024 users, ranked as the product's
+    evaluation does (``fedrec.shared_model.split_scores``: the support scores per user, the shared
+    scores of every other item sorted once; never a users × items or even a batch × items array)."""
     n = model.cfg.n_items
+    ranker = SplitRanker(
+        SharedScores(model.items.numpy().astype(np.int64), model.shared_scores().float().numpy()), n
+    )
     users = [u for u in range(len(tests)) if len(tests[u])]
     total = 0.0
-    for lo in range(0, len(users), 256):
-        batch = users[lo : lo + 256]
+    for lo in range(0, len(users), 1024):
+        batch = users[lo : lo + 1024]
         hists = [items[indptr[u] : indptr[u + 1]] for u in batch]
         width = max(1, max(len(h) for h in hists))
         h = np.full((len(batch), width), n, dtype=np.int64)
         for r, hist in enumerate(hists):
             h[r, : len(hist)] = hist
-        s = model.score_all(torch.from_numpy(h)).numpy().astype(np.float64)  # (B, N)
-        for r, hist in enumerate(hists):
-            s[r, hist] = -np.inf
-        top, _ = top_k(s, k)
+        inside = model.inside_scores(torch.from_numpy(h)).numpy()  # (B, M)
+        top = ranker.batch(inside, hists).top_k(k)  # (B, k)
         for r, u in enumerate(batch):
             total += np.isin(tests[u], top[r]).sum() / len(tests[u])
     return total / len(users)
 
 
 def _lam_rule(m: int, lam_per_user: float | None) -> DPEASERule:
-    base = DPEASERule()
+    """The product's stage-2 rule (ridge TWO_STAGE_LAM_PER_USER per user) unless a ridge is given."""
     return DPEASERule(
-        max_items=max(base.max_items, m),
-        lam_per_user=base.lam_per_user if lam_per_user is None else lam_per_user,
+        max_items=max(DPEASERule().max_items, m),
+        lam_per_user=TWO_STAGE_LAM_PER_USER if lam_per_user is None else lam_per_user,
     )
 
 
@@ -131,7 +134,17 @@ def main() -> None:
     ap.add_argument("--modes", default="secagg,local")
     ap.add_argument("--m", default="4000", help="items selected for the Gram (gram-limit); a comma list")
     ap.add_argument("--select-share", type=float, default=0.1)
-    ap.add_argument("--lam-per-user", default="", help="EASE ridge per user, comma list [the rule's 0.002]")
+    ap.add_argument(
+        "--m-rule",
+        default="",
+        help="also the M picked by the M rule (two_stage_size) for these c values, comma list",
+    )
+    ap.add_argument("--m-cap", type=int, default=4000, help="the M rule's cap (the gram-limit)")
+    ap.add_argument(
+        "--lam-per-user",
+        default="",
+        help="EASE ridge per user, comma list [the product's TWO_STAGE_LAM_PER_USER]",
+    )
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=0, help="data/split seed")
     ap.add_argument("--noise-seeds", default="0", help="seeds of the DP noise draws, comma list")
@@ -154,7 +167,7 @@ def main() -> None:
         indptr, items, tests, n = split_movielens(Path(args.data), args.seed, args.which)
         name = Path(args.data).name
     users = len(indptr) - 1
-    ms = [min(int(m), n) for m in args.m.split(",")]
+    ms = [min(int(m), n) for m in args.m.split(",") if m]
     lams: list[float | None] = (
         [float(x) for x in args.lam_per_user.split(",")] if args.lam_per_user else [None]
     )
@@ -197,12 +210,20 @@ def main() -> None:
                 dp_pop = ItemReleaseModel.from_popularity(pop, pop_noise.pop_std())
                 emit(approach="dp_popularity", **common, recall20=recall_at(dp_pop, indptr, items, tests))
                 n1 = gram.ReleaseNoise(sigma=sigma1 * scale, pop_share=1.0)
+                stage1_pop = p_exact + rng.normal(0, n1.pop_std(), n)
                 stage1 = fit_release(
-                    {"popularity": p_exact + rng.normal(0, n1.pop_std(), n)}, "dp_two_stage", n_items=n,
+                    {"popularity": stage1_pop}, "dp_two_stage", n_items=n,
                     users=users, sigma_sum=sigma1 * scale, dp=True, stage=1,
                 )  # fmt: skip
                 prior = stage1.prior.numpy().astype(np.float64)
-                for m in ms:
+                picks: dict[int, list[float]] = {m: [] for m in ms}
+                for c in [float(x) for x in args.m_rule.split(",") if x]:
+                    m_c, why = two_stage_size(
+                        stage1_pop, sigma1 * scale, args.select_share, min(args.m_cap, n), c
+                    )
+                    emit(approach="M rule", **common, c=c, m=m_c, why=why)
+                    picks.setdefault(m_c, []).append(c)
+                for m in sorted(picks):
                     sel = gram.select_top(prior, m)
                     xs = gram.selected_rows(indptr, items, n, sel)
                     n2 = gram.ReleaseNoise(sigma=sigma2 * scale, pop_share=0.0)
@@ -216,7 +237,8 @@ def main() -> None:
                                 shrinkage=shrinkage, rule=_lam_rule(m, lpu),
                             )  # fmt: skip
                             emit(
-                                approach="dp_two_stage", **common, m=m, shrinkage=shrinkage, lam_per_user=lpu,
+                                approach="dp_two_stage", **common, m=m, rule_c=picks[m], shrinkage=shrinkage,
+                                lam_per_user=lpu,
                                 recall20=recall_at(model, indptr, items, tests), sigma_stage1=round(sigma1, 4),
                                 sigma_stage2=round(sigma2, 4), support=model.cfg.n_support,
                                 fit_s=round(time.perf_counter() - t1, 1),

@@ -51,6 +51,7 @@ from fedrec.server.release import (
     resolve_approach,
     shares_for,
     sum_noise,
+    two_stage_size,
 )
 from fedrec.server.release_init import init_from_release, init_model_config, init_problem, public_item_text
 from fedrec.server.secagg import SecureAggregator, reply_node, shares_and_threshold
@@ -628,7 +629,8 @@ class _Federation:
     def release_stage(self, rd: _Round) -> tuple[int, np.ndarray | None]:
         """(stage, selection) of this release round: (0, None) for a one-release approach; for
         dp_two_stage round 1 is the selecting popularity release, round 2 the Gram over the top
-        gram-limit items of the stage-1 model (restored from the checkpoint after a resume)."""
+        items of the stage-1 model (restored from the checkpoint after a resume): as many as the stage-1
+        model's ``select`` (the M rule, :func:`two_stage_size`), or the gram-limit."""
         assert self.choice is not None
         if self.choice.approach != "dp_two_stage":
             return 0, None
@@ -637,7 +639,8 @@ class _Federation:
         if not isinstance(self.model, ItemReleaseModel) or self.model.cfg.kind != "dp_popularity":
             raise FedrecError("stage 2 of dp_two_stage needs the stage-1 DP popularity model")
         prior = self.model.prior.numpy().astype(np.float64)
-        return 2, gram.select_top(prior, min(self.cfg.gram_limit, self.catalog.n_items))
+        m = self.model.cfg.select or min(self.cfg.gram_limit, self.catalog.n_items)  # the M rule's pick
+        return 2, gram.select_top(prior, m)
 
     def release_config(self, stage: int, selection: np.ndarray | None) -> dict[str, Any]:
         assert self.choice is not None
@@ -817,6 +820,15 @@ class _Federation:
         prior = None
         if stage == 2 and isinstance(self.model, ItemReleaseModel):
             prior = self.model.prior.numpy().astype(np.float64)  # the stage-1 DP popularity, for the rest
+        select, select_why = 0, ""
+        if stage == 1:
+            cap = min(self.cfg.gram_limit, self.catalog.n_items)
+            if self.cfg.select_rule > 0:
+                select, select_why = two_stage_size(
+                    total["popularity"], sigma_sum, self.cfg.select_share, cap, self.cfg.select_rule
+                )
+            else:
+                select, select_why = cap, f"M = {cap}: the gram-limit, set explicitly (--gram-limit)"
         t0 = time.perf_counter()
         model = fit_release(
             total,
@@ -828,6 +840,7 @@ class _Federation:
             stage=stage,
             selection=selection,
             prior=prior,
+            select=select,
         )
         self.set_item_model(model)
         rd.row["aggregated"] = len(rd.contributors)
@@ -842,6 +855,8 @@ class _Federation:
             rd.row["release"]["stage"] = stage
         if selection is not None:
             rd.row["release"]["selected_items"] = len(selection)
+        if select_why:
+            rd.row["release"]["select"] = {"items": select, "why": select_why}
         for t in rd.contributors:
             self.status[t].rounds_trained += 1
 
@@ -979,6 +994,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
             + f"aggregated {row['aggregated']}  rejected {rejected}  capped {capped}  "
             + f"failures {len(row['failures'])}  ({row['seconds']:.1f} s)"
         )
+        picked = row.get("release", {}).get("select")
+        if picked:
+            log(f"dp_two_stage: picked {picked['why']}")
 
     final: dict[str, Any] = {"rule": "last", "round": n_rounds}
     if not releasing and cfg.final_model == "best-val" and fed.best is not None:

@@ -16,6 +16,7 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from fedrec.shared_model.data import UserSplit
+from fedrec.shared_model.split_scores import SharedScores
 
 #: EASE score of items outside its ``max_items`` support: far below any real score, but finite.
 OUT_OF_SUPPORT_SCORE = np.float32(-1e9)
@@ -57,6 +58,20 @@ class Popularity:
             raise _not_fitted("Popularity")
         assert len(self.counts) == split.n_items, "split and fitted model disagree on n_items"
         return np.broadcast_to(self.counts, (len(users), split.n_items)).copy()  # (B, N)
+
+    def shared_part(self, split: UserSplit) -> SharedScores:
+        """Every item's score is shared by all users (no support): the evaluation ranks without (B, N)."""
+        if self.counts is None:
+            raise _not_fitted("Popularity")
+        assert len(self.counts) == split.n_items, "split and fitted model disagree on n_items"
+        return SharedScores(items=np.zeros(0, dtype=np.int64), outside=self.counts)
+
+    def user_part(
+        self, split: UserSplit, users: np.ndarray, histories: list[np.ndarray], which: str
+    ) -> np.ndarray:
+        """No per-user scores: (B, 0)."""
+        assert self.counts is not None
+        return np.zeros((len(users), 0), dtype=self.counts.dtype)
 
 
 @dataclass

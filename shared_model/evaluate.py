@@ -26,6 +26,13 @@ items outside history ∪ test set. Validation stays one held-out item (taken fr
 
 Users are scored in batches of at most ``batch_size`` rows and at most :data:`MAX_SCORE_CELLS`
 user × item scores, so no users × items array exists at any catalogue size.
+
+A scorer whose scores are mostly shared by all users (models fitted from the item release: M support
+items scored per user, every other item one fixed score; popularity baselines: M = 0) may also offer
+``shared_part(split)`` → :class:`~fedrec.shared_model.split_scores.SharedScores` (or None) and
+``user_part(split, users, histories, which)`` → (B, M). Then no (B, N) array is written at all: the
+same numbers come from the support scores and one sorted list of the shared scores
+(``fedrec.shared_model.split_scores``), and batches hold up to :data:`MAX_SCORE_CELLS` support scores.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from fedrec.shared_model.metrics import (
     ranks_from_scores,
 )
 from fedrec.shared_model.ranking import mask_items, top_k
+from fedrec.shared_model.split_scores import SplitRanker
 
 WHICH = ("val", "test")
 #: Most user × item scores held per evaluation batch: bounds the scorer's (B, N, hidden) intermediates
@@ -151,16 +159,24 @@ def sample_negatives(
 ) -> np.ndarray:
     """``negatives`` distinct items ∉ history ∪ {target}, uniformly, from RNG ``(seed, user)``.
 
-    Returns (min(negatives, #candidates),) int64; all candidates when there are too few.
+    Returns (min(negatives, #candidates),) int64; all candidates when there are too few. The draw is
+    ``rng.choice(pool, negatives, replace=False)`` over the ascending pool of candidates; the pool is
+    never built: the r-th candidate is ``r + #{excluded e : e − (its rank among the excluded) ≤ r}``
+    (O(|history| log) per user instead of O(N)). Negative indices count from the end, as numpy's do.
     """
-    allowed = np.ones(n_items, dtype=bool)  # (N,)
-    allowed[history] = False
-    allowed[target] = False
-    pool = np.flatnonzero(allowed)  # (n_candidates,)
-    if len(pool) <= negatives:
-        return pool
+    excl = np.concatenate([np.asarray(history, dtype=np.int64).reshape(-1), [int(target)]])
+    if excl.size and (excl.min() < -n_items or excl.max() >= n_items):
+        raise IndexError(f"item index out of range for {n_items} items")
+    excl = np.unique(np.where(excl < 0, excl + n_items, excl))  # (E,) ascending, distinct
+    n_pool = n_items - len(excl)
+    if n_pool <= negatives:
+        allowed = np.ones(n_items, dtype=bool)
+        allowed[excl] = False
+        return np.flatnonzero(allowed)
     rng = np.random.default_rng([seed, user])
-    return rng.choice(pool, size=negatives, replace=False)
+    r = rng.choice(n_pool, size=negatives, replace=False)  # ranks in the pool: the same draw
+    below = excl - np.arange(len(excl))  # (E,) candidates below each excluded item
+    return (r + np.searchsorted(below, r, side="right")).astype(np.int64)
 
 
 def evaluate(
@@ -193,6 +209,13 @@ def evaluate(
     else:
         users = np.flatnonzero(held >= 0)  # (U,)
     result = EvalResult(RankingSums(k), RankingSums(k), negatives, SetRankingSums(set_k) if given else None)
+    shared_part = getattr(scorer, "shared_part", None)
+    shared = shared_part(split) if callable(shared_part) else None
+    if shared is not None:
+        return _evaluate_split(
+            scorer, SplitRanker(shared, n_items), split, catalog, users, held, result,
+            which=which, k=k, negatives=negatives, seed=seed, set_k=set_k, given=given,
+        )  # fmt: skip
     rows = max(1, min(batch_size, MAX_SCORE_CELLS // max(n_items, 1)))
     for start in range(0, len(users), rows):
         batch = users[start : start + rows]  # (B,)
@@ -239,6 +262,64 @@ def evaluate(
                 continue  # no rankable target (given split whose test items are all unknown): a miss
             negs = sample_negatives(n_items, excl, int(targets[b]), negatives, seed, int(u))
             cand[b, 1 : 1 + len(negs)] = scores[b, negs]
+        result.sampled.add(ranks_from_scores(cand, np.where(has, 0, -1)))
+    return result
+
+
+def _evaluate_split(
+    scorer: Scorer,
+    ranker: SplitRanker,
+    split: UserSplit,
+    catalog: Catalog,
+    users: np.ndarray,
+    held: np.ndarray,
+    result: EvalResult,
+    *,
+    which: str,
+    k: int,
+    negatives: int,
+    seed: int,
+    set_k: int,
+    given: bool,
+) -> EvalResult:
+    """:func:`evaluate`'s loop for a scorer with a shared part: the same sums, no (B, N) array."""
+    n_items = split.n_items
+    rows = max(1, MAX_SCORE_CELLS // max(ranker.m, 1024))
+    for start in range(0, len(users), rows):
+        batch = users[start : start + rows]  # (B,)
+        targets = held[batch].astype(np.int64)  # (B,) -1 = none
+        histories = [split.eval_history(int(u), which) for u in batch]
+        view = ranker.batch(scorer.user_part(split, batch, histories, which), histories)  # type: ignore[attr-defined]
+        topk = view.top_k(k)  # (B, k)
+        if given:
+            assert split.test_sizes is not None and result.sets is not None
+            tests = [split.test_set(int(u)) for u in batch]
+            sizes = split.test_sizes[batch].astype(np.float64)  # (B,) incl. unrankable test items
+            hits, ranks = view.hits_and_first_rank(tests, max(k, set_k))
+            result.full.add(
+                ranks, topk, catalog.genres, n_items=n_items, ndcg=ndcg_at_k_multi(hits[:, :k], sizes)
+            )
+            result.sets.add(hits[:, :set_k], sizes)
+            excluded = [np.concatenate([h, t]) for h, t in zip(histories, tests, strict=True)]
+        else:
+            ranks = view.ranks(targets)  # (B,)
+            result.full.add(ranks, topk, catalog.genres, n_items=n_items)
+            excluded = histories
+        cand = np.full((len(batch), negatives + 1), -np.inf, dtype=ranker.dtype)  # (B, 1+neg)
+        has = targets >= 0
+        brow = np.arange(len(batch))
+        cand[has, 0] = view.score_at(brow[has], targets[has])
+        c_rows, c_cols, c_items = [], [], []
+        for b, (u, excl) in enumerate(zip(batch, excluded, strict=True)):
+            if not has[b]:
+                continue
+            negs = sample_negatives(n_items, excl, int(targets[b]), negatives, seed, int(u))
+            c_rows.append(np.full(len(negs), b))
+            c_cols.append(np.arange(1, 1 + len(negs)))
+            c_items.append(negs)
+        if c_rows:
+            r_, c_ = np.concatenate(c_rows), np.concatenate(c_cols)
+            cand[r_, c_] = view.score_at(r_, np.concatenate(c_items))
         result.sampled.add(ranks_from_scores(cand, np.where(has, 0, -1)))
     return result
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 
@@ -47,6 +48,7 @@ class ItemModelConfig:
     n_support: int
     has_prior: bool = False
     lam: float = 0.0  # the ridge the rule chose (dp_ease / ease)
+    select: int = 0  # dp_two_stage stage 1: items the stage-2 Gram covers (the M rule; 0 = the gram-limit)
 
     def __post_init__(self) -> None:
         if self.kind not in ITEM_KINDS:
@@ -55,6 +57,8 @@ class ItemModelConfig:
             raise FedrecError(
                 f"need n_items ≥ 1 and 0 ≤ n_support ≤ n_items, got {self.n_items}, {self.n_support}"
             )
+        if not 0 <= self.select <= self.n_items:
+            raise FedrecError(f"select must be in 0..n_items ({self.n_items}), got {self.select}")
         if self.kind == "dp_popularity" and (self.n_support or not self.has_prior):
             raise FedrecError("a dp_popularity model has no support and needs a prior")
 
@@ -64,13 +68,16 @@ class ItemModelConfig:
         return []
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "kind": self.kind,
             "n_items": self.n_items,
             "n_support": self.n_support,
             "has_prior": self.has_prior,
             "lam": self.lam,
         }
+        if self.select:
+            out["select"] = self.select
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ItemModelConfig:
@@ -81,6 +88,7 @@ class ItemModelConfig:
                 n_support=int(d["n_support"]),
                 has_prior=bool(d.get("has_prior", False)),
                 lam=float(d.get("lam", 0.0)),
+                select=int(d.get("select", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FedrecError(f"unreadable item model config ({type(e).__name__}: {e})") from None
@@ -131,10 +139,11 @@ class ItemReleaseModel(nn.Module):
         return model
 
     @classmethod
-    def from_popularity(cls, released: np.ndarray, noise_std: float) -> ItemReleaseModel:
-        """DP popularity: rank by the log-prior of the (summed, noisy) popularity release."""
+    def from_popularity(cls, released: np.ndarray, noise_std: float, *, select: int = 0) -> ItemReleaseModel:
+        """DP popularity: rank by the log-prior of the (summed, noisy) popularity release (``select``:
+        see :class:`ItemModelConfig`)."""
         released = np.asarray(released, dtype=np.float64)
-        model = cls(ItemModelConfig("dp_popularity", len(released), 0, has_prior=True))
+        model = cls(ItemModelConfig("dp_popularity", len(released), 0, has_prior=True, select=select))
         model.prior.copy_(torch.from_numpy(log_prior(released, noise_std).astype(np.float32)))
         return model
 
@@ -180,7 +189,7 @@ class ItemReleaseModel(nn.Module):
             return self.prior.unsqueeze(0).expand(b, -1).clone()
         out = self.outside.unsqueeze(0).repeat(b, 1)  # (B, N)
         if self.cfg.n_support:
-            out[:, self.items] = self._inside_scores(history).clamp(min=OUTSIDE_HIGH + 1.0)  # (B, M)
+            out[:, self.items] = self.inside_scores(history)  # (B, M)
         return out
 
     def _inside_scores(self, history: torch.Tensor) -> torch.Tensor:
@@ -188,18 +197,38 @@ class ItemReleaseModel(nn.Module):
 
         The same numbers as the binary-row matmul of :meth:`_support_rows` (up to float summation
         order) at O(L·M) per user instead of O(M²): what serving a large support needs. A history item
-        counts once, as in the binary row (repeats are weighted 0).
+        counts once, as in the binary row (repeats are weighted 0). Computed as a sparse (B, M) 0/1
+        matrix in CSR (each row's columns ascending) times B: each score is accumulated from 0 in
+        ascending column order, as ``embedding_bag(mode="sum")`` over the sorted columns does, so the
+        numbers are the same bit for bit, but padding costs nothing (a padded embedding bag multiplies
+        every pad by a zero weight: B × L_max × M work where the longest history sets L_max).
         """
         m = self.cfg.n_support
-        cols = self.column_of[history.clamp(min=0, max=self.cfg.n_items)]  # (B, L) in [0, M]
-        cols, _ = cols.sort(dim=1)  # (B, L): repeats adjacent, M (pad / outside) last
-        keep = cols < m  # (B, L)
-        keep[:, 1:] &= cols[:, 1:] != cols[:, :-1]
-        if cols.shape[1] == 0:
-            return torch.zeros(history.shape[0], m, dtype=self.weights.dtype, device=history.device)
-        return nn.functional.embedding_bag(
-            cols.clamp(max=m - 1), self.weights, mode="sum", per_sample_weights=keep.to(self.weights.dtype)
-        )  # (B, M)
+        n_rows = history.shape[0]
+        if m == 0 or history.shape[1] == 0:
+            return torch.zeros(n_rows, m, dtype=self.weights.dtype, device=history.device)
+        col_of = self.column_of.cpu().numpy()
+        cols = np.sort(col_of[history.clamp(min=0, max=self.cfg.n_items).cpu().numpy()], axis=1)  # (B, L)
+        keep = cols < m  # (B, L) M = pad / outside the support, sorted last
+        keep[:, 1:] &= cols[:, 1:] != cols[:, :-1]  # a repeated item counts once
+        indptr = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])  # (B + 1,)
+        x = sp.csr_matrix(
+            (np.ones(int(indptr[-1]), dtype=np.float32), cols[keep], indptr), shape=(n_rows, m)
+        )  # (B, M) binary, columns ascending within each row
+        w = self.weights.detach().cpu().numpy()  # (M, M) float32
+        return torch.from_numpy(np.asarray(x @ w, dtype=w.dtype)).to(history.device)  # (B, M)
+
+    @torch.no_grad()
+    def inside_scores(self, history: torch.Tensor) -> torch.Tensor:
+        """The history-dependent part of :meth:`score_all`: (B, M) scores of the support ``items``
+        (ascending item index), exactly the values ``score_all`` puts in those columns."""
+        return self._inside_scores(history).clamp(min=OUTSIDE_HIGH + 1.0)
+
+    def shared_scores(self) -> torch.Tensor:
+        """The part of :meth:`score_all` no history changes: (N,) scores of every item outside the
+        support (entries at support items are unused). ``score_all`` = this vector for everyone, with
+        :meth:`inside_scores` written over the support columns."""
+        return self.prior if self.cfg.kind == "dp_popularity" else self.outside
 
     def forward(
         self,

@@ -9,6 +9,7 @@ come from ``node_config`` (deployment) or ``partition-id`` + ``fed-dir`` (simula
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -90,6 +91,10 @@ class RunConfig:
     select_share: float = (
         0.1  # dp_two_stage: share of the budget's μ² spent on the selecting popularity release
     )
+    # dp_two_stage: how many items the Gram covers. c > 0: the M rule (server/release.py two_stage_size:
+    # the items whose stage-1 noisy popularity is ≥ c × the Gram's noise edge per item, s₂·√M), capped
+    # at gram-limit; 0: exactly min(gram-limit, catalogue) items (what an explicit --gram-limit asks for)
+    select_rule: float = 1.0
     # --- secure aggregation, validation, robust aggregation (server/secagg.py, server/aggregation.py)
     secagg: bool = False  # SecAgg+: the server only ever sees the masked sum of the tenants' deltas
     max_update_norm: float = 0.0  # L2 bound on one tenant's delta per round, SecAgg+'s ±range (0: auto)
@@ -188,6 +193,12 @@ class RunConfig:
             raise FedrecError(f"approach must be one of {', '.join(APPROACHES)}, got {self.approach!r}")
         if isinstance(self.gram_limit, bool) or not isinstance(self.gram_limit, int) or self.gram_limit < 2:
             raise FedrecError(f"gram-limit must be an integer ≥ 2, got {self.gram_limit!r}")
+        if (
+            isinstance(self.select_rule, bool)
+            or not isinstance(self.select_rule, int | float)
+            or not (math.isfinite(self.select_rule) and self.select_rule >= 0)
+        ):
+            raise FedrecError(f"select-rule must be a number ≥ 0, got {self.select_rule!r}")
         if not 0 < self.select_share < 1:
             raise FedrecError(f"select-share must be in (0, 1), got {self.select_share!r}")
         if not self.max_update_norm > 0:

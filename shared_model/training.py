@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fedrec.shared_model.data import UserSplit
 from fedrec.shared_model.model import Batch, HistoryMLP
+from fedrec.shared_model.split_scores import SharedScores
 
 if TYPE_CHECKING:
     from fedrec.shared_model.item_model import Ranker
@@ -146,7 +147,8 @@ class ModelScorer:
         self.cfg = cfg
         self.device = device
         model.eval()
-        self._item_side: Any = model.item_side()
+        # An item-release model ignores item_side in score_all (and its item_side is an N × M array).
+        self._item_side: Any = model.item_side() if isinstance(model, HistoryMLP) else None
 
     def score(
         self, split: UserSplit, users: np.ndarray, histories: list[np.ndarray], which: str
@@ -161,3 +163,24 @@ class ModelScorer:
                 self._item_side,
             )
         return scores.float().cpu().numpy()
+
+    def shared_part(self, split: UserSplit) -> SharedScores | None:
+        """For a model fitted from the item release: the support and the scores no history changes
+        (``fedrec.shared_model.evaluate.SharedScores``), so the evaluation ranks without a (B, N)
+        array; None for other models (they are scored densely by :meth:`score`)."""
+        from fedrec.shared_model.item_model import ItemReleaseModel
+
+        if not isinstance(self.model, ItemReleaseModel):
+            return None
+        items = self.model.items.cpu().numpy().astype(np.int64)
+        return SharedScores(items=items, outside=self.model.shared_scores().float().cpu().numpy())
+
+    def user_part(
+        self, split: UserSplit, users: np.ndarray, histories: list[np.ndarray], which: str
+    ) -> np.ndarray:
+        """(B, M) float32 scores of the support items: the columns :meth:`score` would write there."""
+        hist = pad_rows([h[-self.cfg.max_eval_history :] for h in histories], split.n_items)
+        from fedrec.shared_model.item_model import ItemReleaseModel
+
+        assert isinstance(self.model, ItemReleaseModel), "user_part needs a model with a shared part"
+        return self.model.inside_scores(torch.from_numpy(hist).to(self.device)).float().cpu().numpy()

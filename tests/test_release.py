@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +157,9 @@ def test_auto_picks_by_users_per_noise_and_never_releases_a_gram_without_dp() ->
     assert mlp.approach == "mlp" and mlp.noise_mode == "local", "DP-SGD noise is each tenant's own"
     huge = resolve_approach(cfg, {"a": 10**6}, gram.MAX_GRAM_ITEMS + 1)
     assert huge.approach == "dp_two_stage" and "above the gram-limit" in huge.reason
-    assert "selects the top 4000 items" in huge.reason
+    assert "by the M rule from the stage-1 release" in huge.reason and "at most 4000" in huge.reason
+    explicit = resolve_approach(replace(cfg, select_rule=0.0), {"a": 10**6}, gram.MAX_GRAM_ITEMS + 1)
+    assert "selects the top 4000 items (the gram-limit)" in explicit.reason
 
 
 def test_bad_approach_settings_fail_with_one_clear_message() -> None:

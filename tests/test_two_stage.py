@@ -22,7 +22,7 @@ from fedrec.privacy import gram
 from fedrec.privacy.errors import BudgetError
 from fedrec.privacy.ledger import read_entries, recompute_epsilons, verify_chain
 from fedrec.server.loop import run_federation
-from fedrec.server.release import resolve_approach
+from fedrec.server.release import resolve_approach, two_stage_size
 from fedrec.shared_model.artifacts import load_model
 from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.item_model import OUTSIDE_HIGH, ItemReleaseModel
@@ -64,7 +64,9 @@ def run(fed: Path, out: Path, **kw: object) -> tuple[dict, RunConfig]:
         eval_privacy="exact",  # the quality comparisons need exact HR (DP evaluation sums add ~0.01 of noise)
         **kw,  # type: ignore[arg-type]
     )
-    metrics = run_federation(LoopbackGrid(app, cfg.to_mapping(), TENANTS), cfg, log=lambda _: None)
+    lines: list[str] = []
+    metrics = run_federation(LoopbackGrid(app, cfg.to_mapping(), TENANTS), cfg, log=lines.append)
+    out.with_suffix(".log").write_text("\n".join(lines))  # beside the run dir, not in it
     return metrics, cfg
 
 
@@ -112,14 +114,22 @@ def test_auto_picks_two_stage_above_the_gram_limit_and_says_why() -> None:
     cfg = RunConfig(approach="auto", epsilon=8.0, gram_limit=LIMIT)
     choice = resolve_approach(cfg, {"a": 10**6}, 600)
     assert choice.approach == "dp_two_stage"
-    assert (
-        "600 items is above the gram-limit (150)" in choice.reason and "selects the top 150" in choice.reason
+    assert "600 items is above the gram-limit (150)" in choice.reason and "by the M rule" in choice.reason
+    assert "at most 150)" in choice.reason
+    explicit = resolve_approach(
+        RunConfig(approach="auto", epsilon=8.0, gram_limit=LIMIT, select_rule=0), {"a": 10**6}, 600
     )
+    assert "selects the top 150 items (the gram-limit)" in explicit.reason
     assert resolve_approach(cfg, {"a": 10**6}, 100).approach == "dp_ease"  # within the limit: one Gram
     assert resolve_approach(cfg, {"a": 50}, 600).approach == "dp_popularity"  # too few users for a Gram
     with pytest.raises(FedrecError, match="use dp_two_stage"):
         resolve_approach(RunConfig(approach="dp_ease", gram_limit=LIMIT), {"a": 10**6}, 600)
-    for kw, needle in (({"gram_limit": 1}, "gram-limit"), ({"select_share": 1.0}, "select-share")):
+    for kw, needle in (
+        ({"gram_limit": 1}, "gram-limit"),
+        ({"select_share": 1.0}, "select-share"),
+        ({"select_rule": -1.0}, "select-rule"),
+        ({"select_rule": float("nan")}, "select-rule"),
+    ):
         with pytest.raises(FedrecError, match=needle):
             RunConfig(**kw)  # type: ignore[arg-type]
 
@@ -154,7 +164,13 @@ def test_two_stage_run_charges_both_stages_and_the_audit_recomputes_them(runs: d
     rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["release"]["stage"] for r in rows] == [1, 2]
     assert rows[0]["release"]["model"]["kind"] == "dp_popularity"
-    assert rows[1]["release"]["selected_items"] == LIMIT and rows[1]["release"]["model"]["kind"] == "dp_ease"
+    # the M rule picked M from the stage-1 release (at most the gram-limit) and said why; stage 2 used it
+    picked = rows[0]["release"]["select"]
+    assert 2 <= picked["items"] <= LIMIT and picked["why"].startswith(f"M = {picked['items']}:")
+    assert rows[0]["release"]["model"]["select"] == picked["items"]
+    assert rows[1]["release"]["selected_items"] == picked["items"]
+    assert rows[1]["release"]["model"]["kind"] == "dp_ease"
+    assert f"dp_two_stage: picked {picked['why']}" in out.with_suffix(".log").read_text()
     for t in range(TENANTS):
         entries, problems = read_entries(out / "ledger" / f"tenant-{t}.jsonl")
         assert not problems and not verify_chain(entries)
@@ -164,7 +180,7 @@ def test_two_stage_run_charges_both_stages_and_the_audit_recomputes_them(runs: d
         assert [e["round"] for e in (one, two)] == [1, 2]
         assert (one["stage"], one["mechanism"], one["pop_share"]) == (1, gram.MECHANISM_SELECT, 1.0)
         assert (two["stage"], two["mechanism"], two["pop_share"]) == (2, gram.MECHANISM_SELECTED_GRAM, 0.0)
-        assert two["selected_items"] == LIMIT
+        assert two["selected_items"] == picked["items"]
         sigma = gram.calibrate_release_sigma(
             target_epsilon=8.0, delta=1e-5,
             history_before=[*[(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in before], *reserved(cfg)],
@@ -309,3 +325,22 @@ def test_item_model_gathers_history_rows_with_the_same_scores_as_the_dense_produ
     fast = model._inside_scores(hist)
     dense = model._support_rows(hist) @ model.weights
     assert torch.allclose(fast, dense, atol=1e-4)
+
+
+def test_the_m_rule_keeps_the_items_above_the_noise_edge_and_says_why() -> None:
+    """two_stage_size: the largest M whose M-th noisy popularity is ≥ c·s₂·√M, within [2, cap]."""
+    pop = np.array([400.0, 100.0, 50.0, 30.0, 20.0, 10.0, 5.0, 1.0])
+    sigma1, share = 3.0, 0.1
+    s2 = gram.ReleaseNoise(sigma=sigma1 * math.sqrt(share / (1 - share)), pop_share=0.0).offdiag_std()
+    for c in (0.5, 1.0, 4.0, 16.0):
+        m, why = two_stage_size(pop, sigma1, share, 8, c)
+        want = max([2] + [k for k in range(1, 9) if pop[k - 1] >= c * s2 * math.sqrt(k)])
+        assert m == want and why.startswith(f"M = {m}:") and f"{c:g} × the Gram's noise edge" in why
+    assert two_stage_size(pop, sigma1, share, 8, 0.5)[0] > two_stage_size(pop, sigma1, share, 8, 16.0)[0]
+    assert (
+        two_stage_size(pop[::-1], sigma1, share, 8, 1.0)[0] == two_stage_size(pop, sigma1, share, 8, 1.0)[0]
+    )
+    m, why = two_stage_size(pop, sigma1, share, 3, 0.01)
+    assert m == 3 and "capped at the gram-limit (3)" in why
+    assert two_stage_size(pop, 0.0, share, 5, 1.0)[0] == 5  # no noise: every item up to the cap
+    assert two_stage_size(pop, 1e6, share, 5, 1.0)[0] == 2  # all noise: the floor

@@ -152,14 +152,25 @@ def simulate(
         ),
     ] = "auto",
     gram_limit: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--gram-limit",
             min=2,
-            help="Most items one item–item Gram release covers (O(M³) fit, M(M+1)/2 floats per tenant); "
-            "above it auto picks dp_two_stage.",
+            help="Most items one item–item Gram release covers (O(M³) fit, M(M+1)/2 floats per tenant) "
+            "[4000]; above it auto picks dp_two_stage. Given explicitly, dp_two_stage's Gram covers exactly "
+            "this many items (the M rule is off unless --select-rule is given too).",
         ),
-    ] = 4000,
+    ] = None,
+    select_rule: Annotated[
+        float | None,
+        typer.Option(
+            "--select-rule",
+            min=0.0,
+            help="dp_two_stage: the M rule's constant c — the Gram covers the items whose stage-1 noisy "
+            "popularity is ≥ c × the Gram's noise edge per item (s₂·√M), at most --gram-limit; 0: exactly "
+            "--gram-limit items [1, chosen on validation, docs/PRIVACY_UTILITY.md].",
+        ),
+    ] = None,
     select_share: Annotated[
         float,
         typer.Option("--select-share", help="dp_two_stage: share of the μ² budget on the selecting release."),
@@ -351,7 +362,10 @@ def simulate(
         max_grad_norm=max_grad_norm,
         seed=seed,
         approach=approach.strip().replace("-", "_"),
-        gram_limit=gram_limit,
+        gram_limit=RunConfig.gram_limit if gram_limit is None else gram_limit,
+        select_rule=(RunConfig.select_rule if gram_limit is None else 0.0)
+        if select_rule is None
+        else select_rule,
         select_share=select_share,
         release_init=release_init,
         release_init_items=release_init_items.strip(),
