@@ -27,6 +27,7 @@ from fedrec.shared_model.artifacts import load_model
 from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.item_model import OUTSIDE_HIGH, ItemReleaseModel
 from fedrec.shared_model.runconfig import RunConfig
+from fedrec.simulations.cli.common import print_run_summary
 from fedrec.simulations.data.dataset import prepare_dataset
 from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
 from fedrec.simulations.data.sources import load
@@ -156,8 +157,10 @@ def test_a_tenant_refuses_a_bad_stage_request_before_any_charge(fed: Path) -> No
 # ---------------------------------------------------------------- runs over the in-process grid
 
 
-def test_two_stage_run_charges_both_stages_and_the_audit_recomputes_them(runs: dict) -> None:
-    _metrics, cfg = runs["auto"]
+def test_two_stage_run_charges_both_stages_and_the_audit_recomputes_them(
+    runs: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    metrics, cfg = runs["auto"]
     out = Path(cfg.run_dir)
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["approach"]["name"] == "dp_two_stage" and privacy["rounds"] == 2
@@ -171,6 +174,10 @@ def test_two_stage_run_charges_both_stages_and_the_audit_recomputes_them(runs: d
     assert rows[1]["release"]["selected_items"] == picked["items"]
     assert rows[1]["release"]["model"]["kind"] == "dp_ease"
     assert f"dp_two_stage: picked {picked['why']}" in out.with_suffix(".log").read_text()
+    print_run_summary(
+        out, {**metrics, "dataset": {"source": "synthetic"}, "seconds": 0.0}
+    )  # what simulate prints
+    assert "dp_two_stage: picked M = " in " ".join(capsys.readouterr().out.split())
     for t in range(TENANTS):
         entries, problems = read_entries(out / "ledger" / f"tenant-{t}.jsonl")
         assert not problems and not verify_chain(entries)

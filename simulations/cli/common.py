@@ -180,6 +180,10 @@ def print_run_summary(out: Path, metrics: dict[str, Any]) -> None:
         t.add_row(name, str(info["users"]), str(info["rounds_trained"]), eps, cap, info["status"])
     out_console.print(t)
     rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text(encoding="utf-8").splitlines() if x]
+    for r in rows:  # dp_two_stage: how many items the Gram covered and why (the M rule or --gram-limit)
+        picked = (r.get("release") or {}).get("select")
+        if picked:
+            out_console.print(f"dp_two_stage: picked {picked['why']}", soft_wrap=True, highlight=False)
     rejected = sum(1 for r in rows for i in r["tenants"].values() if i["status"] == "rejected")
     failures = sum(len(r["failures"]) for r in rows)
     unchanged = sum(1 for r in rows if not r.get("aggregated"))
