@@ -142,6 +142,7 @@ def resolve_approach(
         sigma / math.sqrt(shares),
         noise_mode="local",  # σ/√shares per tenant, summed over the tenants: the same as distributed noise
         epsilon=min(caps),
+        noise_words=None if shares == 1 else f"distributed noise, σ/√{shares} per tenant",
     )
     if choice.approach == "dp_ease" and n_items > cfg.gram_limit:
         return ApproachChoice(

@@ -62,8 +62,11 @@ def choose(
     noise_mode: NoiseMode = "local",
     epsilon: float | None = None,
     threshold: float = DP_EASE_MIN_USERS_PER_NOISE,
+    noise_words: str | None = None,
 ) -> Choice:
-    """Pick ``ease`` (σ = 0), ``dp_ease`` or ``dp_popularity`` for these tenants (module docstring)."""
+    """Pick ``ease`` (σ = 0), ``dp_ease`` or ``dp_popularity`` for these tenants (module docstring).
+
+    ``noise_words`` names the noise in the reason (default: ``"<noise_mode> noise"``)."""
     if not tenant_users or any(int(n) < 0 for n in tenant_users):
         raise ValueError("tenant_users must list each tenant's (non-negative) user count")
     users = int(sum(int(n) for n in tenant_users))
@@ -79,7 +82,7 @@ def choose(
             math.inf,
         )
     ratio = users / eff
-    mode = f"{noise_mode} noise, {k} tenant(s)"
+    mode = f"{noise_words or f'{noise_mode} noise'}, {k} tenant(s)"
     if ratio >= threshold:
         return Choice(
             "dp_ease",

@@ -152,6 +152,9 @@ def test_auto_picks_by_users_per_noise_and_never_releases_a_gram_without_dp() ->
     assert dist.users_per_noise is not None and local.users_per_noise is not None
     assert dist.users_per_noise == pytest.approx(local.users_per_noise * np.sqrt(3))
     assert dist.noise_mode == "distributed"
+    # the reason names the noise the run really adds, not the local noise the arithmetic borrows
+    assert "distributed noise, σ/√3 per tenant, 3 tenant(s)" in dist.reason and "local" not in dist.reason
+    assert "local noise, 3 tenant(s)" in local.reason
     assert resolve_approach(RunConfig(approach="auto", dp=False), {"a": 10**6}, 300).approach == "mlp"
     mlp = resolve_approach(RunConfig(approach="mlp", secagg=True), {"a": 10, "b": 10}, 300, shares=2)
     assert mlp.approach == "mlp" and mlp.noise_mode == "local", "DP-SGD noise is each tenant's own"
