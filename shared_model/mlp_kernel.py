@@ -86,10 +86,12 @@ class MLPKernel:
                     self.layers.append((m.weight.detach().T.contiguous(), b, relu))
             item_vec, item_h1, item_b = (t.detach() for t in item_side)
             self.item_vec_t = item_vec.T.contiguous()  # (d, N) for the dot term's (B, d) × (d, N)
-            self.item_vec = item_vec.contiguous().numpy()  # (N, d)
+            self.item_vec_tt = item_vec.contiguous()  # (N, d)
+            self.item_vec = self.item_vec_tt.numpy()
             self.item_h1_t = item_h1.contiguous()  # (N, h1)
             self.item_h1 = self.item_h1_t.numpy()
-            self.item_b = item_b.contiguous().numpy()  # (N,)
+            self.item_b_t = item_b.contiguous()  # (N,)
+            self.item_b = self.item_b_t.numpy()
         self.dot_term = cfg.dot_term
         self.mix = None if model.mix is None else float(model.mix.weight.detach()[0, 0])
         self.h1 = self.item_h1.shape[1]
@@ -177,16 +179,44 @@ class MLPKernel:
         """Logits (B, C) of each row's own ``items`` (B, C): ``HistoryMLP.score_items`` with ``items``."""
         n, k = items.shape
         bufs = self._buffers(n * k)
-        h = bufs[0].numpy().reshape(n, k, self.h1)
-        np.take(self.item_h1, items, axis=0, out=h)  # (B, C, h1)
-        h += uh1[:, None]
+        if n == 1:  # one request: numpy's gathers and broadcasts cost less call overhead than torch's
+            return self._score_items_one(u, uh1, c, items, bufs)
+        flat = torch.from_numpy(items.reshape(-1))  # (B·C,)
+        torch.index_select(self.item_h1_t, 0, flat, out=bufs[0])  # (B·C, h1) gathers: torch, not numpy
+        bufs[0].view(n, k, -1).add_(torch.from_numpy(uh1).unsqueeze(1))
         bufs[0].relu_()
-        logit = self._mlp_rest(bufs).view(n, k).numpy()  # (B, C)
+        logit = self._mlp_rest(bufs).view(n, k)  # (B, C)
+        logit += self.item_b_t[flat].view(n, k)
+        if self.dot_term:
+            tu = torch.from_numpy(u)
+            dot = torch.bmm(self.item_vec_tt[flat].view(n, k, -1), tu.unsqueeze(2)).squeeze(2)  # (B, C)
+            if c is not None:
+                dot += torch.from_numpy(np.einsum("bd,bd->b", u, c)).unsqueeze(1)
+            if self.mix is not None:
+                dot *= self.mix
+            logit += dot
+        return logit.numpy()
+
+    def _score_items_one(
+        self,
+        u: np.ndarray,
+        uh1: np.ndarray,
+        c: np.ndarray | None,
+        items: np.ndarray,
+        bufs: list[torch.Tensor],
+    ) -> np.ndarray:
+        """:meth:`score_items` for one row (B = 1), the same operations on numpy views."""
+        k = items.shape[1]
+        h = bufs[0].numpy()  # (C, h1)
+        np.take(self.item_h1, items[0], axis=0, out=h)
+        h += uh1[0]
+        np.maximum(h, 0.0, out=h)
+        logit = self._mlp_rest(bufs).numpy().reshape(1, k)  # (1, C)
         logit += self.item_b[items]
         if self.dot_term:
-            dot = np.matmul(self.item_vec[items], u[:, :, None])[:, :, 0]  # (B, C)
+            dot = (self.item_vec[items[0]] @ u[0]).reshape(1, k)  # (1, C)
             if c is not None:
-                dot += np.einsum("bd,bd->b", u, c)[:, None]
+                dot += np.float32(u[0] @ c[0])
             if self.mix is not None:
                 dot *= np.float32(self.mix)
             logit += dot

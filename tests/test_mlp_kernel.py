@@ -80,6 +80,11 @@ def test_kernel_scores_equal_the_torch_model(name: str) -> None:
         tu, tc = model.user_parts(torch.from_numpy(hist), feats, torch.from_numpy(ctx))
         ref = model.score_items(tu, tc, model.item_side(), torch.from_numpy(items)).numpy()
     np.testing.assert_allclose(kern.score_items(u, uh1, c, items), ref, rtol=1e-5, atol=1e-5)
+    for r in range(5):  # one row at a time (a lone request's path)
+        one = kern.score_items(
+            u[r : r + 1], uh1[r : r + 1], None if c is None else c[r : r + 1], items[r : r + 1]
+        )
+        np.testing.assert_allclose(one, ref[r : r + 1], rtol=1e-5, atol=1e-5)
 
 
 def recommender_for(model: HistoryMLP, candidates: int) -> Recommender:
