@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fedrec.simulations.bench.suite import (
@@ -42,9 +43,10 @@ def bench_commands() -> None:
 def test_dp_step_writes_plain_dp_and_ratio_per_size(tmp_path: Path) -> None:
     out = tmp_path / "dp.json"
     args = ["bench", "dp-step", "--sizes", "50,80", "--repeats", "2", "--no-memory", "--json", str(out)]
-    res = runner.invoke(app, [*args, "--modes", "plain,opacus-ghost,fast"])
+    res = runner.invoke(app, [*args, "--modes", "plain,opacus-ghost,fast", "--device", "auto"])
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
+    assert data["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # auto: the GPU when seen
     assert set(data["sizes"]) == {"50", "80"}
     for row in data["sizes"].values():
         assert row["plain_ms"] > 0 and row["dp_ms"] > 0
@@ -73,6 +75,12 @@ def test_opacus_hooks_is_skipped_above_its_cap_with_a_note(tmp_path: Path) -> No
     [
         (["--sizes", "10,x"], "comma-separated integers"),
         (["--modes", "plain,turbo"], "unknown --modes turbo"),
+        (["--device", "tpu"], "--device must be cpu, cuda, cuda:N or auto"),
+        pytest.param(
+            ["--device", "cuda"],
+            "sees no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here"),
+        ),
     ],
 )
 def test_dp_step_refuses_bad_options_in_one_line(args: list[str], message: str) -> None:

@@ -90,6 +90,7 @@ class StepSetup:
     hidden: tuple[int, ...] = (64, 32)
     n_genres: int = 18
     seed: int = 0
+    device: str = "cpu"  # where the model, the batch and the DP noise live ("cuda" on a GPU)
 
 
 def make_step(setup: StepSetup, mode: str) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -111,8 +112,8 @@ def make_step(setup: StepSetup, mode: str) -> tuple[Callable[[], None], Callable
         dim=setup.dim,
         hidden=setup.hidden,
     )
-    model = HistoryMLP(cfg, genres)
-    batch = make_user_batch(split, np.arange(setup.batch_users), SamplingConfig(), rng)
+    model = HistoryMLP(cfg, genres).to(setup.device)
+    batch = make_user_batch(split, np.arange(setup.batch_users), SamplingConfig(), rng).to(setup.device)
     if mode == "plain":
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
@@ -172,7 +173,11 @@ def _opacus_hooks_step(
 def time_modes(
     setup: StepSetup, modes: list[str], *, repeats: int, warmup: int = 2, slow_repeats: int = 3
 ) -> dict[str, list[float]]:
-    """Seconds per step of each mode, interleaved; ``opacus-hooks`` only runs ``slow_repeats`` times."""
+    """Seconds per step of each mode, interleaved; ``opacus-hooks`` only runs ``slow_repeats`` times.
+    On a GPU each step is timed to its end (the device is synchronised), not to its last launch."""
+    import torch
+
+    sync = torch.cuda.synchronize if setup.device.startswith("cuda") else (lambda: None)
     steps = {m: make_step(setup, m) for m in modes}
     try:
         for m in modes:
@@ -183,8 +188,10 @@ def time_modes(
             for m in modes:
                 if m == "opacus-hooks" and r >= slow_repeats:
                     continue
+                sync()
                 t = time.perf_counter()
                 steps[m][0]()
+                sync()
                 times[m].append(time.perf_counter() - t)
         return times
     finally:
@@ -229,22 +236,32 @@ def bench_dp_step(
     hooks_max_items: int = 100_000,
     memory: bool = True,
     batch_users: int = 64,
+    device: str = "cpu",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """The ``dp-step`` table: per size and mode the median step time, its ratio to plain, peak memory."""
+    """The ``dp-step`` table: per size and mode the median step time, its ratio to plain, peak memory.
+    On ``cuda`` the memory column is left out: the RSS of the host process says nothing about the GPU's."""
     import torch
 
     torch.set_num_threads(threads)
+    gpu = device.startswith("cuda")
+    memory = memory and not gpu
     result: dict[str, Any] = {
         "benchmark": "dp-step",
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if gpu else "cpu",
         "threads": threads,
         "repeats": repeats,
         "batch_users": batch_users,
-        "memory": "peak RSS added by 3 steps over the RSS after setup, fresh process per mode (VmHWM)",
+        "memory": (
+            "peak RSS added by 3 steps over the RSS after setup, fresh process per mode (VmHWM)"
+            if memory
+            else "not measured"
+        ),
         "sizes": {},
     }
     for n in sizes:
-        setup = StepSetup(n_items=n, batch_users=batch_users)
+        setup = StepSetup(n_items=n, batch_users=batch_users, device=device)
         run_modes = [m for m in modes if m != "opacus-hooks" or n <= hooks_max_items]
         log(f"dp-step: {n} items, modes {', '.join(run_modes)} …")
         times = time_modes(setup, run_modes, repeats=repeats, slow_repeats=hooks_repeats)

@@ -42,8 +42,8 @@ def _f(x: Any, fmt: str = "{:.1f}") -> str:
 
 def dp_step_table(result: dict[str, Any]) -> Table:
     t = Table(
-        title=f"One local training step ({result['batch_users']} users, {result['threads']} thread(s), "
-        f"median of {result['repeats']})"
+        title=f"One local training step on {result.get('device_name', 'cpu')} ({result['batch_users']} users, "
+        f"{result['threads']} thread(s), median of {result['repeats']})"
     )
     for col in ("items", "mode", "ms", "× plain", "peak Δ MB"):
         t.add_column(col, justify="right" if col not in ("mode",) else "left")
@@ -172,10 +172,29 @@ def register(app: typer.Typer) -> None:
         memory: Annotated[
             bool, typer.Option("--memory/--no-memory", help="Peak memory, one fresh process per mode.")
         ] = True,
+        device: Annotated[
+            str,
+            typer.Option(
+                "--device",
+                help="cpu, cuda (cuda:N) or auto (cuda when torch sees a GPU). Peak memory is CPU-only.",
+            ),
+        ] = "cpu",
         json_path: JsonOpt = None,
     ) -> None:
         """Plain PyTorch vs Opacus hooks vs Opacus ghost vs fedrec's DP step (time and peak memory)."""
+        import torch
+
         from fedrec.simulations.bench.suite import DP_MODES, bench_dp_step
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+            raise DataError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+        if device != "cpu" and not torch.cuda.is_available():
+            raise DataError(
+                f"--device {device}: torch {torch.__version__} sees no CUDA GPU "
+                f"(CUDA build: {torch.version.cuda or 'none'}); use --device cpu or auto"
+            )
 
         try:
             size_list = tuple(int(s) for s in sizes.split(","))
@@ -196,6 +215,7 @@ def register(app: typer.Typer) -> None:
             hooks_max_items=hooks_max_items,
             memory=memory,
             batch_users=batch_users,
+            device=device,
             log=_log,
         )
         out_console.print(dp_step_table(result))
