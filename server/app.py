@@ -6,11 +6,11 @@ import time
 from collections.abc import Iterable
 from logging import INFO
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
 
+from fedrec.server.grids import ForwardingGrid
 from fedrec.server.loop import run_federation
 from fedrec.shared_model.runconfig import RunConfig
 
@@ -20,7 +20,7 @@ app = ServerApp()
 PULL_INTERVAL = 0.5
 
 
-class PromptGrid(Grid):
+class PromptGrid(ForwardingGrid):
     """A deployed run's grid (Flower's ``HttpGrid``), pulling the replies every ``interval`` s.
 
     Flower's ``send_and_receive`` sleeps a fixed 3 s between two pulls, so every exchange of a round
@@ -29,33 +29,8 @@ class PromptGrid(Grid):
     """
 
     def __init__(self, inner: Grid, interval: float = PULL_INTERVAL) -> None:
-        self.inner, self.interval = inner, interval
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
+        super().__init__(inner)
+        self.interval = interval
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

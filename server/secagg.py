@@ -38,8 +38,8 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
+from fedrec.server.grids import ForwardingGrid
 from fedrec.shared_model.codec import Weights
 
 QUANTIZATION_RANGE = 2**22  # Flower's default; the sum of T tenants must stay below 2**32 (T < 1024)
@@ -95,38 +95,12 @@ class _CaptureStrategy(LegacyFedAvg):
         return None, {}
 
 
-class _WatchedGrid(Grid):
+class _WatchedGrid(ForwardingGrid):
     """The run's grid, noting which node failed which SecAgg+ stage (and why) for rounds.jsonl."""
 
     def __init__(self, inner: Grid) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.errors: list[tuple[int, str]] = []
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
