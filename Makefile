@@ -30,7 +30,7 @@ typecheck: install
 	$(BIN)/mypy
 
 pytest: install
-	$(BIN)/pytest -q -p no:cacheprovider --timeout=900
+	$(BIN)/pytest -q -p no:cacheprovider --timeout=900 --durations=25
 
 ## The installed wheel in a fresh venv, run from a temp dir (no repository on sys.path).
 wheel-check: install
