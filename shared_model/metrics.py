@@ -202,6 +202,16 @@ def intra_list_diversity(topk: np.ndarray, item_vecs: np.ndarray) -> np.ndarray:
     return np.where(pairs > 0, 1.0 - pair_sum / np.maximum(pairs, 1.0), 0.0)
 
 
+def _mean(total: float, n: int) -> float:
+    """``total / n`` clipped to [0, 1] (0.0 when n ≤ 0): the mean of per-user values in [0, 1].
+
+    Exact sums are never clipped. Under ``eval-privacy dp`` each sum and the user count carry Gaussian
+    noise, so a small federation's ratio can leave [0, 1] (a hit rate of 1.07 was seen at 240 users);
+    clipping is post-processing and costs no ε.
+    """
+    return min(1.0, max(0.0, total / n)) if n > 0 else 0.0
+
+
 @dataclass
 class RankingSums:
     """Running sums of per-user ranking metrics at cut-off ``k``; merge with ``+``, divide once.
@@ -300,13 +310,14 @@ class RankingSums:
     def result(self) -> dict[str, float | int]:
         """Means over users: ``hr@K``, ``ndcg@K``, ``mrr``, ``ild@K``, ``coverage@K``, and ``users``.
 
-        Zero users (or zero lists) give 0.0, not an error.
+        Zero users (or zero lists) give 0.0, not an error. hr, ndcg and mrr are clipped to [0, 1]
+        (see :func:`_mean`).
         """
         n, m, k = self.users, self.lists, self.k
         return {
-            f"hr@{k}": self.hits / n if n else 0.0,
-            f"ndcg@{k}": self.ndcg / n if n else 0.0,
-            "mrr": self.rr / n if n else 0.0,
+            f"hr@{k}": _mean(self.hits, n),
+            f"ndcg@{k}": _mean(self.ndcg, n),
+            "mrr": _mean(self.rr, n),
             f"ild@{k}": self.ild / m if m else 0.0,
             f"coverage@{k}": float(self.recommended.mean()) if self.recommended is not None else 0.0,
             "users": n,
@@ -391,9 +402,9 @@ class SetRankingSums:
         """Means over users: ``recall@K``, ``ndcg@K``, ``hit@K`` (0.0 for zero users)."""
         n, k = self.users, self.k
         return {
-            f"recall@{k}": self.recall / n if n else 0.0,
-            f"ndcg@{k}": self.ndcg / n if n else 0.0,
-            f"hit@{k}": self.hit / n if n else 0.0,
+            f"recall@{k}": _mean(self.recall, n),
+            f"ndcg@{k}": _mean(self.ndcg, n),
+            f"hit@{k}": _mean(self.hit, n),
         }
 
     def to_record(self) -> dict[str, RecordValue]:

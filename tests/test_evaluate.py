@@ -10,6 +10,7 @@ import pytest
 
 from fedrec.shared_model.data import USER_FEATURES, Catalog, UserSplit
 from fedrec.shared_model.evaluate import EvalResult, evaluate, evaluate_sums, sample_negatives
+from fedrec.shared_model.metrics import RankingSums, SetRankingSums
 
 N_ITEMS = 5
 # Genre vectors: items 0,1 → [1,0]; items 2,3 → [0,1]; item 4 → [1,1].
@@ -206,3 +207,31 @@ def test_full_ranking_is_fast_at_movielens_100k_size() -> None:
     elapsed = time.perf_counter() - start
     assert res.full.users > 500
     assert elapsed < 2.0, f"evaluate took {elapsed:.2f} s for 943 users × 1682 items"
+
+
+def test_noisy_dp_evaluation_sums_never_give_a_rate_outside_0_1() -> None:
+    """Under eval-privacy dp each tenant noises its sums and its user count; with few users per tenant
+    the merged ratio used to exceed 1 (CI saw hr@10 = 1.065 at 240 users). The reported means are
+    clipped, and exact sums are unchanged."""
+    from fedrec.privacy.mechanisms import noisy_eval_record
+
+    exact = EvalResult(
+        RankingSums(k=10, users=4, hits=3.0, ndcg=2.0, rr=1.5),
+        RankingSums(k=10, users=4, hits=4.0, ndcg=3.0, rr=2.5),
+        99,
+        SetRankingSums(k=20, users=4, recall=3.0, ndcg=2.0, hit=4.0),
+    )
+    assert exact.to_metrics()["full"]["hr@10"] == 0.75 and exact.to_metrics()["sampled"]["hr@10"] == 1.0
+    rng = np.random.default_rng(0)
+    outside = 0
+    for _ in range(200):
+        parts = [EvalResult.from_record(noisy_eval_record(exact.to_record(), rng)[0]) for _ in range(5)]
+        merged = sum(parts)
+        raw = merged.full.hits / merged.full.users if merged.full.users else 0.0
+        outside += not 0.0 <= raw <= 1.0
+        m = merged.to_metrics()
+        for section, keys in (("full", ("hr@10", "ndcg@10", "mrr", "recall@20", "ndcg@20", "hit@20")),
+                              ("sampled", ("hr@10", "ndcg@10"))):  # fmt: skip
+            for key in keys:
+                assert 0.0 <= m[section][key] <= 1.0, (section, key, m[section][key])
+    assert outside > 0, "the noise does push the raw ratio outside [0, 1]: the clip is exercised"
