@@ -58,6 +58,8 @@ class FrontierConfig:
     given: tuple[str, str] | None = None  # a given split (TRAIN, TEST), read by load_given
     rule: DPEASERule = field(default_factory=DPEASERule)
     eigen: bool = True  # also score the Gram release with EigenGram (post-processing, same release)
+    mlp: bool = True  # the "DP MLP" column (``frontier_mlp``: DP-SGD head on the DP release; slowest)
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (a long frontier run in parts)
 
 
 @dataclass
@@ -69,6 +71,11 @@ class TenantStats:
 def _hr(scorer: Any, split: UserSplit, catalog: Catalog, seed: int) -> tuple[float, float]:
     m = evaluate(scorer, split, catalog, which="test", seed=seed).to_metrics()["full"]
     return float(m["hr@10"]), float(m["ndcg@10"])
+
+
+def _val_hr(scorer: Any, split: UserSplit, catalog: Catalog, seed: int) -> float:
+    """Full HR@10 on the VALIDATION item (what ``auto``'s rule is judged on; test is only reported)."""
+    return float(evaluate(scorer, split, catalog, which="val", seed=seed).to_metrics()["full"]["hr@10"])
 
 
 def frontier_points(
@@ -88,6 +95,7 @@ def frontier_points(
         for s in (split.subset(p) for p in parts)
     ]
     t_rows = (time.perf_counter() - t0) / cfg.tenants
+    tenant_splits = [split.subset(p) for p in parts] if cfg.mlp else []
     test_users = np.flatnonzero(split.test_item >= 0)
     if len(test_users) > cfg.eval_users:
         test_users = np.sort(rng_eval.choice(test_users, cfg.eval_users, replace=False))
@@ -153,6 +161,8 @@ def frontier_points(
                 t3 = time.perf_counter()
                 hr, nd = _hr(scorer, ev, catalog, seed)
                 t_eval = time.perf_counter() - t3
+                if mode == "local" and sigma > 0:
+                    extra["val_hr@10"] = _val_hr(scorer, ev, catalog, seed)
                 add(
                     eps,
                     approach,
@@ -196,6 +206,23 @@ def frontier_points(
                         sigma=sigma,
                         sum_sigma=one.sigma,
                     )
+        if cfg.mlp and not math.isinf(eps):
+            from fedrec.simulations.reports.frontier_mlp import train_dp_mlp
+
+            pt = train_dp_mlp(tenant_splits, catalog, epsilon_target=eps, delta=cfg.delta, seed=seed)
+            t3 = time.perf_counter()
+            hr, nd = _hr(pt.scorer, ev, catalog, seed)
+            t_eval = time.perf_counter() - t3
+            add(
+                eps,
+                "dp_mlp",
+                "local",
+                hr,
+                nd,
+                eval_s=round(t_eval, 3),
+                **{"val_hr@10": _val_hr(pt.scorer, ev, catalog, seed)},
+                **pt.facts,
+            )
         log(
             f"  {name} seed {seed} ε={eps:g}: "
             + ", ".join(
@@ -293,7 +320,7 @@ def run_frontier(cfg: FrontierConfig, log: Callable[[str], None] = print) -> lis
         given()  # read and checked before any job: a bad TRAIN/TEST fails at once, not after the others
         jobs.append((f"given:{Path(cfg.given[0]).name}", lambda seed: given()))
     for name, loader in jobs:
-        for seed in range(cfg.seeds):
+        for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
             t0 = time.perf_counter()
             split, catalog = loader(seed)
             log(
@@ -322,7 +349,19 @@ def median_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         if approach == "chosen":
             row["picked"] = "/".join(sorted({str(r["picked"]) for r in rs}))
-        for key in ("release_s", "server_fit_s", "eval_s", "m_items", "lam", "components"):
+        for key in (
+            "release_s",
+            "server_fit_s",
+            "eval_s",
+            "m_items",
+            "lam",
+            "components",
+            "val_hr@10",
+            "train_s",
+            "w",
+            "sigma_sgd",
+            "epsilon_spent",
+        ):
             vals = [r[key] for r in rs if key in r]
             if vals:
                 row[key] = statistics.median(vals)
@@ -345,9 +384,12 @@ def markdown(med: Sequence[dict[str, Any]]) -> str:
         ("dp_ease_ridge", "distributed", "DP-EASE ridge-only, distributed"),
         ("eigen_gram", "local", "EigenGram, local"),
         ("eigen_gram", "distributed", "EigenGram, distributed"),
+        ("dp_mlp", "local", "DP MLP (release 0.9 ε + DP-SGD head)"),
         ("chosen", "local", "automatic choice, local"),
         ("chosen", "distributed", "automatic choice, distributed"),
     ]
+    if not any(r["approach"] == "dp_mlp" for r in med):  # run with --no-mlp
+        cols = [c for c in cols if c[0] != "dp_mlp"]
     lines = ["Full-ranking HR@10, median of seeds (user-level, δ = 1e-5, PRV; ε = ∞: no noise).", ""]
     for ds in datasets:
         pop = next((r for r in med if r["dataset"] == ds and r["approach"] == "popularity"), None)
@@ -379,6 +421,27 @@ def markdown(med: Sequence[dict[str, Any]]) -> str:
                     cells.append(cell)
             lines.append(f"| {_eps_label(eps)} | " + " | ".join(cells) + " |")
         lines.append("")
+    val = [r for r in med if "val_hr@10" in r and r["mode"] == "local"]
+    if any(r["approach"] == "dp_mlp" for r in val):
+        lines += [
+            "Validation full HR@10 (local noise), median of seeds: the figures `auto`'s rule is judged on "
+            "(the tables above are test, reported only).",
+            "",
+            "| data set | ε | DP popularity | DP-EASE | DP MLP | best on validation |",
+            "|---|---|---|---|---|---|",
+        ]
+        names = {"dp_popularity": "DP popularity", "dp_ease": "DP-EASE", "dp_mlp": "DP MLP"}
+        for ds in datasets:
+            for eps in epsilons:
+                got = {
+                    r["approach"]: r["val_hr@10"] for r in val if r["dataset"] == ds and r["epsilon"] == eps
+                }
+                if "dp_mlp" not in got:
+                    continue
+                cells = [f"{got[a]:.3f}" if a in got else "—" for a in names]
+                best = max((a for a in names if a in got), key=lambda a: got[a])
+                lines.append(f"| {ds} | {_eps_label(eps)} | " + " | ".join(cells) + f" | {names[best]} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -398,6 +461,7 @@ def plot(med: Sequence[dict[str, Any]], path: Path) -> None:
             ("dp_ease", "local", "DP-EASE (local noise)", "s-"),
             ("dp_ease", "distributed", "DP-EASE (distributed noise)", "^--"),
             ("eigen_gram", "local", "EigenGram (local noise)", "x:"),
+            ("dp_mlp", "local", "DP MLP (release + DP-SGD head)", "D-"),
         ):
             pts = sorted(
                 (r["epsilon"] if not math.isinf(r["epsilon"]) else inf_x, r["hr@10"])
@@ -424,6 +488,27 @@ def plot(med: Sequence[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def read_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """The rows of earlier ``frontier.csv`` files (numbers back to numbers), to render them together."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        with path.open(encoding="utf-8") as f:
+            for raw in csv.DictReader(f):
+                row: dict[str, Any] = {}
+                for k, v in raw.items():
+                    if v is None or v == "":
+                        continue
+                    if k in ("tenant_users", "dataset", "approach", "mode", "picked", "reason"):
+                        row[k] = v
+                        continue
+                    try:
+                        row[k] = int(v) if k in ("seed", "users", "items", "tenants") else float(v)
+                    except ValueError:
+                        row[k] = v
+                rows.append(row)
+    return rows
 
 
 def write_outputs(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
