@@ -145,3 +145,39 @@ def test_merge_of_a_missing_csv_is_one_clear_error(tmp_path: Path) -> None:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error:") and "nope.csv is not a file" in lines[-1]
     assert not out.exists()
+
+
+def test_scale_profile_above_the_gram_limit_leaves_the_gram_columns_out(tmp_path: Path) -> None:
+    """A catalogue above the gram limit (4 000 items): no dense Gram release, DP popularity still runs."""
+    out = tmp_path / "f"
+    args = ["frontier", "--out", str(out), "--users", "400", "--items", "20000", "--epsilons", "8"]
+    proc = subprocess.run(
+        [*FEDREC, *args, "--seeds", "1", "--synth-profile", "scale", "--eval-users", "100", "--no-mlp"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "300"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no DP-EASE/EigenGram" in proc.stderr
+    with (out / "frontier.csv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["approach"] for r in rows} == {"popularity", "dp_popularity"}
+    assert {r["dataset"] for r in rows} == {"synthetic-scale-400x20000"}
+    assert int(rows[0]["items"]) > 4000
+
+
+def test_unknown_synth_profile_is_one_clear_error(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [*FEDREC, "frontier", "--out", str(out), "--users", "100", "--synth-profile", "huge"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "300"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error:") and "--synth-profile must be one of" in lines[-1]
+    assert not out.exists()

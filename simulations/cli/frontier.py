@@ -78,6 +78,14 @@ def frontier(
     first_seed: Annotated[
         int, typer.Option("--first-seed", min=0, help="Run seeds FIRST .. FIRST + --seeds - 1.")
     ] = 0,
+    synth_profile: Annotated[
+        str,
+        typer.Option(
+            "--synth-profile",
+            help="The synthetic generator: 'movielens' or 'scale' (large catalogue; above the gram limit "
+            "the DP-EASE/EigenGram columns are left out).",
+        ),
+    ] = "movielens",
     merge: Annotated[
         str | None,
         typer.Option(
@@ -88,6 +96,7 @@ def frontier(
     ] = None,
 ) -> None:
     """Full HR@10 vs ε of DP popularity, DP-EASE (local and distributed noise) and the DP MLP, median of seeds."""
+    from fedrec.simulations.data.synth_scale import SynthSpec
     from fedrec.simulations.reports.frontier import (
         FrontierConfig,
         add_choices,
@@ -96,6 +105,7 @@ def frontier(
         write_outputs,
     )
 
+    SynthSpec(profile=synth_profile)  # an unknown profile: one clear error before anything runs
     if include_ml100k is not None and not include_ml100k.exists():
         raise FedrecError(f"--include-ml100k {include_ml100k} does not exist")
     earlier = [Path(p.strip()) for p in (merge or "").split(",") if p.strip()]
@@ -116,6 +126,7 @@ def frontier(
         given=(data, test) if data is not None and test is not None else None,
         mlp=not no_mlp,
         first_seed=first_seed,
+        synth_profile=synth_profile,
     )
     old = read_rows(earlier)
     runs = bool(cfg.users or cfg.ml100k or cfg.given)

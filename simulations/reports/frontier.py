@@ -60,6 +60,7 @@ class FrontierConfig:
     eigen: bool = True  # also score the Gram release with EigenGram (post-processing, same release)
     mlp: bool = True  # the "DP MLP" column (``frontier_mlp``: DP-SGD head on the DP release; slowest)
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (a long frontier run in parts)
+    synth_profile: str = "movielens"  # the synthetic generator (``scale``: large catalogue, long tail)
 
 
 @dataclass
@@ -128,12 +129,16 @@ def frontier_points(
     hr, nd = _hr(Popularity().fit(split), ev, catalog, seed)
     for eps in cfg.epsilons:
         add(eps, "popularity", "none", hr, nd)
+    releases: tuple[tuple[str, float], ...] = (("dp_popularity", 1.0), ("dp_ease", 0.0))
+    if split.n_items > gram.MAX_GRAM_ITEMS:  # a dense N × N Gram release would not fit: no Gram columns
+        releases = releases[:1]
+        log(f"  {name}: {split.n_items} items > {gram.MAX_GRAM_ITEMS} (the gram limit): no DP-EASE/EigenGram")
     for eps in cfg.epsilons:
         sigma = gram.calibrate_release_sigma(target_epsilon=eps, delta=cfg.delta, accountant=cfg.accountant)  # type: ignore[arg-type]
         modes = cfg.modes if sigma > 0 else ("none",)
         for mode in modes:
             shares = cfg.tenants if mode == "distributed" else 1
-            for approach, rho in (("dp_popularity", 1.0), ("dp_ease", 0.0)):
+            for approach, rho in releases:
                 noise = gram.ReleaseNoise(sigma=sigma, pop_share=rho, shares=shares)
                 t1 = time.perf_counter()
                 total = gram.server_sum([gram.release(t.x, noise, noise_rng) for t in tenants])
@@ -272,16 +277,20 @@ def add_choices(
     return out
 
 
-def load_synthetic(users: int, items: int, seed: int) -> tuple[UserSplit, Catalog]:
+def load_synthetic(
+    users: int, items: int, seed: int, profile: str = "movielens"
+) -> tuple[UserSplit, Catalog]:
     from fedrec.simulations.data.dataset import prepare_dataset
     from fedrec.simulations.data.sources import synthetic
+    from fedrec.simulations.data.synth_scale import SynthSpec
 
-    data = prepare_dataset(synthetic(users=users, items=items, seed=seed))
+    spec = SynthSpec(profile=profile) if profile != "movielens" else None
+    data = prepare_dataset(synthetic(users=users, items=items, seed=seed, spec=spec))
     return data.split, data.catalog
 
 
-def _synthetic_seed(users: int, items: int, seed: int) -> tuple[UserSplit, Catalog]:
-    return load_synthetic(users, items, seed)
+def _synthetic_seed(users: int, items: int, profile: str, seed: int) -> tuple[UserSplit, Catalog]:
+    return load_synthetic(users, items, seed, profile)
 
 
 def load_path(path: Path) -> tuple[UserSplit, Catalog]:
@@ -303,7 +312,13 @@ def load_given(train: str, test: str) -> tuple[UserSplit, Catalog]:
 def run_frontier(cfg: FrontierConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     jobs: list[tuple[str, Callable[[int], tuple[UserSplit, Catalog]]]] = [
-        (f"synthetic-{u}", functools.partial(_synthetic_seed, u, cfg.items)) for u in cfg.users
+        (
+            f"synthetic-{u}"
+            if cfg.synth_profile == "movielens"
+            else f"synthetic-{cfg.synth_profile}-{u}x{cfg.items}",
+            functools.partial(_synthetic_seed, u, cfg.items, cfg.synth_profile),
+        )
+        for u in cfg.users
     ]
     if cfg.ml100k is not None:
         path = cfg.ml100k
