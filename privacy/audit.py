@@ -19,7 +19,8 @@ ledger line and the round. What each check covers:
 ``poisson_sampling``          Poisson sampling recorded
 ``unit_user``                 privacy unit ``user``
 ``ordered_consistent``        rounds increase; tenant, accountant, δ constant; ε never decreases
-``steps_match_plan``          q = 1/ceil(n/min(B, n)) and steps = round(epochs/q) (client/train.py)
+``steps_match_plan``          q = 1/ceil(n/min(B, n)) and steps = round(epochs/q) (client/train.py);
+                              dp-mode cohort: q = cohort-rate and one step per round
 ``privacy_json_matches``      ``privacy.json``'s ε, users, rounds trained = the ledger's
 ``epsilon_replay``            |ε replayed − ε recorded| ≤ 1e-6 with the recorded accountant; where an
                               entry is a cohort round (dp-mode cohort), σ_local = σ/√shares and
