@@ -248,7 +248,7 @@ def simulate(
             help="How DP-SGD trains the MLP: local-steps (local-epochs of local Adam DP-SGD steps per round) | "
             "cohort (DP-FedAvg-style: each round one noisy clipped gradient sum of a Poisson cohort per "
             "tenant, the server optimizer on the noisy mean; with --secagg the noise is split between "
-            "tenants; auto recipe 40 rounds, fedadam, docs/FEDERATION.md).",
+            "tenants; auto: 15 rounds, fedadam, untuned; docs/FEDERATION.md).",
         ),
     ] = "local-steps",
     cohort_rate: Annotated[
