@@ -118,6 +118,50 @@ def _psd(a: np.ndarray) -> np.ndarray:
     return (q * np.maximum(w, 0.0)[:, None, :]) @ np.transpose(q, (0, 2, 1))
 
 
+def round_statistics(
+    xs: sp.csr_matrix, uh: np.ndarray, a_mode: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The exact sums one ALS round releases (before noise): b (M, d), G (d, d), A (M, d, d) or None."""
+    b = np.asarray(xs.T @ uh)  # (M, d)
+    g = uh.T @ uh
+    if a_mode != "full":
+        return b, g, None
+    d = uh.shape[1]
+    a = np.asarray(xs.T @ _outer_flat(uh), dtype=np.float64).reshape(xs.shape[1], d, d)
+    return b, g, a
+
+
+def _tri(s: np.ndarray) -> np.ndarray:
+    """A symmetric matrix's upper triangle with the diagonal, off-diagonal entries ×√2 (so ‖·‖ = ‖S‖_F)."""
+    r, c = np.triu_indices(s.shape[-1])
+    return s[..., r, c] * np.where(r == c, 1.0, math.sqrt(2.0))
+
+
+def user_release(
+    cols: np.ndarray,
+    weights: np.ndarray,
+    uh: np.ndarray,
+    m: int,
+    shares: tuple[float, float, float],
+    a_mode: str,
+) -> np.ndarray:
+    """One user's scaled release vector for a round, written out as the definition (module docstring):
+    (√a·x_i·û for each item, √b·x_i·tri(ûûᵀ) for each item [full mode], √c·tri(ûûᵀ)). Its norm is 1 for
+    a unit û and Σ x_i² = 1; the tenants' sum of these is what :func:`round_statistics` computes."""
+    a_sh, b_sh, c_sh = shares
+    d = len(uh)
+    bpart = np.zeros((m, d))
+    bpart[cols] = math.sqrt(a_sh) * weights[:, None] * uh[None]
+    parts = [bpart.ravel()]
+    t = _tri(np.outer(uh, uh))
+    if a_mode == "full":
+        apart = np.zeros((m, len(t)))
+        apart[cols] = math.sqrt(b_sh) * weights[:, None] * t[None]
+        parts.append(apart.ravel())
+    parts.append(math.sqrt(c_sh) * t)
+    return np.concatenate(parts)
+
+
 def dp_als(
     xb: sp.csr_matrix,
     *,
@@ -137,20 +181,21 @@ def dp_als(
     """Item factors V (M × d) after ``rounds`` noisy ALS rounds (noise std in natural units from σ_r)."""
     users, m = xb.shape
     a_sh, b_sh, c_sh = shares
+    if a_mode == "full" and b_sh <= 0:
+        raise ValueError("the full mode needs a positive share b for the per-item A_i")
     v = np.random.default_rng(init_seed).normal(0.0, 1.0 / math.sqrt(d), (m, d))
     for _ in range(rounds):
         u = user_factors(xb, v, w0, lam_u)
         norms = np.linalg.norm(u, axis=1, keepdims=True)
         uh = np.where(norms > 0, u / np.maximum(norms, 1e-12), 0.0)  # unit norm (≤ 1: the clip)
         xs = _sample_k(xb, k, rng)  # weights 1/√n on ≤ k sampled items
-        b = np.asarray(xs.T @ uh)  # (M, d)
-        g = uh.T @ uh
+        b, g, a_exact = round_statistics(xs, uh, a_mode)
         if sigma_round > 0:
             b = b + rng.normal(0.0, sigma_round / math.sqrt(a_sh), b.shape)
             g = g + _sym_noise(1, d, sigma_round / math.sqrt(2 * c_sh), sigma_round / math.sqrt(c_sh), rng)[0]
         g = _psd(g[None])[0]
-        if a_mode == "full":
-            a = np.asarray(xs.T @ _outer_flat(uh), dtype=np.float64).reshape(m, d, d)
+        if a_exact is not None:
+            a = a_exact
             if sigma_round > 0:
                 a = a + _sym_noise(
                     m, d, sigma_round / math.sqrt(2 * b_sh), sigma_round / math.sqrt(b_sh), rng
