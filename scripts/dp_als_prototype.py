@@ -105,11 +105,11 @@ def user_factors(xb: sp.csr_matrix, v: np.ndarray, w0: float, lam_u: float) -> n
     d = v.shape[1]
     gram_v = w0 * (v.T @ v) + lam_u * np.eye(d)
     out = np.zeros((xb.shape[0], d))
-    for lo in range(0, xb.shape[0], 8192):
-        blk = xb[lo : lo + 8192]
+    for lo in range(0, xb.shape[0], 2048):
+        blk = xb[lo : lo + 2048]
         a = np.asarray(blk @ _outer_flat(v), dtype=np.float64).reshape(-1, d, d) + gram_v
         rhs = np.asarray(blk @ v)
-        out[lo : lo + 8192] = np.linalg.solve(a, rhs[:, :, None])[:, :, 0]
+        out[lo : lo + 2048] = np.linalg.solve(a, rhs[:, :, None])[:, :, 0]
     return out
 
 
