@@ -72,12 +72,46 @@ def frontier(
         str | None, typer.Option("--data", help="Also a given split: its TRAIN file (with --test).")
     ] = None,
     test: Annotated[str | None, typer.Option("--test", help="The TEST file of --data TRAIN.")] = None,
+    no_mlp: Annotated[
+        bool, typer.Option("--no-mlp", help="Leave out the DP MLP column (the slowest one).")
+    ] = False,
+    first_seed: Annotated[
+        int, typer.Option("--first-seed", min=0, help="Run seeds FIRST .. FIRST + --seeds - 1.")
+    ] = 0,
+    synth_profile: Annotated[
+        str,
+        typer.Option(
+            "--synth-profile",
+            help="The synthetic generator: 'movielens' or 'scale' (large catalogue; above the gram limit "
+            "the DP-EASE/EigenGram columns are left out).",
+        ),
+    ] = "movielens",
+    merge: Annotated[
+        str | None,
+        typer.Option(
+            "--merge",
+            help="Comma-separated frontier.csv files of earlier runs: render them (with this run's rows) "
+            "into one table and plot.",
+        ),
+    ] = None,
 ) -> None:
-    """Full HR@10 vs ε of DP popularity and DP-EASE (local and distributed noise), median of seeds."""
-    from fedrec.simulations.reports.frontier import FrontierConfig, run_frontier, write_outputs
+    """Full HR@10 vs ε of DP popularity, DP-EASE (local and distributed noise) and the DP MLP, median of seeds."""
+    from fedrec.simulations.data.synth_scale import SynthSpec
+    from fedrec.simulations.reports.frontier import (
+        FrontierConfig,
+        add_choices,
+        read_rows,
+        run_frontier,
+        write_outputs,
+    )
 
+    SynthSpec(profile=synth_profile)  # an unknown profile: one clear error before anything runs
     if include_ml100k is not None and not include_ml100k.exists():
         raise FedrecError(f"--include-ml100k {include_ml100k} does not exist")
+    earlier = [Path(p.strip()) for p in (merge or "").split(",") if p.strip()]
+    for p in earlier:
+        if not p.is_file():
+            raise FedrecError(f"--merge {p} is not a file")
     if (data is None) != (test is None):
         raise FedrecError("the frontier takes a given split as --data TRAIN --test TEST (both files)")
     cfg = FrontierConfig(
@@ -90,7 +124,14 @@ def frontier(
         eval_users=eval_users,
         ml100k=include_ml100k,
         given=(data, test) if data is not None and test is not None else None,
+        mlp=not no_mlp,
+        first_seed=first_seed,
+        synth_profile=synth_profile,
     )
-    rows = run_frontier(cfg, log=lambda s: err_console.print(s, highlight=False))
+    old = read_rows(earlier)
+    runs = bool(cfg.users or cfg.ml100k or cfg.given)
+    rows = run_frontier(cfg, log=lambda s: err_console.print(s, highlight=False)) if runs else []
+    if old:
+        rows = add_choices([*old, *rows], delta=delta)
     for p in write_outputs(out, rows):
         err_console.print(f"wrote {p}")

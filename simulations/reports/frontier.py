@@ -58,6 +58,9 @@ class FrontierConfig:
     given: tuple[str, str] | None = None  # a given split (TRAIN, TEST), read by load_given
     rule: DPEASERule = field(default_factory=DPEASERule)
     eigen: bool = True  # also score the Gram release with EigenGram (post-processing, same release)
+    mlp: bool = True  # the "DP MLP" column (``frontier_mlp``: DP-SGD head on the DP release; slowest)
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (a long frontier run in parts)
+    synth_profile: str = "movielens"  # the synthetic generator (``scale``: large catalogue, long tail)
 
 
 @dataclass
@@ -69,6 +72,11 @@ class TenantStats:
 def _hr(scorer: Any, split: UserSplit, catalog: Catalog, seed: int) -> tuple[float, float]:
     m = evaluate(scorer, split, catalog, which="test", seed=seed).to_metrics()["full"]
     return float(m["hr@10"]), float(m["ndcg@10"])
+
+
+def _val_hr(scorer: Any, split: UserSplit, catalog: Catalog, seed: int) -> float:
+    """Full HR@10 on the VALIDATION item (what ``auto``'s rule is judged on; test is only reported)."""
+    return float(evaluate(scorer, split, catalog, which="val", seed=seed).to_metrics()["full"]["hr@10"])
 
 
 def frontier_points(
@@ -88,6 +96,7 @@ def frontier_points(
         for s in (split.subset(p) for p in parts)
     ]
     t_rows = (time.perf_counter() - t0) / cfg.tenants
+    tenant_splits = [split.subset(p) for p in parts] if cfg.mlp else []
     test_users = np.flatnonzero(split.test_item >= 0)
     if len(test_users) > cfg.eval_users:
         test_users = np.sort(rng_eval.choice(test_users, cfg.eval_users, replace=False))
@@ -120,12 +129,16 @@ def frontier_points(
     hr, nd = _hr(Popularity().fit(split), ev, catalog, seed)
     for eps in cfg.epsilons:
         add(eps, "popularity", "none", hr, nd)
+    releases: tuple[tuple[str, float], ...] = (("dp_popularity", 1.0), ("dp_ease", 0.0))
+    if split.n_items > gram.MAX_GRAM_ITEMS:  # a dense N × N Gram release would not fit: no Gram columns
+        releases = releases[:1]
+        log(f"  {name}: {split.n_items} items > {gram.MAX_GRAM_ITEMS} (the gram limit): no DP-EASE/EigenGram")
     for eps in cfg.epsilons:
         sigma = gram.calibrate_release_sigma(target_epsilon=eps, delta=cfg.delta, accountant=cfg.accountant)  # type: ignore[arg-type]
         modes = cfg.modes if sigma > 0 else ("none",)
         for mode in modes:
             shares = cfg.tenants if mode == "distributed" else 1
-            for approach, rho in (("dp_popularity", 1.0), ("dp_ease", 0.0)):
+            for approach, rho in releases:
                 noise = gram.ReleaseNoise(sigma=sigma, pop_share=rho, shares=shares)
                 t1 = time.perf_counter()
                 total = gram.server_sum([gram.release(t.x, noise, noise_rng) for t in tenants])
@@ -153,6 +166,8 @@ def frontier_points(
                 t3 = time.perf_counter()
                 hr, nd = _hr(scorer, ev, catalog, seed)
                 t_eval = time.perf_counter() - t3
+                if mode == "local" and sigma > 0:
+                    extra["val_hr@10"] = _val_hr(scorer, ev, catalog, seed)
                 add(
                     eps,
                     approach,
@@ -196,6 +211,23 @@ def frontier_points(
                         sigma=sigma,
                         sum_sigma=one.sigma,
                     )
+        if cfg.mlp and not math.isinf(eps):
+            from fedrec.simulations.reports.frontier_mlp import train_dp_mlp
+
+            pt = train_dp_mlp(tenant_splits, catalog, epsilon_target=eps, delta=cfg.delta, seed=seed)
+            t3 = time.perf_counter()
+            hr, nd = _hr(pt.scorer, ev, catalog, seed)
+            t_eval = time.perf_counter() - t3
+            add(
+                eps,
+                "dp_mlp",
+                "local",
+                hr,
+                nd,
+                eval_s=round(t_eval, 3),
+                **{"val_hr@10": _val_hr(pt.scorer, ev, catalog, seed)},
+                **pt.facts,
+            )
         log(
             f"  {name} seed {seed} ε={eps:g}: "
             + ", ".join(
@@ -245,16 +277,20 @@ def add_choices(
     return out
 
 
-def load_synthetic(users: int, items: int, seed: int) -> tuple[UserSplit, Catalog]:
+def load_synthetic(
+    users: int, items: int, seed: int, profile: str = "movielens"
+) -> tuple[UserSplit, Catalog]:
     from fedrec.simulations.data.dataset import prepare_dataset
     from fedrec.simulations.data.sources import synthetic
+    from fedrec.simulations.data.synth_scale import SynthSpec
 
-    data = prepare_dataset(synthetic(users=users, items=items, seed=seed))
+    spec = SynthSpec(profile=profile) if profile != "movielens" else None
+    data = prepare_dataset(synthetic(users=users, items=items, seed=seed, spec=spec))
     return data.split, data.catalog
 
 
-def _synthetic_seed(users: int, items: int, seed: int) -> tuple[UserSplit, Catalog]:
-    return load_synthetic(users, items, seed)
+def _synthetic_seed(users: int, items: int, profile: str, seed: int) -> tuple[UserSplit, Catalog]:
+    return load_synthetic(users, items, seed, profile)
 
 
 def load_path(path: Path) -> tuple[UserSplit, Catalog]:
@@ -276,7 +312,13 @@ def load_given(train: str, test: str) -> tuple[UserSplit, Catalog]:
 def run_frontier(cfg: FrontierConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     jobs: list[tuple[str, Callable[[int], tuple[UserSplit, Catalog]]]] = [
-        (f"synthetic-{u}", functools.partial(_synthetic_seed, u, cfg.items)) for u in cfg.users
+        (
+            f"synthetic-{u}"
+            if cfg.synth_profile == "movielens"
+            else f"synthetic-{cfg.synth_profile}-{u}x{cfg.items}",
+            functools.partial(_synthetic_seed, u, cfg.items, cfg.synth_profile),
+        )
+        for u in cfg.users
     ]
     if cfg.ml100k is not None:
         path = cfg.ml100k
@@ -293,7 +335,7 @@ def run_frontier(cfg: FrontierConfig, log: Callable[[str], None] = print) -> lis
         given()  # read and checked before any job: a bad TRAIN/TEST fails at once, not after the others
         jobs.append((f"given:{Path(cfg.given[0]).name}", lambda seed: given()))
     for name, loader in jobs:
-        for seed in range(cfg.seeds):
+        for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
             t0 = time.perf_counter()
             split, catalog = loader(seed)
             log(
@@ -322,7 +364,19 @@ def median_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         if approach == "chosen":
             row["picked"] = "/".join(sorted({str(r["picked"]) for r in rs}))
-        for key in ("release_s", "server_fit_s", "eval_s", "m_items", "lam", "components"):
+        for key in (
+            "release_s",
+            "server_fit_s",
+            "eval_s",
+            "m_items",
+            "lam",
+            "components",
+            "val_hr@10",
+            "train_s",
+            "w",
+            "sigma_sgd",
+            "epsilon_spent",
+        ):
             vals = [r[key] for r in rs if key in r]
             if vals:
                 row[key] = statistics.median(vals)
@@ -345,9 +399,12 @@ def markdown(med: Sequence[dict[str, Any]]) -> str:
         ("dp_ease_ridge", "distributed", "DP-EASE ridge-only, distributed"),
         ("eigen_gram", "local", "EigenGram, local"),
         ("eigen_gram", "distributed", "EigenGram, distributed"),
+        ("dp_mlp", "local", "DP MLP (release 0.9 ε + DP-SGD head)"),
         ("chosen", "local", "automatic choice, local"),
         ("chosen", "distributed", "automatic choice, distributed"),
     ]
+    if not any(r["approach"] == "dp_mlp" for r in med):  # run with --no-mlp
+        cols = [c for c in cols if c[0] != "dp_mlp"]
     lines = ["Full-ranking HR@10, median of seeds (user-level, δ = 1e-5, PRV; ε = ∞: no noise).", ""]
     for ds in datasets:
         pop = next((r for r in med if r["dataset"] == ds and r["approach"] == "popularity"), None)
@@ -379,6 +436,27 @@ def markdown(med: Sequence[dict[str, Any]]) -> str:
                     cells.append(cell)
             lines.append(f"| {_eps_label(eps)} | " + " | ".join(cells) + " |")
         lines.append("")
+    val = [r for r in med if "val_hr@10" in r and r["mode"] == "local"]
+    if any(r["approach"] == "dp_mlp" for r in val):
+        lines += [
+            "Validation full HR@10 (local noise), median of seeds: the figures `auto`'s rule is judged on "
+            "(the tables above are test, reported only).",
+            "",
+            "| data set | ε | DP popularity | DP-EASE | DP MLP | best on validation |",
+            "|---|---|---|---|---|---|",
+        ]
+        names = {"dp_popularity": "DP popularity", "dp_ease": "DP-EASE", "dp_mlp": "DP MLP"}
+        for ds in datasets:
+            for eps in epsilons:
+                got = {
+                    r["approach"]: r["val_hr@10"] for r in val if r["dataset"] == ds and r["epsilon"] == eps
+                }
+                if "dp_mlp" not in got:
+                    continue
+                cells = [f"{got[a]:.3f}" if a in got else "—" for a in names]
+                best = max((a for a in names if a in got), key=lambda a: got[a])
+                lines.append(f"| {ds} | {_eps_label(eps)} | " + " | ".join(cells) + f" | {names[best]} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -398,6 +476,7 @@ def plot(med: Sequence[dict[str, Any]], path: Path) -> None:
             ("dp_ease", "local", "DP-EASE (local noise)", "s-"),
             ("dp_ease", "distributed", "DP-EASE (distributed noise)", "^--"),
             ("eigen_gram", "local", "EigenGram (local noise)", "x:"),
+            ("dp_mlp", "local", "DP MLP (release + DP-SGD head)", "D-"),
         ):
             pts = sorted(
                 (r["epsilon"] if not math.isinf(r["epsilon"]) else inf_x, r["hr@10"])
@@ -424,6 +503,27 @@ def plot(med: Sequence[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def read_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """The rows of earlier ``frontier.csv`` files (numbers back to numbers), to render them together."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        with path.open(encoding="utf-8") as f:
+            for raw in csv.DictReader(f):
+                row: dict[str, Any] = {}
+                for k, v in raw.items():
+                    if v is None or v == "":
+                        continue
+                    if k in ("tenant_users", "dataset", "approach", "mode", "picked", "reason"):
+                        row[k] = v
+                        continue
+                    try:
+                        row[k] = int(v) if k in ("seed", "users", "items", "tenants") else float(v)
+                    except ValueError:
+                        row[k] = v
+                rows.append(row)
+    return rows
 
 
 def write_outputs(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
