@@ -47,18 +47,16 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cohort_cfg(fed: Path, name: str, **kw: Any) -> RunConfig:
-    return RunConfig(
-        fed_dir=str(fed),
-        run_dir=str(fed.parent / name),
-        run_name=name,
-        num_tenants=TENANTS,
-        epsilon=EPSILON,
-        dp_mode="cohort",
-        num_server_rounds=2,
-        eval_privacy="exact",
-        eval_every=2,
+    settings: dict[str, Any] = {
+        "num_tenants": TENANTS,
+        "epsilon": EPSILON,
+        "dp_mode": "cohort",
+        "num_server_rounds": 2,
+        "eval_privacy": "exact",
+        "eval_every": 2,
         **kw,
-    )
+    }
+    return RunConfig(fed_dir=str(fed), run_dir=str(fed.parent / name), run_name=name, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +230,19 @@ def test_auto_cohort_recipe_and_its_defaults_reach_flwr_run() -> None:
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     conf = pyproject["tool"]["flwr"]["app"]["config"]
     assert conf["dp-mode"] == "local-steps" and conf["cohort-rate"] == 0.0
+
+
+def test_a_secagg_sum_with_fewer_noise_shares_than_the_split_is_not_used(fed: Path) -> None:
+    """Two of three tenants refuse their own (corrupted) update before masking: the sum then holds one
+    σ/√2 share, less than the σ every tenant was charged for, and the server leaves the model alone."""
+    cfg = cohort_cfg(
+        fed,
+        "too-few-shares",
+        secagg=True,
+        num_server_rounds=1,
+        fault_adversary="tenant-0:scale=1e9,tenant-1:scale=1e9",
+    )
+    run_federation(LoopbackGrid(app, cfg.to_mapping(), TENANTS), cfg, log=lambda _: None)
+    (row,) = [json.loads(x) for x in (Path(cfg.run_dir) / "rounds.jsonl").read_text().splitlines()]
+    assert row["aggregated"] == 0 and "fewer than the 2 the tenants split σ into" in row["unchanged"]
+    assert [t for t, i in row["tenants"].items() if i["status"] == "rejected"] == ["tenant-0", "tenant-1"]
