@@ -89,17 +89,40 @@ def _model_cfg(config: Mapping[str, Any]) -> ModelConfig:
 
 
 def _run_round(
-    weights: Weights, model_cfg: ModelConfig, cfg: RunConfig, paths: TenantPaths, context: Context, rnd: int
+    weights: Weights,
+    model_cfg: ModelConfig,
+    cfg: RunConfig,
+    paths: TenantPaths,
+    context: Context,
+    rnd: int,
+    shares: int = 1,
 ) -> tuple[TrainOutcome, int]:
-    """Train (faults included in simulation); returns the outcome and the user count to report."""
+    """Train (faults included in simulation); returns the outcome and the weight to report (the user
+    count; the expected cohort in dp-mode cohort). ``shares``: decided by the caller from what the
+    tenant itself knows (:func:`tenant_shares`), never read from the server's message."""
     maybe_drop(cfg, context.node_config, paths.tenant_id, rnd)
-    out = tenant_train(weights, model_cfg, cfg, paths, rnd)
+    out = tenant_train(weights, model_cfg, cfg, paths, rnd, shares=shares)
     maybe_crash(cfg, context.node_config, paths.tenant_id, rnd)  # charged, update not yet sent
-    users = out.users if out.status == "ok" else 0
+    users = (out.weight if out.weight is not None else out.users) if out.status == "ok" else 0
     kind = adversary_kind(cfg, context.node_config, paths.tenant_id)
     if kind and out.weights is not None:
         out.weights, users = corrupt(kind, out.weights, weights, users)
     return out, users
+
+
+def tenant_shares(context: Context) -> int:
+    """Into how many shares this tenant splits its noise under SecAgg+: the reconstruction threshold
+    of the protocol this node itself runs (secaggplus_mod's state), the fewest contributions any sum
+    the server can unmask holds — refused unless it is a strict majority of the shares."""
+    protocol = context.state.config_records[RECORD_KEY_STATE]
+    threshold = int(protocol["threshold"])  # type: ignore[arg-type]
+    share_num = int(protocol["share_num"])  # type: ignore[arg-type]
+    if threshold < 1 or threshold * 2 <= share_num:
+        raise FedrecError(
+            f"SecAgg+ threshold {threshold} of {share_num} shares is not a strict majority: "
+            "refusing to split the noise on it"
+        )
+    return threshold
 
 
 def _run_release(
@@ -191,7 +214,9 @@ def _train_masked(msg: Message, context: Context, cfg: RunConfig) -> Message:
         shapes = {k: weights[k].shape for k in param_keys}
         clip = float(protocol["clipping_range"])  # type: ignore[arg-type]
         return _release_masked(msg, conf, cfg, paths, context, shapes, clip)
-    out, users = _run_round(weights, _model_cfg(conf), cfg, paths, context, int(conf["round"]))
+    # dp-mode cohort: the noise is split over the threshold; the local-steps rounds never split it
+    shares = tenant_shares(context) if cfg.dp and cfg.dp_mode == "cohort" else 1
+    out, users = _run_round(weights, _model_cfg(conf), cfg, paths, context, int(conf["round"]), shares)
     upd = secure_update(
         out.weights,
         {k: weights[k] for k in param_keys},
@@ -227,15 +252,7 @@ def _release_masked(
     privacy cost, and the mod then never clamps silently); weight 1, so the server unmasks the mean
     of the contributors' releases and multiplies it back by their count.
     """
-    protocol = context.state.config_records[RECORD_KEY_STATE]
-    threshold = int(protocol["threshold"])  # type: ignore[arg-type]
-    share_num = int(protocol["share_num"])  # type: ignore[arg-type]
-    if threshold < 1 or threshold * 2 <= share_num:
-        raise FedrecError(
-            f"SecAgg+ threshold {threshold} of {share_num} shares is not a strict majority: "
-            "refusing to split the release noise on it"
-        )
-    out, _users = _run_release(conf, cfg, paths, context, shares=threshold)
+    out, _users = _run_release(conf, cfg, paths, context, shares=tenant_shares(context))
     status = _status(out, paths, str(conf["ledger-head"]))
     rel = out.weights if out.status == "ok" else None
     ok = rel is not None and {k: v.shape for k, v in rel.items()} == dict(shapes)

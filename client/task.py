@@ -35,11 +35,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedrec.client.train import LocalTrainConfig, RoundStats, StepPlan, plan_round, train_round
+from fedrec.client.train import (
+    LocalTrainConfig,
+    RoundStats,
+    StepPlan,
+    plan_cohort,
+    plan_round,
+    share_noise_multiplier,
+    train_round,
+)
 from fedrec.client.vault import TenantData, load_tenant_cached
 from fedrec.privacy import gram
 from fedrec.privacy import mechanisms as mech
-from fedrec.privacy.accounting import calibrate_noise, check_delta
+from fedrec.privacy.accounting import calibrate_noise, check_delta, epsilon
 from fedrec.privacy.budget import TenantBudget
 from fedrec.privacy.errors import BudgetError
 from fedrec.privacy.ledger import GENESIS, Ledger
@@ -98,11 +106,13 @@ def resolve_tenant(node_config: Mapping[str, Any], cfg: RunConfig) -> TenantPath
 
 
 def local_config(cfg: RunConfig) -> LocalTrainConfig:
+    cohort = cfg.dp_mode == "cohort"
     return LocalTrainConfig(
         dp=cfg.dp,
         local_epochs=cfg.local_epochs,
         batch_users=cfg.batch_users,
-        lr=cfg.lr,
+        lr=1.0 if cohort else cfg.lr,  # cohort: the update is exactly −(noisy sum)/(expected cohort)
+        optimizer="sgd" if cohort else "adam",
         max_grad_norm=cfg.max_grad_norm,
         sampling=SamplingConfig(max_history=cfg.max_history, targets=cfg.targets, negatives=cfg.negatives),
         device="cuda"
@@ -182,6 +192,10 @@ class TrainOutcome:
     ledger_entry: dict[str, Any] | None = None
     message: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # dp-mode cohort: the weight of this update in the server's mean, the expected cohort ⌊q·ñ⌋ (the
+    # update is −noisy sum / ⌊q·ñ⌋, so the weighted mean is Σ noisy sums / Σ expected cohorts); None:
+    # the user count ``users`` is the weight
+    weight: int | None = None
 
 
 def state_dir_problem(state_dir: Path) -> str | None:
@@ -332,17 +346,65 @@ def refuse_unwritable(cfg: RunConfig, paths: TenantPaths, n_users: int, what: st
     )  # fmt: skip
 
 
+def alone_epsilon(paths: TenantPaths, cfg: RunConfig, segment: tuple[float, float, int]) -> float:
+    """ε of this tenant's ledger plus ``segment`` if the server saw each of its noise shares alone: every
+    entry at its own ``local_noise_multiplier`` (σ/√shares where the noise was split, else σ)."""
+    path = paths.state_dir / LEDGER_FILE
+    history = [
+        (
+            float(e.get("local_noise_multiplier", e["noise_multiplier"])),
+            float(e["sample_rate"]),
+            int(e["steps"]),
+        )
+        for e in (Ledger(path).entries() if path.exists() else [])
+    ]
+    return epsilon(history=[*history, segment], delta=cfg.delta, accountant=cfg.accountant)  # type: ignore[arg-type]
+
+
+def cohort_fields(
+    paths: TenantPaths, cfg: RunConfig, *, sigma: float, shares: int, q: float
+) -> dict[str, Any]:
+    """Ledger fields of a cohort round (dp-mode cohort) besides the segment: the noise mode, the shares
+    this tenant split σ into (1 in the clear), its own σ/√shares and the ε if its share were seen alone."""
+    local = share_noise_multiplier(sigma, shares)
+    return {
+        "dp_mode": "cohort",
+        "noise_mode": "distributed" if shares > 1 else "local",
+        "shares": int(shares),
+        "local_noise_multiplier": float(local),
+        "epsilon_if_alone": float(alone_epsilon(paths, cfg, (local, q, 1))),
+    }
+
+
 def tenant_train(
-    weights: Weights, model_cfg: ModelConfig, cfg: RunConfig, paths: TenantPaths, round_: int
+    weights: Weights,
+    model_cfg: ModelConfig,
+    cfg: RunConfig,
+    paths: TenantPaths,
+    round_: int,
+    *,
+    shares: int = 1,
 ) -> TrainOutcome:
-    """One round of local training for this tenant (see module docstring for the order of steps)."""
+    """One round of local training for this tenant (see module docstring for the order of steps).
+
+    ``shares`` (dp-mode cohort only): the tenant adds noise σ/√shares, so that ``shares`` tenants' noisy
+    sums add up to one sum with noise σ. It is decided by the tenant (client/app.py: 1 in the clear,
+    the SecAgg+ threshold under SecAgg+), never by the server's message; ε is charged at σ (the sum's
+    noise) and the ledger records the ε if this tenant's share were seen alone.
+    """
     split = load_data(paths).split
     refused = refuse_unwritable(cfg, paths, split.n_users, f"round {round_}")
     if refused is not None:
         return refused
     n = tenant_count(cfg, paths, split.n_users)  # ñ with DP: everything below is planned from it
     local = local_config(cfg)
-    plan = plan_round(n, local)
+    cohort = cfg.dp and cfg.dp_mode == "cohort"
+    if shares != 1 and not cohort:
+        raise FedrecError("only dp-mode cohort splits the DP-SGD noise into shares (docs/FEDERATION.md)")
+    try:
+        plan = plan_cohort(n, cfg.cohort_rate) if cohort else plan_round(n, local)
+    except ValueError as err:
+        raise FedrecError(f"tenant {paths.tenant_id}: {err}") from None
     model = HistoryMLP(model_cfg)
     load_weights(model, weights)
     if not cfg.dp:
@@ -392,22 +454,27 @@ def tenant_train(
         return refuse(
             f"cannot charge round {round_} to the ledger ({unwritable}); refusing to train", "refused"
         )
-    stats = train_round(model, split, local, noise_multiplier=sigma, seed=secrets.randbits(63), plan=plan)
+    extra = cohort_fields(paths, cfg, sigma=sigma, shares=shares, q=q) if cohort else {}
+    noise = share_noise_multiplier(sigma, shares)  # σ in the clear; σ/√shares under SecAgg+ (cohort)
+    stats = train_round(model, split, local, noise_multiplier=noise, seed=secrets.randbits(63), plan=plan)
     # Charge and log BEFORE the update leaves the tenant.
     eps = budget.charge(round=round_, noise_multiplier=sigma, sample_rate=q, steps=steps)
     entry = Ledger(paths.state_dir / LEDGER_FILE).append(
-        dp_entry(
-            cfg,
-            paths,
-            budget.cap,
-            round_=round_,
-            users=n,
-            sigma=sigma,
-            q=q,
-            steps=steps,
-            eps=eps,
-            max_grad_norm=local.max_grad_norm,
-        )
+        {
+            **dp_entry(
+                cfg,
+                paths,
+                budget.cap,
+                round_=round_,
+                users=n,
+                sigma=sigma,
+                q=q,
+                steps=steps,
+                eps=eps,
+                max_grad_norm=local.max_grad_norm,
+            ),
+            **extra,
+        }
     )
     return TrainOutcome(
         paths.tenant_id,
@@ -421,6 +488,7 @@ def tenant_train(
         steps=steps,
         stats=stats,
         ledger_entry=entry,
+        weight=plan.expected_batch if cohort else None,
     )
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -60,6 +60,9 @@ class LocalTrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     device: str = "cpu"
     clipping: str = "fast"  # "fast": one-backward clipping (client/fastdp.py); "ghost": Opacus ghost
+    # "adam" (local-steps rounds) | "sgd" (a cohort round: one step of size lr = 1 is exactly minus the
+    # noisy clipped sum over the expected cohort, so the update is linear in the noisy sum)
+    optimizer: str = "adam"
 
     def __post_init__(self) -> None:
         if self.local_epochs <= 0:
@@ -70,6 +73,13 @@ class LocalTrainConfig:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.clipping not in CLIPPING_MODES:
             raise ValueError(f"clipping must be one of {', '.join(CLIPPING_MODES)}, got {self.clipping!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
+
+    def make_optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr)
+        return torch.optim.Adam(params, lr=self.lr)
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,31 @@ class StepPlan:
     @property
     def expected_batch(self) -> int:
         return max(1, int(self.n_users * self.sample_rate))
+
+
+def plan_cohort(n_users: int, sample_rate: float) -> StepPlan:
+    """A cohort round (dp-mode cohort): Poisson rate ``sample_rate`` (the run's cohort-rate), one step.
+
+    The expected cohort ⌊n·q⌋ is what Opacus divides the noisy sum by, and the weight the tenant's
+    update carries in the server's mean; it must be ≥ 1.
+    """
+    if n_users < 1:
+        raise ValueError("a tenant needs at least one user to train")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"cohort rate must be in (0, 1], got {sample_rate}")
+    if int(n_users * sample_rate) < 1:
+        raise ValueError(
+            f"cohort rate {sample_rate:g} expects fewer than one user of this tenant per round: raise cohort-rate"
+        )
+    return StepPlan(n_users=n_users, sample_rate=sample_rate, steps=1)
+
+
+def share_noise_multiplier(sigma: float, shares: int) -> float:
+    """σ of one tenant's share when the noise of a sum is split into ``shares`` equal-variance shares:
+    σ/√shares, so that ``shares`` of them add up to variance σ² (distributed DP under SecAgg+)."""
+    if isinstance(shares, bool) or not isinstance(shares, int) or shares < 1:
+        raise ValueError(f"shares must be an integer ≥ 1, got {shares!r}")
+    return sigma / math.sqrt(shares)
 
 
 def plan_round(n_users: int, cfg: LocalTrainConfig) -> StepPlan:
@@ -107,7 +142,7 @@ def make_private(
     model: HistoryMLP, cfg: LocalTrainConfig, plan: StepPlan, noise_multiplier: float, seed: int
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """Wrap model + Adam with Opacus (ghost clipping) for the planned sample rate."""
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = cfg.make_optimizer(model.parameters())
     batch = math.ceil(plan.n_users * plan.sample_rate)
     loader = DataLoader(TensorDataset(torch.arange(plan.n_users)), batch_size=batch)
     assert abs(1.0 / len(loader) - plan.sample_rate) < 1e-12, "loader must give Opacus the planned rate"
@@ -159,7 +194,7 @@ def make_private_trainer(
         )
     clipper = FastClipper(model, max_grad_norm=cfg.max_grad_norm)
     opt = DPOptimizerFastGradientClipping(
-        torch.optim.Adam(model.parameters(), lr=cfg.lr),
+        cfg.make_optimizer(model.parameters()),
         noise_multiplier=noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
         # What PrivacyEngine.make_private derives for Poisson sampling: int(n_users · q).
@@ -309,7 +344,7 @@ def train_round(
             # Remove hooks and per-parameter attributes: the caller reuses the plain module.
             trainer.close()
     else:
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        opt = cfg.make_optimizer(model.parameters())
         for users in sampler:
             if len(users) == 0:
                 empty += 1

@@ -19,9 +19,12 @@ ledger line and the round. What each check covers:
 ``poisson_sampling``          Poisson sampling recorded
 ``unit_user``                 privacy unit ``user``
 ``ordered_consistent``        rounds increase; tenant, accountant, δ constant; ε never decreases
-``steps_match_plan``          q = 1/ceil(n/min(B, n)) and steps = round(epochs/q) (client/train.py)
+``steps_match_plan``          q = 1/ceil(n/min(B, n)) and steps = round(epochs/q) (client/train.py);
+                              dp-mode cohort: q = cohort-rate and one step per round
 ``privacy_json_matches``      ``privacy.json``'s ε, users, rounds trained = the ledger's
-``epsilon_replay``            |ε replayed − ε recorded| ≤ 1e-6 with the recorded accountant
+``epsilon_replay``            |ε replayed − ε recorded| ≤ 1e-6 with the recorded accountant; where an
+                              entry is a cohort round (dp-mode cohort), σ_local = σ/√shares and
+                              ``epsilon_if_alone`` replays from every entry at its own σ_local
 ``accountant_agreement``      PRV vs dp_accounting PLD within 2 %; RDP (Opacus and dp_accounting)
                               not below PRV (RDP is an upper bound)
 ============================  ===================================================================
@@ -137,6 +140,8 @@ class RunPlan:
     # Rounds that are the item release initialising the MLP (release-init): q = 1, one step, purpose
     # "mlp-init"; the DP-SGD plan below applies to the other rounds.
     init_rounds: tuple[int, ...] = ()
+    # dp-mode cohort: every DP-SGD round is one step at this Poisson rate (not the local-epochs plan)
+    cohort_rate: float | None = None
     # The tenant's own calibrated plan (dp_plan.json), when the auditor has it:
     noise_multiplier: float | None = None
     sample_rate: float | None = None
@@ -164,6 +169,9 @@ class Replay:
     replayed: tuple[float, ...]  # cumulative ε with each entry's recorded accountant
     accountant: str
     final: dict[str, float]  # opacus_prv, opacus_rdp, dp_accounting_pld, dp_accounting_rdp
+    # ε if the server saw each share alone (every entry at its local_noise_multiplier), after each entry
+    # that records epsilon_if_alone; None elsewhere
+    alone: tuple[float | None, ...] = ()
 
     @property
     def max_error(self) -> float:
@@ -256,6 +264,19 @@ def check_ledger(
             )
         if e["round"] in plan.init_rounds:
             pass
+        elif plan.cohort_rate is not None:
+            if (
+                abs(e["sample_rate"] - plan.cohort_rate) > 1e-12
+                or e["steps"] != 1
+                or e.get("dp_mode") != "cohort"
+            ):
+                add(
+                    "steps_match_plan",
+                    ln,
+                    e["round"],
+                    f"a cohort round is one step at q = cohort-rate {plan.cohort_rate:g}, got "
+                    f"q = {e['sample_rate']!r}, steps = {e['steps']!r}, dp_mode {e.get('dp_mode')!r}",
+                )
         elif plan.local_epochs is not None and plan.batch_users is not None:
             q, steps = expected_plan(e["users"], local_epochs=plan.local_epochs, batch_users=plan.batch_users)
             if abs(e["sample_rate"] - q) > 1e-12 or e["steps"] != steps:
@@ -298,6 +319,25 @@ def _check_replay(
     plan: RunPlan,
     add: Any,
 ) -> None:
+    for (ln, e), alone in zip(good, replay.alone, strict=False):
+        if alone is None:
+            continue
+        split = float(e["noise_multiplier"]) / math.sqrt(int(e["shares"]))
+        if abs(float(e["local_noise_multiplier"]) - split) > 1e-9 * max(1.0, split):
+            add(
+                "epsilon_replay",
+                ln,
+                e["round"],
+                f"local_noise_multiplier {e['local_noise_multiplier']!r} is not σ/√shares = {split:.9g}",
+            )
+        if abs(float(e["epsilon_if_alone"]) - alone) > REPLAY_TOLERANCE:
+            add(
+                "epsilon_replay",
+                ln,
+                e["round"],
+                f"recorded epsilon_if_alone {e['epsilon_if_alone']:.9g} but each share alone replays to "
+                f"{alone:.9g} with {e['accountant']}",
+            )
     for (ln, e), rec, rep in zip(good, replay.recorded, replay.replayed, strict=False):
         if abs(rec - rep) > REPLAY_TOLERANCE:
             add(
@@ -504,10 +544,27 @@ def replay_ledger(entries: Sequence[dict[str, Any]], *, cross_check: bool = True
     """
     good = [e for e in entries if _well_formed(e)]
     history: list[tuple[float, float, int]] = []
+    alone_history: list[tuple[float, float, int]] = []
     replayed: list[float] = []
+    alone: list[float | None] = []
     for e in good:
         history.append((float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])))
         replayed.append(epsilon(history=history, delta=float(e["delta"]), accountant=e["accountant"]))
+        own = e.get("local_noise_multiplier", e["noise_multiplier"])
+        alone_history.append((float(own), float(e["sample_rate"]), int(e["steps"])))
+        # checked on cohort rounds (dp-mode cohort); a release records its own ε if alone (privacy/gram.py)
+        checkable = (
+            e.get("dp_mode") == "cohort"
+            and "epsilon_if_alone" in e
+            and "local_noise_multiplier" in e
+            and _is_int(e.get("shares"))
+            and e["shares"] >= 1
+        )
+        alone.append(
+            epsilon(history=alone_history, delta=float(e["delta"]), accountant=e["accountant"])
+            if checkable
+            else None
+        )
     final: dict[str, float] = {}
     if good and cross_check:
         delta = float(good[-1]["delta"])
@@ -522,6 +579,7 @@ def replay_ledger(entries: Sequence[dict[str, Any]], *, cross_check: bool = True
         replayed=tuple(replayed),
         accountant=str(good[-1]["accountant"]) if good else "",
         final=final,
+        alone=tuple(alone),
     )
 
 

@@ -73,6 +73,9 @@ OPTIONAL_FIELDS: dict[str, type | tuple[type, ...]] = {
     # the cap; the DP-SGD rounds that follow compose with it under the same cap.
     "purpose": str,
     "release_share": (int, float),
+    # dp-mode cohort (issue 16): a round of one noisy clipped gradient sum; with noise_mode distributed
+    # the tenant added σ/√shares (local_noise_multiplier) and epsilon_if_alone is its ε if seen alone
+    "dp_mode": str,
 }
 CHAIN_FIELDS = ("timestamp", "prev_hash", "hash")  # filled by Ledger.append
 STATUSES = ("ok", "capped")

@@ -52,13 +52,17 @@ def main() -> None:
     ap.add_argument("--partition", default="dirichlet:0.5")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--set", action="append", default=[], help="run-config KEY=VALUE (kebab-case)")
+    ap.add_argument("--synth-users", type=int, default=None, help="--data synthetic: users")
+    ap.add_argument("--synth-items", type=int, default=None, help="--data synthetic: items")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     overrides = {k: _value(v) for k, _, v in (s.partition("=") for s in args.set)}
     rows = []
     for seed in args.seeds:
-        data = prepare_dataset(load(args.data, seed=seed))
+        data = prepare_dataset(
+            load(args.data, seed=seed, synth_users=args.synth_users, synth_items=args.synth_items)
+        )
         root = Path(tempfile.mkdtemp(prefix="fedrec-tune-"))
         fed = root / "fed"
         pcfg = PrepareConfig(tenants=args.tenants, partition=args.partition, seed=seed, k_anonymity=5)
@@ -87,6 +91,10 @@ def main() -> None:
             "val_ndcg@10": round(vals[best].get("ndcg@10", float("nan")), 5),
             "val_hr@10": round(vals[best].get("hr@10", float("nan")), 5),
             "val_curve": [round(v.get("hr@10", float("nan")), 4) for v in vals],
+            # the last validated round's HR@10: the model a DP run keeps (final-model last)
+            "val_last_hr@10": round(
+                next((v["hr@10"] for v in reversed(vals) if "hr@10" in v), float("nan")), 5
+            ),
             "test_hr@10": round(m["full"]["hr@10"], 5),
             "final": m.get("final_model"),
             "seconds": round(time.perf_counter() - t0, 1),

@@ -14,8 +14,9 @@ CandidatesOpt = Annotated[
     typer.Option(
         "--candidates",
         help="MLP models: re-rank only this many candidates of a linear retrieval score (the logit "
-        "linearized in the user vector) instead of every item; 0 = exact; auto = exact up to 5 000 "
-        "items, else 200.",
+        "linearized in the user vector) instead of every item; 0 = exact; auto (default) = from 800 items, the "
+        "smallest of 200/500/1000 (≤ items/4) whose re-rank keeps ≥ 99 % of the exact top-10 on a "
+        "load-time check of 128 drawn histories, else exact (up to 5 000 items) — /healthz shows the check.",
     ),
 ]
 

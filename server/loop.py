@@ -617,6 +617,15 @@ class _Federation:
         if weights <= 0 or len(rd.contributors) < max(1, self.cfg.min_tenants):
             self.unchanged(rd, f"only {len(rd.contributors)} tenant(s) contributed to the sum")
             return
+        if self.cfg.dp and self.cfg.dp_mode == "cohort" and len(rd.contributors) < self.release_shares:
+            # Each contributor added σ/√shares: fewer than `shares` noise shares in the sum carry less
+            # than the σ every tenant was charged for. An honest server does not use such a sum.
+            self.unchanged(
+                rd,
+                f"only {len(rd.contributors)} noise share(s) in the SecAgg+ sum, fewer than the "
+                f"{self.release_shares} the tenants split σ into",
+            )
+            return
         mean = {k: v.astype(np.float32) for k, v in res.mean_delta.items()}
         zeros = {k: np.zeros_like(self.global_w[k]) for k in self.param_keys}
         problem = update_problem(mean, zeros, 1, max_norm=self.cfg.max_update_norm)
@@ -1066,6 +1075,18 @@ def privacy_report(
         )
     elif releasing:
         noise = "local: one Gaussian item release per tenant (sensitivity 1 per user), summed by the server"
+    elif cfg.dp_mode == "cohort" and cfg.secagg:
+        noise = (
+            "distributed (dp-mode cohort): each round each tenant sends one clipped gradient sum of its "
+            "Poisson cohort with noise σ·C/√shares, shares = the SecAgg+ threshold its own protocol runs; "
+            "the unmasked sum carries noise σ·C while at least the threshold of tenants is in it and none "
+            "colludes with the server (else epsilon_if_alone in its ledger)"
+        )
+    elif cfg.dp_mode == "cohort":
+        noise = (
+            "local (dp-mode cohort): each round each tenant sends one clipped gradient sum of its Poisson "
+            "cohort with its own noise σ·C; the server applies its optimizer to Σ sums / Σ expected cohorts"
+        )
     else:
         noise = "local: each tenant's DP-SGD adds its own Gaussian noise"
     return {
@@ -1084,6 +1105,7 @@ def privacy_report(
         "dp": cfg.dp,
         "rounds": rounds or cfg.num_server_rounds,
         "approach": choice.to_json() if choice is not None else {"name": cfg.approach},
+        **({"dp_mode": cfg.dp_mode, "cohort_rate": cfg.cohort_rate} if cfg.dp and not releasing else {}),
         **(
             {
                 "release_init": {

@@ -670,6 +670,8 @@ def create_app(
                 log.warning("SIGHUP reload unavailable here: %s", e)
         eng = holder.engine
         how = f"MLP re-ranks {eng.rec.candidates} candidates" if eng.rec.candidates else "exact ranking"
+        if eng.rec.auto_check is not None:
+            how += f"; --candidates auto: {eng.rec.auto_check.reason}"
         log.info("serving model %s (%d items, %s%s)", eng.run_id, len(eng.item_ids), how, ", int8" * eng.int8)
         try:
             yield
@@ -711,6 +713,7 @@ def create_app(
             "items": len(eng.item_ids),
             "int8": eng.int8,
             "candidates": eng.rec.candidates,
+            "candidates_auto": None if eng.rec.auto_check is None else eng.rec.auto_check.to_json(),
         }
 
     @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=secured)

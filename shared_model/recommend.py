@@ -14,6 +14,11 @@ product per request, ranks the catalogue; the C best items not seen or excluded 
 on the C re-ranked items exactly as on the full catalogue. It is approximate: an item the MLP would
 rank high but the retrieval score ranks below C is missed (docs/BENCHMARKS.md measures the overlap
 with the exact top-10). C = 0 is the exact pass; C ≥ N re-ranks every unmasked item and gives the exact top-K.
+
+``candidates=None`` (``--candidates auto``) on an MLP of ≥ 800 items checks at load: it ranks 128 drawn
+histories exactly and with C = 200 (then 500, 1 000; each only if ≤ N/4) and keeps the smallest C whose
+top-10 holds ≥ 99 % of the exact one; if none does, the exact pass up to 5 000 items, else the best C.
+What it measured is :attr:`Recommender.auto_check` (``/healthz`` shows it).
 """
 
 from __future__ import annotations
@@ -37,13 +42,39 @@ from fedrec.shared_model.training import pad_rows
 #: Most (user, item) pairs scored per model call: 16 ml-100k users (1 682 items), or one user of a
 #: 40k catalogue at a time (more rows only add memory traffic there).
 PAIR_BUDGET = 1 << 15
-#: ``--candidates auto``: catalogues up to this size are ranked exactly (all items through the MLP) …
+#: ``--candidates auto``: catalogues up to this size are ranked exactly unless a candidate re-rank is
+#: verified on the loaded model to give the exact top-10 (:func:`auto_candidates`) …
 AUTO_EXACT_MAX_ITEMS = 5_000
-#: … larger ones by the MLP re-ranking this many candidates of the linearized retrieval score: at 200
-#: the re-rank held 99.9-100 % of the exact top-10 on the trained ml-100k and 41k-item models (87 % on
-#: an untrained random-weight 40k MLP, the worst case) and served 1.7-2.7x the reference at 41k items
-#: (docs/BENCHMARKS.md, serve).
+#: … larger ones by the MLP re-ranking this many candidates of the linearized retrieval score (or more,
+#: see :data:`AUTO_TRIES`): at 200 the re-rank held 99.9-100 % of the exact top-10 on the trained
+#: ml-100k and 41k-item models (87 % on an untrained random-weight 40k MLP, the worst case) and served
+#: 1.7-2.7x the reference at 41k items (docs/BENCHMARKS.md, serve).
 AUTO_CANDIDATES = 200
+#: Candidate counts ``auto`` tries, smallest first; one is used only if it is at most a quarter of the
+#: catalogue (a re-rank of more saves too little over the exact pass).
+AUTO_TRIES = (AUTO_CANDIDATES, 500, 1_000)
+#: The mean share of the exact top-10 a re-rank must keep on the load-time check to be picked.
+AUTO_MIN_OVERLAP = 0.99
+#: Histories of the load-time check: 20 items each, drawn long-tailed (p ∝ rank^-0.8) over the catalogue.
+AUTO_CHECK_ROWS, AUTO_CHECK_ITEMS = 128, 20
+
+
+@dataclass(frozen=True)
+class AutoCheck:
+    """What ``--candidates auto`` measured at load: overlap@10 with the exact top-10 per count tried."""
+
+    rows: int
+    overlaps: dict[int, float]
+    picked: int
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "overlap@10": {str(c): round(v, 4) for c, v in self.overlaps.items()},
+            "picked": self.picked,
+            "reason": self.reason,
+        }
 
 
 def parse_candidates(text: str) -> int | None:
@@ -60,12 +91,23 @@ def parse_candidates(text: str) -> int | None:
 
 
 def resolve_candidates(candidates: int | None, n_items: int) -> int:
-    """How many candidates the MLP re-ranks (0 = exact): ``None`` (auto) picks by catalogue size."""
+    """How many candidates the MLP re-ranks (0 = exact): ``None`` (auto) picks by catalogue size only
+    (the :class:`Recommender` refines auto by a load-time check, :func:`auto_candidates`)."""
     if candidates is None:
         return 0 if n_items <= AUTO_EXACT_MAX_ITEMS else AUTO_CANDIDATES
     if candidates < 0:
         raise FedrecError(f"candidates must be ≥ 0 (0 = exact), got {candidates}")
     return candidates
+
+
+def check_histories(n_items: int, rows: int = AUTO_CHECK_ROWS, seed: int = 0) -> list[np.ndarray]:
+    """The load-time check's histories: ``rows`` × 20 distinct items drawn with p ∝ (i+1)^-0.8 (the
+    long-tailed draws of ``fedrec bench serve`` and scripts/measure_candidates.py), seeded."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, n_items + 1) ** 0.8
+    p /= p.sum()
+    size = min(AUTO_CHECK_ITEMS, n_items)
+    return [rng.choice(n_items, size, replace=False, p=p) for _ in range(rows)]
 
 
 @dataclass(frozen=True)
@@ -143,8 +185,11 @@ class Recommender:
         self._item_side: Any = self.model.item_side() if isinstance(self.model, HistoryMLP) else None
         self.rows_per_call = max(1, PAIR_BUDGET // self.catalog.n_items)
         self._n_feats = len(self.model.cfg.user_cardinalities)
-        c = resolve_candidates(candidates, self.catalog.n_items)
-        self.candidates = c if isinstance(self.model, HistoryMLP) else 0
+        n_items = self.catalog.n_items
+        is_mlp = isinstance(self.model, HistoryMLP)
+        tries = [c for c in AUTO_TRIES if 4 * c <= n_items] if candidates is None and is_mlp else []
+        c = max(tries) if tries else resolve_candidates(candidates, n_items)
+        self.candidates = c if is_mlp else 0
         self._retrieval: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.candidates:
             src = retrieval_model if retrieval_model is not None else self.model
@@ -156,6 +201,49 @@ class Recommender:
             if isinstance(self.model, HistoryMLP) and self._item_side is not None
             else None
         )
+        #: ``--candidates auto`` on an MLP large enough for a re-rank: what the load-time check measured.
+        self.auto_check: AutoCheck | None = self._auto_check(tries) if tries else None
+        if self.auto_check is not None:
+            self.candidates = self.auto_check.picked
+            if not self.candidates:
+                self._retrieval = None
+
+    def _auto_check(self, tries: Sequence[int]) -> AutoCheck:
+        """``--candidates auto``: the smallest count in ``tries`` whose re-rank keeps ≥ AUTO_MIN_OVERLAP of
+        the exact top-10 on :func:`check_histories`; none → exact up to AUTO_EXACT_MAX_ITEMS items, else
+        the count with the best overlap (the exact pass is too slow to serve there)."""
+        n_items = self.catalog.n_items
+        rows = AUTO_CHECK_ROWS if n_items <= AUTO_EXACT_MAX_ITEMS else AUTO_CHECK_ROWS // 2
+        hists = check_histories(n_items, rows)
+        ctx = np.tile(np.array([12, 3], dtype=np.int64), (rows, 1))
+        saved = self.candidates
+        self.candidates = 0
+        exact = self.rank_scores(hists, None, ctx).top(10)[0]  # (rows, 10)
+        overlaps: dict[int, float] = {}
+        picked, reason = -1, ""
+        for c in sorted(tries):
+            self.candidates = c
+            got = self.rank_scores(hists, None, ctx).top(10)[0]
+            overlaps[c] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, got, strict=True)]))
+            if overlaps[c] >= AUTO_MIN_OVERLAP:
+                picked = c
+                reason = f"re-rank of {c} keeps {overlaps[c]:.3f} of the exact top-10 (≥ {AUTO_MIN_OVERLAP})"
+                break
+        if picked < 0:
+            best = max(overlaps, key=lambda k: (overlaps[k], -k))
+            if n_items <= AUTO_EXACT_MAX_ITEMS:
+                picked = 0
+                reason = (
+                    f"no re-rank keeps {AUTO_MIN_OVERLAP} of the exact top-10 (best {overlaps[best]:.3f})"
+                )
+            else:
+                picked = best
+                reason = (
+                    f"no re-rank keeps {AUTO_MIN_OVERLAP} of the exact top-10; {best} keeps {overlaps[best]:.3f} "
+                    f"(exact ranking of {n_items} items is too slow to serve; pass --candidates 0 to force it)"
+                )
+        self.candidates = saved  # the caller sets the pick (the retrieval tables are built for any)
+        return AutoCheck(rows=rows, overlaps=overlaps, picked=picked, reason=reason)
 
     def to_indices(self, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """Map original item ids to dense indices; returns (known indices, unknown ids)."""

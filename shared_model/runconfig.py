@@ -46,6 +46,28 @@ AUTO_DP: dict[str, Any] = {
     "final_model": "last",
 }
 
+#: How DP-SGD trains the MLP (client/train.py). ``local-steps``: each round every tenant takes
+#: ``local-epochs`` passes of Poisson-sampled DP-SGD steps with local Adam and sends its model.
+#: ``cohort`` (DP-FedAvg-style, McMahan et al. 2018): each round every tenant Poisson-samples its users at
+#: rate ``cohort-rate``, sends ONE noisy clipped gradient sum (as a step of size 1 over its expected
+#: cohort), and the server applies its optimizer to the weighted mean — the noisy sum of all tenants
+#: over the expected cohort size. Only this mode is linear in the noisy sums, so only it may split the
+#: noise between tenants under SecAgg+ (docs/FEDERATION.md).
+DP_MODES: tuple[str, ...] = ("local-steps", "cohort")
+#: The auto recipe of dp-mode cohort: one large-batch step per round, FedAdam (auto server-lr 0.01) on the
+#: noisy mean gradient, 15 rounds — the setting the ml-100k runs of docs/FEDERATION.md used. NOT tuned:
+#: the whole MLP does not learn with it, and the release-init head did best with --server-lr 0.2–0.3.
+AUTO_COHORT: dict[str, Any] = {
+    "num_server_rounds": 15,
+    "local_epochs": 1.0,  # unused by cohort mode (one step per round), kept valid
+    "lr": 1.0,  # the tenant's step: exactly the noisy mean gradient (SGD, lr 1); the server scales it
+    "server_opt": "fedadam",
+    "max_update_norm": 20.0,
+    "final_model": "last",
+}
+#: Poisson rate of a cohort round when cohort-rate is auto (0).
+AUTO_COHORT_RATE = 0.5
+
 #: What a run trains: DP-SGD rounds of the MLP, or one DP item release fitted by the server; ``auto``
 #: lets the server pick from public facts (``fedrec.shared_model.choose``).
 APPROACHES: tuple[str, ...] = ("mlp", "dp_ease", "dp_popularity", "dp_two_stage", "auto")
@@ -124,6 +146,10 @@ class RunConfig:
     # release-init: draw training negatives from the DP prior (exp(prior)) so DP-SGD learns what the user's
     # items have beyond popularity, the part that changes the ranking (fedrec.shared_model.model)
     prior_negatives: bool = False
+    # local-steps: several local DP-SGD (Adam) steps per round | cohort: one noisy clipped gradient sum per
+    # round at Poisson rate cohort-rate, server optimizer on the noisy mean (DP_MODES above)
+    dp_mode: str = "local-steps"
+    cohort_rate: float = 0.0  # dp-mode cohort: Poisson rate q of each round's cohort (0: auto, 0.5)
     resume: bool = False  # continue run-dir from its checkpoint (rounds after the last complete one)
     # --- simulated faults (acted on only by simulated nodes, i.e. with partition-id; client/faults.py)
     fault_dropout: float = 0.0  # probability that a tenant misses a round (drawn from seed/tenant/round)
@@ -131,6 +157,16 @@ class RunConfig:
     fault_adversary: str = ""  # "tenant-0:nan|inf|scale=F|signflip|shape|dtype|keys|users=N,…"
 
     def __post_init__(self) -> None:
+        if self.dp_mode not in DP_MODES:
+            raise FedrecError(f"dp-mode must be one of {', '.join(DP_MODES)}, got {self.dp_mode!r}")
+        if self.dp_mode == "cohort" and not self.dp:
+            raise FedrecError(
+                "dp-mode cohort is a DP-SGD mode (one noisy clipped sum per round): it needs DP"
+            )
+        if not (isinstance(self.cohort_rate, int | float) and 0 <= self.cohort_rate <= 1):
+            raise FedrecError(f"cohort-rate must be in (0, 1] (0: auto), got {self.cohort_rate!r}")
+        if self.cohort_rate > 0 and self.dp_mode != "cohort":
+            raise FedrecError("cohort-rate is the Poisson rate of dp-mode cohort: it needs dp-mode cohort")
         self._resolve_auto()
         if self.num_server_rounds < 1:
             raise FedrecError(f"num-server-rounds must be >= 1 (0: auto), got {self.num_server_rounds}")
@@ -138,6 +174,11 @@ class RunConfig:
             raise FedrecError(f"local-epochs must be > 0 (0: auto), got {self.local_epochs}")
         if not self.lr > 0:
             raise FedrecError(f"lr must be > 0 (0: auto), got {self.lr}")
+        if self.dp_mode == "cohort" and self.lr != 1.0:
+            raise FedrecError(
+                "lr is the local Adam step of dp-mode local-steps; a cohort round sends the noisy mean "
+                f"gradient itself (step 1): set the step with server-lr instead (got lr {self.lr:g})"
+            )
         if self.server_opt not in SERVER_OPTS:
             raise FedrecError(
                 f"server-opt must be auto or one of {', '.join(SERVER_OPTS)}, got {self.server_opt!r}"
@@ -220,7 +261,9 @@ class RunConfig:
 
     def _resolve_auto(self) -> None:
         """Replace every auto setting (0 or "auto") by its value for this run's DP mode (AUTO_*)."""
-        auto = AUTO_DP if self.dp else AUTO_NO_DP
+        auto = (AUTO_COHORT if self.dp_mode == "cohort" else AUTO_DP) if self.dp else AUTO_NO_DP
+        if self.dp_mode == "cohort" and self.cohort_rate == 0:
+            object.__setattr__(self, "cohort_rate", AUTO_COHORT_RATE)
         for name, value in auto.items():
             if getattr(self, name) in (0, "auto"):
                 object.__setattr__(self, name, value)

@@ -21,7 +21,15 @@ from fedrec.server.serve import Engine, create_app
 from fedrec.shared_model.artifacts import load_model
 from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.model import HistoryMLP
-from fedrec.shared_model.recommend import AUTO_CANDIDATES, AUTO_EXACT_MAX_ITEMS, Recommender, parse_candidates
+from fedrec.shared_model.recommend import (
+    AUTO_CANDIDATES,
+    AUTO_EXACT_MAX_ITEMS,
+    AUTO_MIN_OVERLAP,
+    AUTO_TRIES,
+    Recommender,
+    check_histories,
+    parse_candidates,
+)
 from fedrec.simulations.data.dataset import prepare_dataset
 from fedrec.simulations.data.sources import load
 from tests.test_serve import SERVE, served, train_small
@@ -137,16 +145,70 @@ def test_auto_and_parsing() -> None:
             parse_candidates(bad)
 
 
-def test_http_reports_candidates_and_auto_picks_by_catalogue_size(mlp_dir: Path, tmp_path: Path) -> None:
+def overlap10(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, b, strict=True)]))
+
+
+def test_http_reports_candidates_and_auto_checks_the_rerank_on_the_model(
+    mlp_dir: Path, tmp_path: Path
+) -> None:
+    """auto re-ranks only where a load-time check on this model shows the re-rank keeps ≥ 99 % of the
+    exact top-10; /healthz reports what it measured, and the figure is the one an independent
+    recomputation gets. Small catalogues (< 4 × 200 items) are ranked exactly with no check."""
+    small = write_model(tmp_path / "small", "mlp", 4 * AUTO_CANDIDATES - 1)
     big = write_model(tmp_path / "big", "mlp", AUTO_EXACT_MAX_ITEMS + 1)
-    for path, cand, want in ((mlp_dir, None, 0), (big, None, AUTO_CANDIDATES), (mlp_dir, 40, 40)):
+    seen = {}
+    for path, cand in ((small, None), (mlp_dir, None), (big, None), (mlp_dir, 40)):
         with (
             served(create_app(path, candidates=cand), log_level="warning") as u,
             httpx.Client(base_url=u) as c,
         ):
-            assert c.get("/healthz").json()["candidates"] == want
+            health = c.get("/healthz").json()
             r = c.post("/v1/recommend", json={"history": ["i1", "i2"], "k": 5, "exclude": ["i3"]})
             assert r.status_code == 200 and len(r.json()["items"]) == 5
+        seen[(path.name, cand)] = health
+        auto = health["candidates_auto"]
+        if cand is not None or path == small:
+            assert auto is None and health["candidates"] == (cand or 0)
+            continue
+        assert health["candidates"] == auto["picked"]
+        overlaps = {int(c): v for c, v in auto["overlap@10"].items()}
+        assert set(overlaps) <= set(AUTO_TRIES) and all(4 * c <= health["items"] for c in overlaps)
+        if auto["picked"]:
+            assert overlaps[auto["picked"]] >= AUTO_MIN_OVERLAP or health["items"] > AUTO_EXACT_MAX_ITEMS
+        else:
+            assert health["items"] <= AUTO_EXACT_MAX_ITEMS and max(overlaps.values()) < AUTO_MIN_OVERLAP
+        # Recompute the first count's overlap with two fixed engines on the same histories.
+        loaded = load_model(path)
+        first = min(overlaps)
+        hists = check_histories(loaded.catalog.n_items, auto["rows"])
+        ctx = np.tile(np.array([12, 3], dtype=np.int64), (len(hists), 1))
+        exact = Recommender(loaded, candidates=0).rank_scores(hists, None, ctx).top(10)[0]
+        rer = Recommender(loaded, candidates=first).rank_scores(hists, None, ctx).top(10)[0]
+        assert abs(overlap10(exact, rer) - overlaps[first]) < 1e-4
+    assert seen[("big", None)]["candidates"] > 0, "above 5 000 items auto never falls back to the exact pass"
+
+
+@pytest.mark.parametrize(("scale", "want"), [(1, 200), (2, 500), (10, 0)])
+def test_auto_picks_the_smallest_rerank_that_keeps_the_top_10_else_exact(
+    mlp_dir: Path, scale: float, want: int
+) -> None:
+    """The same network with a steeper, more non-linear MLP term (first layer × s, last × 100 s) is
+    linearized worse: at s = 2 a re-rank of 200 loses half the exact top-10 and auto takes 500; at
+    s = 10 even 500 loses 2 % and auto serves the exact ranking instead of a wrong top-10."""
+    loaded = load_model(mlp_dir)
+    if scale != 1:
+        with torch.no_grad():
+            loaded.model.get_parameter("mlp.0.weight").mul_(scale)
+            loaded.model.get_parameter("mlp.4.weight").mul_(100 * scale)
+    rec = Recommender(loaded, candidates=None)
+    assert rec.auto_check is not None and rec.candidates == rec.auto_check.picked == want
+    ov = rec.auto_check.overlaps
+    assert all(v < AUTO_MIN_OVERLAP for c, v in ov.items() if c < want or want == 0)
+    if want:
+        assert ov[want] >= AUTO_MIN_OVERLAP and "keeps" in rec.auto_check.reason
+    else:
+        assert set(ov) == {200, 500} and "no re-rank" in rec.auto_check.reason  # 1 000 > N / 4
 
 
 @pytest.mark.parametrize(("command", "value"), [("serve", "-3"), ("recommend", "many")])

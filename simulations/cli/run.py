@@ -241,6 +241,22 @@ def simulate(
             "user's items have beyond popularity.",
         ),
     ] = False,
+    dp_mode: Annotated[
+        str,
+        typer.Option(
+            "--dp-mode",
+            help="How DP-SGD trains the MLP: local-steps (local-epochs of local Adam DP-SGD steps per round) | "
+            "cohort (DP-FedAvg-style: each round one noisy clipped gradient sum of a Poisson cohort per "
+            "tenant, the server optimizer on the noisy mean; with --secagg the noise is split between "
+            "tenants; auto: 15 rounds, fedadam, untuned; docs/FEDERATION.md).",
+        ),
+    ] = "local-steps",
+    cohort_rate: Annotated[
+        float | None,
+        typer.Option(
+            "--cohort-rate", help="With --dp-mode cohort: Poisson rate of each round's cohort [0.5]."
+        ),
+    ] = None,
     secagg: Annotated[
         bool,
         typer.Option("--secagg", help="SecAgg+: the server sees only the masked sum of the tenants' deltas."),
@@ -374,6 +390,8 @@ def simulate(
         dot_mix=dot_mix,
         dp_train=dp_train.strip(),
         prior_negatives=prior_negatives,
+        dp_mode=dp_mode.strip(),
+        cohort_rate=cohort_rate or 0.0,
         secagg=secagg,
         eval_privacy=eval_privacy.strip(),
         aggregation=aggregation.strip(),

@@ -180,6 +180,8 @@ def run_plan(run: RunFiles, tenant: str) -> RunPlan:
         max_grad_norm=rc.get("max-grad-norm"),
         planned_rounds=rounds + 1 if initing and rounds is not None else rounds,
         init_rounds=(1,) if initing else (),
+        # dp-mode cohort: one step per round at the cohort rate (run configs before it have no key)
+        cohort_rate=float(rc["cohort-rate"]) if rc.get("dp-mode") == "cohort" else None,
     )
 
 
