@@ -188,10 +188,9 @@ class Recommender:
         n_items = self.catalog.n_items
         is_mlp = isinstance(self.model, HistoryMLP)
         tries = [c for c in AUTO_TRIES if 4 * c <= n_items] if candidates is None and is_mlp else []
-        c = max(tries) if tries else resolve_candidates(candidates, n_items)
-        self.candidates = c if is_mlp else 0
+        self.candidates = resolve_candidates(candidates, n_items) if is_mlp else 0
         self._retrieval: tuple[torch.Tensor, torch.Tensor] | None = None
-        if self.candidates:
+        if self.candidates or tries:
             src = retrieval_model if retrieval_model is not None else self.model
             assert isinstance(src, HistoryMLP)
             self._retrieval = src.retrieval_side(src.item_side())
@@ -216,14 +215,11 @@ class Recommender:
         rows = AUTO_CHECK_ROWS if n_items <= AUTO_EXACT_MAX_ITEMS else AUTO_CHECK_ROWS // 2
         hists = check_histories(n_items, rows)
         ctx = np.tile(np.array([12, 3], dtype=np.int64), (rows, 1))
-        saved = self.candidates
-        self.candidates = 0
-        exact = self.rank_scores(hists, None, ctx).top(10)[0]  # (rows, 10)
+        exact = Ranked(mask_items(self.scores(hists, ctx), hists, None)).top(10)[0]  # (rows, 10)
         overlaps: dict[int, float] = {}
         picked, reason = -1, ""
         for c in sorted(tries):
-            self.candidates = c
-            got = self.rank_scores(hists, None, ctx).top(10)[0]
+            got = self._rerank(hists, None, ctx, c).top(10)[0]
             overlaps[c] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, got, strict=True)]))
             if overlaps[c] >= AUTO_MIN_OVERLAP:
                 picked = c
@@ -242,7 +238,6 @@ class Recommender:
                     f"no re-rank keeps {AUTO_MIN_OVERLAP} of the exact top-10; {best} keeps {overlaps[best]:.3f} "
                     f"(exact ranking of {n_items} items is too slow to serve; pass --candidates 0 to force it)"
                 )
-        self.candidates = saved  # the caller sets the pick (the retrieval tables are built for any)
         return AutoCheck(rows=rows, overlaps=overlaps, picked=picked, reason=reason)
 
     def to_indices(self, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -131,10 +132,18 @@ def test_bad_epsilons_are_a_user_error() -> None:
 FEDREC = [sys.executable, "-m", "fedrec.simulations.cli.main"]
 
 
-def test_merge_of_a_missing_csv_is_one_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--users", "", "--merge", "{tmp}/nope.csv"], "nope.csv is not a file"),
+        (["--users", "100", "--synth-profile", "huge"], "--synth-profile must be one of"),
+    ],
+    ids=["missing-merge-csv", "unknown-synth-profile"],
+)
+def test_bad_frontier_input_is_one_clear_error(tmp_path: Path, args: list[str], needle: str) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
-        [*FEDREC, "frontier", "--out", str(out), "--users", "", "--merge", str(tmp_path / "nope.csv")],
+        [*FEDREC, "frontier", "--out", str(out), *(a.format(tmp=tmp_path) for a in args)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -143,7 +152,7 @@ def test_merge_of_a_missing_csv_is_one_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert lines[-1].startswith("error:") and "nope.csv is not a file" in lines[-1]
+    assert lines[-1].startswith("error:") and needle in lines[-1]
     assert not out.exists()
 
 
@@ -165,19 +174,3 @@ def test_scale_profile_above_the_gram_limit_leaves_the_gram_columns_out(tmp_path
     assert {r["approach"] for r in rows} == {"popularity", "dp_popularity"}
     assert {r["dataset"] for r in rows} == {"synthetic-scale-400x20000"}
     assert int(rows[0]["items"]) > 4000
-
-
-def test_unknown_synth_profile_is_one_clear_error(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [*FEDREC, "frontier", "--out", str(out), "--users", "100", "--synth-profile", "huge"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "300"},
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert lines[-1].startswith("error:") and "--synth-profile must be one of" in lines[-1]
-    assert not out.exists()
