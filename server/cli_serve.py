@@ -55,14 +55,16 @@ def register(app: typer.Typer) -> None:
             typer.Option("--workers", min=1, help="Worker processes sharing one model loaded before fork."),
         ] = 1,
         batch_wait_ms: Annotated[
-            float,
+            float | None,
             typer.Option(
                 "--batch-wait-ms",
                 min=0.0,
                 max=1.0,
-                help="Most a request waits for others to share its ranking call (0 = no batching).",
+                help="Most a request waits for others to share its ranking call (0 = no batching)."
+                " Default: 1.0 with one worker, 0.2 with several (docs/BENCHMARKS.md).",
+                show_default=False,
             ),
-        ] = 1.0,
+        ] = None,
         max_batch: Annotated[
             int, typer.Option("--max-batch", min=1, max=1024, help="Most requests per ranking call.")
         ] = 64,

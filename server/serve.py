@@ -61,6 +61,17 @@ MAX_ID_CHARS = 64  # longest item id accepted
 MAX_BODY_BYTES = 256 * 1024  # request body limit (413 above); 2 × 5000 ids fit with room to spare
 EXPLAIN_TOP = 3  # history items named per explained recommendation
 PT_ONLY_QUIET_S = 1.0  # --reload-on-change: how long a model.pt changed alone must hold still
+# --batch-wait-ms by worker count (docs/BENCHMARKS.md, quiet interleaved runs at ml-100k, c = 16): one
+# worker sees every connection, so a 1 ms wait fills batches; with several workers each sees a share
+# of them, batches stay small, and a shorter wait leaves the CPU to the other worker (0.2 ms ahead).
+BATCH_WAIT_MS_ONE_WORKER = 1.0
+BATCH_WAIT_MS_SEVERAL_WORKERS = 0.2
+
+
+def default_batch_wait_ms(workers: int) -> float:
+    """``serve``'s micro-batch wait when ``--batch-wait-ms`` is not given, by worker count."""
+    return BATCH_WAIT_MS_ONE_WORKER if workers <= 1 else BATCH_WAIT_MS_SEVERAL_WORKERS
+
 
 ItemId = StrictInt | Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
 
@@ -714,6 +725,7 @@ def create_app(
             "int8": eng.int8,
             "candidates": eng.rec.candidates,
             "candidates_auto": None if eng.rec.auto_check is None else eng.rec.auto_check.to_json(),
+            "batch_wait_ms": batcher.max_wait_s * 1000.0,
         }
 
     @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=secured)
@@ -749,7 +761,7 @@ def run(
     threads: int = 1,
     log_level: str = "info",
     workers: int = 1,
-    batch_wait_ms: float = 1.0,
+    batch_wait_ms: float | None = None,
     max_batch: int = 64,
     candidates: int | None = 0,
 ) -> None:
@@ -758,6 +770,7 @@ def run(
     ``workers`` > 1: the model is loaded ONCE here, then this process forks the workers, which share
     its pages copy-on-write (the weights are only read) and accept on one listening socket. SIGHUP
     and SIGINT/SIGTERM are forwarded to every worker; a reload gives each worker its own new copy.
+    ``batch_wait_ms`` None: :func:`default_batch_wait_ms` of ``workers``.
     """
     import torch
     import uvicorn
@@ -765,6 +778,8 @@ def run(
     if workers < 1:
         raise FedrecError(f"--workers must be ≥ 1, got {workers}")
     torch.set_num_threads(threads)
+    if batch_wait_ms is None:
+        batch_wait_ms = default_batch_wait_ms(workers)
     t0 = time.perf_counter()
     app = create_app(
         model_dir,
@@ -776,7 +791,10 @@ def run(
         max_batch=max_batch,
         candidates=candidates,
     )
-    log.info("model loaded in %.2f s", time.perf_counter() - t0)
+    log.info(
+        "model loaded in %.2f s; micro-batch wait %g ms (%d worker%s)",
+        time.perf_counter() - t0, batch_wait_ms, workers, "s" * (workers > 1),
+    )  # fmt: skip
     if api_keys_file is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --api-keys: anyone who can reach it can query the model", host)
     config = uvicorn.Config(

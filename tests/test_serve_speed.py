@@ -202,6 +202,7 @@ def test_batch_wait_is_bounded(tmp_path: Path) -> None:
     app = create_app(path, batch_wait_ms=0.0)  # 0 = every request ranked on its own
     with served(app, log_level="warning") as u, httpx.Client(base_url=u) as c:
         assert c.post("/v1/recommend", json={"history": ["i1"], "k": 3}).status_code == 200
+        assert c.get("/healthz").json()["batch_wait_ms"] == 0.0
     assert app.state.batcher.batches == 1
 
 
@@ -235,6 +236,8 @@ def test_workers_share_one_model_reload_on_sighup_and_stop_cleanly(tmp_path: Pat
         kids = children(proc.pid)
         assert len(kids) == 2
         with httpx.Client(base_url=base, timeout=10) as c:
+            # no --batch-wait-ms: several workers get the shorter default (docs/BENCHMARKS.md)
+            assert c.get("/healthz").json()["batch_wait_ms"] == 0.2
             for _ in range(40):
                 assert c.post("/v1/recommend", json={"history": ["i1", "i2"]}).status_code == 200
         new_checkpoint(work, "after-hup", seed=3)
@@ -275,6 +278,7 @@ def test_bench_serve_reports_a_run_and_a_reload_without_errors(tmp_path: Path) -
     res = json.loads(out.read_text())
     fed = [r for r in res["runs"] if r["server"] == "fedrec"]
     assert sorted(r["candidates_used"] for r in fed) == [0, 100]
+    assert {r["batch_wait_ms"] for r in fed} == {1.0}  # no --batch-wait-ms: the server's 1-worker default
     for r in fed:
         assert r["errors"] == 0 and r["requests"] > 0
         assert r["ratio_to_reference"] > 0 and 0 < r["server_cpu_share"] <= 1

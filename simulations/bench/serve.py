@@ -165,10 +165,19 @@ def server(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Iter
 
 
 def fedrec_cmd(
-    model: Path, port: int, workers: int, *, batch_wait_ms: float, reload: bool, candidates: str = "auto"
+    model: Path,
+    port: int,
+    workers: int,
+    *,
+    batch_wait_ms: float | None,
+    reload: bool,
+    candidates: str = "auto",
 ) -> list[str]:
+    """``batch_wait_ms`` None: the server's default for ``workers`` (no ``--batch-wait-ms``)."""
     cmd = [sys.executable, "-c", SERVE, "serve", "--model", str(model), "--port", str(port)]
-    cmd += ["--workers", str(workers), "--batch-wait-ms", str(batch_wait_ms), "--log-level", "warning"]
+    cmd += ["--workers", str(workers), "--log-level", "warning"]
+    if batch_wait_ms is not None:
+        cmd += ["--batch-wait-ms", str(batch_wait_ms)]
     cmd += ["--candidates", candidates]
     return cmd + (["--reload-on-change"] if reload else [])
 
@@ -318,7 +327,7 @@ def run_bench(
     generator: str,
     reference: bool,
     reload_check: bool,
-    batch_wait_ms: float,
+    batch_wait_ms: float | None,
     candidates: tuple[str, ...] = ("auto",),
     log: Any = print,
 ) -> dict[str, Any]:
@@ -391,7 +400,9 @@ def run_bench(
                         name, cand = key
                         row = {"server": name, "workers": w, "concurrency": c, **_median_row(rows[key])}
                         if name == "fedrec":
-                            row["candidates"], row["candidates_used"] = cand, _candidates_used(base)
+                            health = _healthz(base)
+                            row["candidates"], row["candidates_used"] = cand, int(health.get("candidates", 0))
+                            row["batch_wait_ms"] = health.get("batch_wait_ms")  # the server's, as it says
                         row["load_average"] = list(os.getloadavg())
                         res["runs"].append(row)
                         log(
@@ -433,10 +444,11 @@ def run_bench(
     return res
 
 
-def _candidates_used(base: str) -> int:
-    """How many candidates the server re-ranks (0 = exact), as its /healthz says."""
+def _healthz(base: str) -> dict[str, Any]:
+    """The server's /healthz: how many candidates it re-ranks (0 = exact), its micro-batch wait."""
     with httpx.Client(base_url=base, timeout=10) as c:
-        return int(c.get("/healthz").json().get("candidates", 0))
+        body: dict[str, Any] = c.get("/healthz").json()
+        return body
 
 
 def _exit_on_sigterm(signum: int, _frame: Any) -> None:

@@ -108,13 +108,26 @@ def serve_table(result: dict[str, Any]) -> Table:
         f"{result['generator']}, {result['seconds']:g} s × {result['repeats']}, "
         f"load {result['load_average_start'][0]:.1f}→{result['load_average_end'][0]:.1f}"
     )
-    cols = ("server", "cand.", "workers", "conc.", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "× ref")
+    cols = (
+        "server",
+        "cand.",
+        "wait ms",
+        "workers",
+        "conc.",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "errors",
+        "× ref",
+    )
     for col in (*cols, "server CPU %"):
         t.add_column(col, justify="left" if col == "server" else "right")
     for r in result["runs"]:
         t.add_row(
             r["server"],
             str(r["candidates_used"]) if "candidates_used" in r else "",
+            _f(r.get("batch_wait_ms"), "{:g}"),
             str(r["workers"]),
             str(r["concurrency"]),
             _f(r["req_per_s"], "{:.0f}"),
@@ -128,7 +141,7 @@ def serve_table(result: dict[str, Any]) -> Table:
         )
     rc = result.get("reload_check")
     if rc:
-        t.add_row("reload", "", str(rc["workers"]), str(rc["concurrency"]), _f(rc["req_per_s"], "{:.0f}"),
+        t.add_row("reload", "", "", str(rc["workers"]), str(rc["concurrency"]), _f(rc["req_per_s"], "{:.0f}"),
                   _f(rc["p50_ms"], "{:.2f}"), _f(rc["p90_ms"], "{:.2f}"), _f(rc["p99_ms"], "{:.2f}"),
                   str(rc["errors"]), "", _f(100 * rc["server_cpu_share"], "{:.0f}"))  # fmt: skip
     for w, mem in result.get("memory", {}).items():
@@ -276,8 +289,15 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--reload-check", help="Rewrite the checkpoint during one load run.")
         ] = False,
         batch_wait_ms: Annotated[
-            float, typer.Option("--batch-wait-ms", min=0.0, max=1.0, help="The server's --batch-wait-ms.")
-        ] = 1.0,
+            float | None,
+            typer.Option(
+                "--batch-wait-ms",
+                min=0.0,
+                max=1.0,
+                help="The server's --batch-wait-ms (default: the server's, by worker count).",
+                show_default=False,
+            ),
+        ] = None,
         candidates: Annotated[
             str,
             typer.Option(
