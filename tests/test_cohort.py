@@ -33,6 +33,7 @@ from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
 from fedrec.simulations.data.sources import load
 from fedrec.simulations.driver.loopback import LoopbackGrid
 from fedrec.simulations.reports.audit import check_run, load_run
+from fedrec.simulations.reports.dpsgd_audit import GradientAuditConfig, dpsgd_claim, gradient_audit
 
 TENANTS = 3
 EPSILON = 3.0
@@ -246,3 +247,20 @@ def test_a_secagg_sum_with_fewer_noise_shares_than_the_split_is_not_used(fed: Pa
     (row,) = [json.loads(x) for x in (Path(cfg.run_dir) / "rounds.jsonl").read_text().splitlines()]
     assert row["aggregated"] == 0 and "fewer than the 2 the tenants split σ into" in row["unchanged"]
     assert [t for t, i in row["tenants"].items() if i["status"] == "rejected"] == ["tenant-0", "tenant-1"]
+
+
+def test_the_gradient_canary_audit_replays_a_cohort_run_and_catches_halved_noise(
+    secagg_run: RunConfig,
+) -> None:
+    # `fedrec audit --empirical`'s DP-SGD part on a cohort run: it replays the ledger's plan (one step
+    # per round at the cohort rate, the σ of the SecAgg+ sum that the accountant charged) with canaries
+    run = load_run(Path(secagg_run.run_dir))
+    claim = dpsgd_claim(run, "tenant-0")
+    assert (claim.sample_rate, claim.steps, len(claim.sigmas)) == (AUTO_COHORT_RATE, 1, 2)
+    ok = gradient_audit(run, GradientAuditConfig(canaries=1000, real_users=40))
+    assert ok.passed and ok.epsilon_lb <= ok.claim.epsilon
+    assert 0.85 < ok.noise_ratio < 1.15  # the replica's noise is σ·C of the sum
+    bad = gradient_audit(
+        run, GradientAuditConfig(canaries=1000, real_users=40, trainer="tests.dpsgd_mutants:halved_noise")
+    )
+    assert not bad.passed and bad.noise_ratio < 0.6
