@@ -53,7 +53,13 @@ from fedrec.server.release import (
     sum_noise,
     two_stage_size,
 )
-from fedrec.server.release_init import init_from_release, init_model_config, init_problem, public_item_text
+from fedrec.server.release_init import (
+    init_from_release,
+    init_model_config,
+    init_problem,
+    init_shapes,
+    public_item_text,
+)
 from fedrec.server.secagg import SecureAggregator, reply_node, shares_and_threshold
 from fedrec.shared_model.artifacts import save_model, write_json_atomic
 from fedrec.shared_model.codec import (
@@ -717,19 +723,24 @@ class _Federation:
         """Round 1 with ``release-init``: each tenant's item release (charged at its share of ε),
         summed; the global MLP's prior and frozen item table are post-processed from the sum."""
         n_items, rho = self.catalog.n_items, self.cfg.release_init_pop
-        total, sigmas, users = self.collect_releases(
-            rd,
-            {"phase": ITEM_RELEASE_PHASE, "pop-share": rho},
-            lambda rel, n, cap: init_problem(rel, n_items, n, cap, rho),
-        )
+        conf = {"phase": ITEM_RELEASE_PHASE, "pop-share": rho}
+        halted, shares = "", 1
+        if self.release_secure is not None:  # SecAgg+: each tenant adds its share of the noise
+            want = init_shapes(n_items, rho)
+            total, sigmas, users, halted = self.collect_secure_releases(rd, conf, want)
+            shares = self.release_shares
+        else:
+            total, sigmas, users = self.collect_releases(
+                rd, conf, lambda rel, n, cap: init_problem(rel, n_items, n, cap, rho)
+            )
         if len(rd.contributors) < max(1, self.cfg.min_tenants):
             rd.row["aggregated"] = 0
             raise FedrecError(
                 f"the initialising item release got {len(rd.contributors)} usable release(s) "
-                f"(min-tenants {self.cfg.min_tenants}); a release is never repeated (each is charged "
-                "once), so this run stops here — see rounds.jsonl"
+                f"(min-tenants {self.cfg.min_tenants}){': ' + halted if halted else ''}; a release is "
+                "never repeated (each is charged once), so this run stops here — see rounds.jsonl"
             )
-        sigma_sum = sum_noise(sigmas, 1) if self.cfg.dp else 0.0
+        sigma_sum = sum_noise(sigmas, shares) if self.cfg.dp else 0.0
         t0 = time.perf_counter()
         emb, prior, facts = init_from_release(
             total,
@@ -754,6 +765,7 @@ class _Federation:
             "pop_share": self.cfg.release_init_pop,
             "users": users,
             "sum_noise_multiplier": round(sigma_sum, 6),
+            "noise_shares": shares,
             **facts,
             "fit_seconds": round(time.perf_counter() - t0, 3),
         }
@@ -763,21 +775,35 @@ class _Federation:
     def secure_release_round(self, rd: _Round) -> None:
         """SecAgg+: each tenant adds its share of the noise and masks its release; the server unmasks
         only the sum (the mean times the contributors' count: every release has weight 1)."""
-        assert self.choice is not None and self.release_secure is not None
-        approach, n = self.choice.approach, self.catalog.n_items
+        assert self.choice is not None
         stage, selection = self.release_stage(rd)
-        want = release_shapes(approach, stage, n, 0 if selection is None else len(selection))
-        [(key, shape)] = want.items()
-        zeros = {key: np.zeros(shape, dtype=np.float32)}
+        want = release_shapes(
+            self.choice.approach, stage, self.catalog.n_items, 0 if selection is None else len(selection)
+        )
+        total, sigmas, users, halted = self.collect_secure_releases(
+            rd, self.release_config(stage, selection), want
+        )
+        if halted:
+            self.fit_from_release(rd, {}, [], 0, shares=self.release_shares, why=halted)
+            return
+        self.fit_from_release(
+            rd, total, sigmas, users, shares=self.release_shares, stage=stage, selection=selection
+        )
+
+    def collect_secure_releases(
+        self, rd: _Round, conf: Mapping[str, Any], want: Mapping[str, tuple[int, ...]]
+    ) -> tuple[dict[str, np.ndarray], list[float], int, str]:
+        """The SecAgg+ counterpart of :meth:`collect_releases`: each tenant masks its release of the
+        arrays ``want`` (its noise share added by the tenant itself; weight 1) and the server unmasks
+        only their sum. Returns (the summed release in float64, the contributors' noise multipliers,
+        their (noisy) user count, why SecAgg+ halted or "")."""
+        assert self.release_secure is not None
+        zeros = {key: np.zeros(shape, dtype=np.float32) for key, shape in want.items()}
         res = self.release_secure.run_round(
             rd.rnd,
             zeros,
-            [key],
-            lambda nid: {
-                **self.release_config(stage, selection),
-                "model-config": "{}",
-                "ledger-head": self.head_for(nid),
-            },
+            list(want),
+            lambda nid: {**conf, "model-config": "{}", "ledger-head": self.head_for(nid)},
         )
         rd.row["secagg"] = {**self.release_secure.describe(), "reported": len(res.reports)}
         sigmas: list[float] = []
@@ -796,12 +822,9 @@ class _Federation:
             rd.failure(failed_node, reason)
         if res.halted or res.mean_delta is None:
             rd.contributors.clear()
-            self.fit_from_release(rd, {}, [], 0, shares=self.release_shares, why=res.halted)
-            return
-        total = {key: res.mean_delta[key].astype(np.float64) * len(rd.contributors)}
-        self.fit_from_release(
-            rd, total, sigmas, users, shares=self.release_shares, stage=stage, selection=selection
-        )
+            return {}, [], 0, res.halted or "SecAgg+ returned no sum"
+        total = {k: res.mean_delta[k].astype(np.float64) * len(rd.contributors) for k in want}
+        return total, sigmas, users, ""
 
     def fit_from_release(
         self,
@@ -937,6 +960,15 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
                 timeout=cfg.round_timeout,
                 num_rounds=cfg.num_server_rounds,
             )
+            if initing:  # round 1's initialising release, masked like a release approach's
+                fed.release_secure = SecureAggregator(
+                    grid,
+                    fed.nodes,
+                    clipping_range=max_weight + 64.0,
+                    max_weight=1.0,
+                    timeout=cfg.round_timeout,
+                    num_rounds=1,
+                )
     log(
         f"{len(fed.nodes)} tenant node(s) connected; approach {fed.choice.approach} ({fed.choice.reason}); "
         f"{n_rounds} round(s), dp={'on' if cfg.dp else 'off'}, secagg={'on' if cfg.secagg else 'off'}"
@@ -1032,7 +1064,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     report = privacy_report(cfg, fed.status, fed.choice, n_rounds)
     if fed.secure is not None:
         report["secagg"] = fed.secure.describe()
-    if fed.release_secure is not None:
+        if fed.release_secure is not None:  # release-init: round 1's release had its own clipping
+            report["secagg"]["release_init"] = fed.release_secure.describe()
+    elif fed.release_secure is not None:
         report["secagg"] = fed.release_secure.describe()
     write_json_atomic(out / "privacy.json", report)
     write_json_atomic(out / "config.json", {"command": "simulate", "run_config": cfg.to_mapping()})

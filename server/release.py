@@ -180,15 +180,6 @@ def release_problem(
     return None
 
 
-def shape_problem(
-    weights: Weights, keys: Sequence[str], n_items: int, users: int, max_users: int | None
-) -> str | None:
-    """:func:`release_problem` for a release of ``keys`` over the whole catalogue (the release-init
-    release: 'popularity' and 'gram' of n_items)."""
-    sizes = {"popularity": (n_items,), "gram": (n_items * (n_items + 1) // 2,)}
-    return release_problem(weights, {k: sizes[k] for k in keys}, users, max_users)
-
-
 def two_stage_size(
     popularity: np.ndarray, sigma_sum: float, select_share: float, cap: int, c: float
 ) -> tuple[int, str]:

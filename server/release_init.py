@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from fedrec.privacy import gram
-from fedrec.server.release import shape_problem
+from fedrec.server.release import release_problem
 from fedrec.shared_model import item_text
 from fedrec.shared_model.codec import Weights
 from fedrec.shared_model.data import Catalog
@@ -83,11 +83,17 @@ def release_keys(pop_share: float) -> tuple[str, ...]:
     return tuple(k for k, on in (("popularity", pop_share > 0), ("gram", pop_share < 1)) if on)
 
 
+def init_shapes(n_items: int, pop_share: float = POP_SHARE) -> dict[str, tuple[int, ...]]:
+    """The shape of each array an initialising release over ``n_items`` items holds."""
+    sizes = {"popularity": (n_items,), "gram": (n_items * (n_items + 1) // 2,)}
+    return {k: sizes[k] for k in release_keys(pop_share)}
+
+
 def init_problem(
     weights: Weights, n_items: int, users: int, max_users: int | None, pop_share: float = POP_SHARE
 ) -> str | None:
     """Why a tenant's initialising release must not be summed, or None (it holds the parts ρ asks for)."""
-    return shape_problem(weights, release_keys(pop_share), n_items, users, max_users)
+    return release_problem(weights, init_shapes(n_items, pop_share), users, max_users)
 
 
 def genre_embeddings(genres: np.ndarray, dim: int) -> np.ndarray:

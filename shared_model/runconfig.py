@@ -216,8 +216,6 @@ class RunConfig:
             raise FedrecError(
                 "dot-mix, dp-train and prior-negatives shape the release-init model: they need release-init > 0"
             )
-        if self.release_init > 0 and self.secagg:
-            raise FedrecError("release-init under SecAgg+ is not built yet; run it without --secagg")
         if self.final_model not in FINAL_MODELS:
             raise FedrecError(
                 f"final-model must be auto or one of {', '.join(FINAL_MODELS)}, got {self.final_model!r}"

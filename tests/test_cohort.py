@@ -264,3 +264,40 @@ def test_the_gradient_canary_audit_replays_a_cohort_run_and_catches_halved_noise
         run, GradientAuditConfig(canaries=1000, real_users=40, trainer="tests.dpsgd_mutants:halved_noise")
     )
     assert not bad.passed and bad.noise_ratio < 0.6
+
+
+def test_the_release_init_head_runs_under_secagg_with_the_noise_split_in_both_stages(fed: Path) -> None:
+    # The head of issue 16 (round 1: the initialising item release; then cohort DP-SGD rounds) under
+    # SecAgg+: each tenant adds its share of the noise to its release and to its cohort steps, the
+    # server unmasks only the sums, each of which carries one full σ (3 tenants: threshold 2)
+    cfg = cohort_cfg(
+        fed, "secagg-head", secagg=True, release_init=0.8, release_init_items="genres",
+        release_init_pop=1.0, dot_mix=0.0, dp_train="mix", prior_negatives=True, max_grad_norm=0.05,
+    )  # fmt: skip
+    run_federation(LoopbackGrid(app, cfg.to_mapping(), TENANTS), cfg, log=lambda _: None)
+    out = Path(cfg.run_dir)
+    rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3] and [r["aggregated"] for r in rows] == [TENANTS] * 3
+    init = rows[0]["release_init"]
+    assert init["noise_shares"] == 2 and rows[0]["secagg"]["max_weight"] == 1.0
+    releases = []
+    for t in range(TENANTS):
+        entries, problems = read_entries(out / "ledger" / f"tenant-{t}.jsonl")
+        assert not problems
+        rel = next(e for e in entries if e.get("purpose") == "mlp-init")
+        releases.append(rel)
+        # the release: σ charged for the sum, σ/√2 added by the tenant, so ε alone > ε
+        assert rel["noise_mode"] == "distributed" and rel["shares"] == 2
+        assert rel["local_noise_multiplier"] == pytest.approx(rel["noise_multiplier"] / np.sqrt(2))
+        assert rel["epsilon"] < rel["epsilon_if_alone"]
+        steps = [e for e in entries if e.get("dp_mode") == "cohort"]
+        assert [e["round"] for e in steps] == [2, 3] and all(e["shares"] == 2 for e in steps)
+        assert EPSILON - 0.01 < steps[-1]["epsilon"] <= EPSILON  # release + cohort steps compose to the cap
+    # the unmasked sum carries √(Σ σ_t² / 2) — one σ, not the √3·σ three local releases would add up to
+    sigmas = [e["noise_multiplier"] for e in releases]
+    assert init["sum_noise_multiplier"] == pytest.approx(
+        float(np.sqrt(np.sum(np.square(sigmas)) / 2)), rel=1e-4
+    )
+    report = check_run(load_run(out))
+    failed = [(t, c.name) for t, a in report.tenants.items() for c in a.checks if c.findings]
+    assert not failed and not [c.name for c in report.run_checks if c.findings]

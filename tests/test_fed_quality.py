@@ -206,8 +206,6 @@ def test_release_init_is_post_processing_of_the_charged_release(fed: Path, tmp_p
 def test_release_init_is_refused_where_it_does_not_apply() -> None:
     with pytest.raises(FedrecError, match="needs approach mlp"):
         RunConfig(approach="dp_ease", release_init=0.5)
-    with pytest.raises(FedrecError, match="not built yet"):
-        RunConfig(approach="mlp", release_init=0.5, secagg=True)
     with pytest.raises(FedrecError, match=r"release-init must be in \[0, 1\)"):
         RunConfig(approach="mlp", release_init=1.0)
     cfg = RunConfig(approach="mlp", release_init=0.25, num_server_rounds=4)
