@@ -193,3 +193,23 @@ def test_a_tenant_with_an_explicit_approach_refuses_a_message_naming_another(fed
     assert "names approach dp_popularity, the server's message mlp" in reason and "nothing was" in reason
     state = fed / "tenant-0" / "state" / "explicit"
     assert not (state / "ledger.jsonl").exists(), "nothing charged: not even the noisy count"
+
+
+def test_the_default_head_runs_under_secagg_and_audits(fed: Path, tmp_path: Path) -> None:
+    # `--approach mlp --secagg` (a deployment's default) now trains the head: round 1's release with the
+    # noise split over the SecAgg+ threshold, then local-steps DP-SGD rounds masked, each tenant's own noise
+    run = tmp_path / "secagg"
+    cfg = RunConfig(
+        fed_dir=str(fed), run_dir=str(run), run_name="secagg-head", num_tenants=TENANTS, approach="mlp",
+        secagg=True, epsilon=EPSILON, num_server_rounds=1, batch_users=32, accountant="rdp",
+    )  # fmt: skip
+    assert cfg.release_init == 0.9 and cfg.dp_train == "mix"
+    run_federation(LoopbackGrid(app, cfg.to_mapping(), TENANTS), cfg, log=lambda _: None)
+    rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    assert [r["aggregated"] for r in rows] == [TENANTS, TENANTS]
+    assert rows[0]["release_init"]["noise_shares"] == TENANTS and "secagg" in rows[1]
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert privacy["approach"]["name"] == "mlp" and "DP MLP head" in privacy["approach"]["reason"]
+    assert all(t["epsilon"] <= EPSILON + 1e-9 for t in privacy["tenants"].values())
+    report = check_run(load_run(run))
+    assert not report.failed(), [(c.name, c.tenant, c.findings) for c in report.failed()]
