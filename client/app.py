@@ -46,6 +46,7 @@ from fedrec.client.task import (
     private_eval,
     resolve_tenant,
     secure_update,
+    tenant_config,
     tenant_count,
     tenant_evaluate,
     tenant_evaluate_items,
@@ -183,8 +184,9 @@ def train(msg: Message, context: Context) -> Message:
         return _train_masked(msg, context, cfg)  # reached only through secaggplus_mod, which masks it
     if cfg.secagg:
         raise FedrecError("this run uses SecAgg+: refusing to send an unmasked update")
-    paths = resolve_tenant(context.node_config, cfg)
     conf = config_of(msg.content, "config")
+    cfg = tenant_config(cfg, conf)  # approach auto: the approach the server resolved (its name only)
+    paths = resolve_tenant(context.node_config, cfg)
     if str(conf.get("phase", "")) == ITEM_RELEASE:
         out, users = _run_release(conf, cfg, paths, context)
     else:
@@ -205,6 +207,7 @@ def _train_masked(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """The SecAgg+ 'collect masked vectors' stage: reply in the legacy FitRes format for the mod."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     conf = fitins.config
+    cfg = tenant_config(cfg, conf)  # approach auto: the approach the server resolved (its name only)
     keys = json.loads(str(conf["keys"]))
     weights = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
     param_keys = json.loads(str(conf["param-keys"]))

@@ -87,6 +87,7 @@ def main() -> None:
             "tag": args.tag,
             "seed": seed,
             "set": overrides,
+            "approach": m.get("approach", {}).get("name"),  # what auto picked (the head trains as mlp)
             "best_round": best + 1,
             "val_ndcg@10": round(vals[best].get("ndcg@10", float("nan")), 5),
             "val_hr@10": round(vals[best].get("hr@10", float("nan")), 5),

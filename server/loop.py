@@ -396,6 +396,13 @@ class _Federation:
 
         return {"extra": extra, "on_status": on_status}
 
+    def approach(self) -> str:
+        """The approach this run trains, named in every train and release message: a tenant whose run
+        config says auto resolves its own settings for it (``fedrec.client.app.tenant_config``), one that
+        names another approach refuses the message."""
+        assert self.choice is not None, "the approach is resolved before round 1"
+        return self.choice.approach
+
     def head_for(self, nid: int) -> str:
         """The ledger head the server holds for the node's tenant ("" = unknown: send everything)."""
         tenant = self.node_tenant.get(nid)
@@ -569,7 +576,12 @@ class _Federation:
         messages = []
         for nid in self.nodes:
             config = ConfigRecord(
-                {"round": rnd, "model-config": self.model_json, "ledger-head": self.head_for(nid)}
+                {
+                    "round": rnd,
+                    "model-config": self.model_json,
+                    "ledger-head": self.head_for(nid),
+                    "approach": self.approach(),
+                }
             )
             content = RecordDict({"arrays": to_record(self.global_w), "config": config})
             messages.append(
@@ -599,7 +611,11 @@ class _Federation:
             rd.rnd,
             self.global_w,
             self.param_keys,
-            lambda nid: {"model-config": self.model_json, "ledger-head": self.head_for(nid)},
+            lambda nid: {
+                "model-config": self.model_json,
+                "ledger-head": self.head_for(nid),
+                "approach": self.approach(),
+            },
         )
         rd.row["secagg"] = {**self.secure.describe(), "reported": len(res.reports)}
         weights = 0
@@ -681,7 +697,16 @@ class _Federation:
         messages = [
             Message(
                 content=RecordDict(
-                    {"config": ConfigRecord({**conf, "round": rd.rnd, "ledger-head": self.head_for(nid)})}
+                    {
+                        "config": ConfigRecord(
+                            {
+                                **conf,
+                                "round": rd.rnd,
+                                "ledger-head": self.head_for(nid),
+                                "approach": self.approach(),
+                            }
+                        )
+                    }
                 ),
                 message_type=MessageType.TRAIN,
                 dst_node_id=nid,
@@ -803,7 +828,12 @@ class _Federation:
             rd.rnd,
             zeros,
             list(want),
-            lambda nid: {**conf, "model-config": "{}", "ledger-head": self.head_for(nid)},
+            lambda nid: {
+                **conf,
+                "model-config": "{}",
+                "ledger-head": self.head_for(nid),
+                "approach": self.approach(),
+            },
         )
         rd.row["secagg"] = {**self.release_secure.describe(), "reported": len(res.reports)}
         sigmas: list[float] = []
@@ -924,15 +954,30 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     out = Path(cfg.run_dir)
     (out / "ledger").mkdir(parents=True, exist_ok=True)
     fed = _Federation(grid, cfg, out, log)
-    done = fed.restore() if cfg.resume else 0
     expected = cfg.num_tenants or len(fed.tenants) or 1
-    fed.nodes = wait_for_nodes(grid, expected, cfg.node_wait_timeout)
-    users_by_tenant = fed.max_users
-    if cfg.approach == "auto" and cfg.dp:  # ask the tenants for ñ (never the manifests' exact counts)
-        users_by_tenant = query_users(grid, fed.nodes, cfg.round_timeout)
-    threshold = shares_and_threshold(len(fed.nodes))[1] if cfg.secagg and len(fed.nodes) >= 2 else None
-    fed.release_shares = shares_for(cfg, threshold)
-    fed.choice = resolve_approach(cfg, users_by_tenant, fed.catalog.n_items, shares=fed.release_shares)
+    nodes = wait_for_nodes(grid, expected, cfg.node_wait_timeout)
+    threshold = shares_and_threshold(len(nodes))[1] if cfg.secagg and len(nodes) >= 2 else None
+    shares = shares_for(cfg, threshold)
+    choice = read_choice(out) if cfg.resume else None  # a resumed run keeps the approach it started with
+    if choice is None:
+        users_by_tenant = fed.max_users
+        if cfg.approach == "auto" and cfg.dp:  # ask the tenants for ñ (never the manifests' exact counts)
+            users_by_tenant = query_users(grid, nodes, cfg.round_timeout)
+        choice = resolve_approach(
+            cfg,
+            users_by_tenant,
+            fed.catalog.n_items,
+            shares=shares,
+            item_features=bool(fed.catalog.genre_names),
+        )
+        write_choice(out, choice)
+    if cfg.approach == "auto" and choice.approach == "mlp":
+        # the run config with approach mlp, its auto settings resolved again (the DP head under DP): what
+        # every tenant resolves too when the messages name mlp (fedrec.client.app.tenant_config)
+        cfg = cfg.with_approach("mlp")
+        fed = _Federation(grid, cfg, out, log)
+    fed.nodes, fed.release_shares, fed.choice = nodes, shares, choice
+    done = fed.restore() if cfg.resume else 0
     releasing = fed.choice.approach in RELEASE_APPROACHES
     initing = cfg.release_init > 0 and not releasing  # round 1 is the release that initialises the MLP
     n_rounds = release_rounds(fed.choice.approach) if releasing else cfg.planned_rounds()
@@ -1052,6 +1097,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
         log(f"test evaluation: {err}")
     metrics: dict[str, Any] = dict(test)
     metrics["evaluation"] = evaluation_label(cfg)
+    metrics["approach"] = fed.choice.to_json()
     metrics["final_model"] = final
     metrics["dataset"] = {
         "source": "federation",
@@ -1069,7 +1115,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     elif fed.release_secure is not None:
         report["secagg"] = fed.release_secure.describe()
     write_json_atomic(out / "privacy.json", report)
-    write_json_atomic(out / "config.json", {"command": "simulate", "run_config": cfg.to_mapping()})
+    write_json_atomic(out / "config.json", {"command": "simulate", "run_config": cfg.resolved_mapping()})
     _load(fed.model, fed.global_w)
     save_model(
         out,
@@ -1077,12 +1123,29 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
         fed.catalog,
         _sampling(cfg),
         run_id=cfg.run_name,
-        extra={"run_config": cfg.to_mapping()},
+        extra={"run_config": cfg.resolved_mapping()},
     )
     from fedrec.server.plots import plot_run
 
     plot_run(out)
     return metrics
+
+
+CHOICE_FILE = "approach.json"
+
+
+def write_choice(out: Path, choice: ApproachChoice) -> None:
+    """The approach picked at round 0 (``checkpoint/approach.json``), before any tenant is charged for it."""
+    (out / "checkpoint").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "checkpoint" / CHOICE_FILE, choice.to_json())
+
+
+def read_choice(out: Path) -> ApproachChoice | None:
+    """The approach an interrupted run picked, or None (it had not picked one yet)."""
+    path = out / "checkpoint" / CHOICE_FILE
+    if not path.is_file():
+        return None
+    return ApproachChoice.from_json(json.loads(path.read_text(encoding="utf-8")))
 
 
 def _write_lines_atomic(path: Path, lines: list[str]) -> None:

@@ -68,6 +68,33 @@ AUTO_COHORT: dict[str, Any] = {
 #: Poisson rate of a cohort round when cohort-rate is auto (0).
 AUTO_COHORT_RATE = 0.5
 
+#: ``release-init`` when not given: the DP head below under DP with approach mlp (dp-mode local-steps), off
+#: (0) everywhere else. An explicit value always wins; 0 is off.
+AUTO_RELEASE_INIT = -1.0
+#: The DP-SGD head (docs/FEDERATION.md, "a DP-SGD head that beats DP popularity on validation"): what
+#: approach mlp under DP (dp-mode local-steps) trains when release-init is not given. Round 1 spends 0.9 of
+#: each tenant's ε on a DP popularity release (the model's fixed prior) with the public genre vectors as
+#: the frozen item table; DP-SGD then trains only a learned weight on the dot term, with negatives drawn
+#: from the prior, at lr 0.3 and clipping bound 0.05. Chosen on validation (ml-100k and synthetic); plain
+#: DP-SGD of the whole MLP is at random level there. Each key applies only where it was not given.
+AUTO_HEAD: dict[str, Any] = {
+    "release_init": 0.9,
+    "release_init_items": "genres",
+    "release_init_pop": 1.0,
+    "dot_mix": 0.0,
+    "dp_train": "mix",
+    "prior_negatives": True,
+    "lr": 0.3,
+    "max_grad_norm": 0.05,
+}
+#: What the head's keys resolve to when the head does not apply (their meaning before the head existed).
+AUTO_NO_HEAD: dict[str, Any] = {
+    "release_init": 0.0,
+    "release_init_items": "eigen",
+    "release_init_pop": 0.5,
+    "max_grad_norm": 1.0,
+}
+
 #: What a run trains: DP-SGD rounds of the MLP, or one DP item release fitted by the server; ``auto``
 #: lets the server pick from public facts (``fedrec.shared_model.choose``).
 APPROACHES: tuple[str, ...] = ("mlp", "dp_ease", "dp_popularity", "dp_two_stage", "auto")
@@ -93,10 +120,10 @@ class RunConfig:
     delta: float = 1e-5  # δ; must be < 1/users of every tenant
     caps: str = ""  # per-tenant caps overriding epsilon, e.g. "tenant-0=3,tenant-2=1"
     accountant: str = "prv"  # prv | rdp (never gdp for the ledger)
-    max_grad_norm: float = 1.0  # per-user clipping bound C
+    max_grad_norm: float = 0.0  # per-user clipping bound C (0: auto, 0.05 for the DP head, else 1.0)
     local_epochs: float = 0.0  # expected passes over a tenant's users per round (0: auto)
     batch_users: int = 64  # expected users per DP step (Poisson rate q = 1/ceil(n/batch))
-    lr: float = 0.0  # local Adam learning rate (0: auto)
+    lr: float = 0.0  # local Adam learning rate (0: auto; 0.3 for the DP head)
     dim: int = 32  # embedding width
     hidden: str = "64,32"  # MLP hidden widths
     max_history: int = 50  # history items per training example
@@ -129,18 +156,23 @@ class RunConfig:
     final_model: str = "auto"  # auto | best-val (best federated validation NDCG@10) | last
     # share s of each tenant's ε spent on one item release that initialises the MLP (round 1; the
     # DP-SGD rounds get the rest); 0 = off. Approach mlp only (fedrec.server.release_init).
-    release_init: float = 0.0
+    # -1 (AUTO_RELEASE_INIT, the default): the DP head (AUTO_HEAD) under DP with approach mlp and dp-mode
+    # local-steps, else off
+    release_init: float = AUTO_RELEASE_INIT
     # what the release-init model is built from (fedrec.server.release_init): the frozen item table
     # (eigen = the release's EigenGram vectors | genres = public genre vectors, no ε | genres+eigen |
     # text = public title embeddings of a bundled sentence model, no ε | genres+text), the
     # release's popularity share ρ (1: popularity only, all of it on the prior), a learned weight on the
     # dot term started at dot-mix (< 0: off, weight fixed at 1), and the modules DP-SGD trains
     # (comma list of mix, mlp, genre_proj, user_feats, hour_emb, weekday_emb; "" = all but the frozen table).
-    release_init_items: str = "eigen"
+    # "auto"/0: the DP head's values (AUTO_HEAD) when release-init is auto and resolves to the head, else
+    # eigen / 0.5. dot-mix, dp-train and prior-negatives left at their defaults (-1, "", false) take the
+    # head's values (0, "mix", true) when the head applies; an explicit release-init keeps them as given.
+    release_init_items: str = "auto"
     # public item titles for release-init-items text / genres+text: a CSV with an item (or movieId) and a
     # title column; "" = the catalogue's own titles (fedrec.shared_model.item_text)
     item_titles: str = ""
-    release_init_pop: float = 0.5
+    release_init_pop: float = 0.0
     dot_mix: float = -1.0
     dp_train: str = ""
     # release-init: draw training negatives from the DP prior (exp(prior)) so DP-SGD learns what the user's
@@ -157,6 +189,9 @@ class RunConfig:
     fault_adversary: str = ""  # "tenant-0:nan|inf|scale=F|signflip|shape|dtype|keys|users=N,…"
 
     def __post_init__(self) -> None:
+        # the settings as given, auto values included: what to_mapping() hands on, so that the server and
+        # every tenant resolve the same auto settings the same way (also after auto picks an approach)
+        object.__setattr__(self, "_given", {f.name: getattr(self, f.name) for f in fields(self)})
         if self.dp_mode not in DP_MODES:
             raise FedrecError(f"dp-mode must be one of {', '.join(DP_MODES)}, got {self.dp_mode!r}")
         if self.dp_mode == "cohort" and not self.dp:
@@ -257,8 +292,45 @@ class RunConfig:
                 "SecAgg+ the server sees only their sum; use fedavg with secagg"
             )
 
+    def head_applies(self) -> bool:
+        """Whether the auto release-init resolves to the DP head: DP, approach mlp, dp-mode local-steps."""
+        return self.dp and self.approach == "mlp" and self.dp_mode == "local-steps"
+
+    def _resolve_head(self) -> None:
+        """The DP head's keys (AUTO_HEAD) where release-init is auto and the head applies; else each auto
+        key's previous plain value (AUTO_NO_HEAD). An explicit value always wins."""
+        set_ = object.__setattr__
+        head = self.release_init == AUTO_RELEASE_INIT and self.head_applies()
+        if self.release_init == AUTO_RELEASE_INIT:
+            set_(self, "release_init", AUTO_HEAD["release_init"] if head else 0.0)
+        if self.release_init_items == "auto":
+            set_(self, "release_init_items", AUTO_HEAD["release_init_items"] if head else "eigen")
+        if self.release_init_pop == 0:
+            pop_only = self.release_init_items in ("genres", "text", "genres+text")  # no Gram part needed
+            set_(self, "release_init_pop", AUTO_HEAD["release_init_pop"] if head and pop_only else 0.5)
+        if head:
+            if self.dot_mix == -1.0:
+                set_(self, "dot_mix", AUTO_HEAD["dot_mix"])
+            if self.dp_train == "" and self.dot_mix >= 0:
+                set_(self, "dp_train", AUTO_HEAD["dp_train"])
+            if self.prior_negatives is False:
+                set_(self, "prior_negatives", AUTO_HEAD["prior_negatives"])
+            for name in ("lr", "max_grad_norm"):
+                if getattr(self, name) == 0:
+                    set_(self, name, AUTO_HEAD[name])
+        if self.max_grad_norm == 0:
+            set_(self, "max_grad_norm", AUTO_NO_HEAD["max_grad_norm"])
+
+    def with_approach(self, approach: str) -> RunConfig:
+        """This run config with ``approach`` named instead of ``auto``, every auto setting resolved again
+        from the settings as given (so approach mlp under DP gets the DP head, ``AUTO_HEAD``)."""
+        if self.approach != "auto" or approach == "auto":
+            raise FedrecError(f"only approach auto is resolved to another approach, got {self.approach!r}")
+        return RunConfig.from_mapping({**self.to_mapping(), "approach": approach})
+
     def _resolve_auto(self) -> None:
         """Replace every auto setting (0 or "auto") by its value for this run's DP mode (AUTO_*)."""
+        self._resolve_head()
         auto = (AUTO_COHORT if self.dp_mode == "cohort" else AUTO_DP) if self.dp else AUTO_NO_DP
         if self.dp_mode == "cohort" and self.cohort_rate == 0:
             object.__setattr__(self, "cohort_rate", AUTO_COHORT_RATE)
@@ -281,7 +353,13 @@ class RunConfig:
         return cls(**kwargs)
 
     def to_mapping(self) -> dict[str, Any]:
-        """kebab-case scalars, as Flower's run_config holds them."""
+        """kebab-case scalars, as Flower's run_config holds them: the settings as given (auto values
+        unresolved), so ``from_mapping(cfg.to_mapping()) == cfg``."""
+        given: dict[str, Any] = getattr(self, "_given")  # noqa: B009 (set in __post_init__)
+        return {f.name.replace("_", "-"): given[f.name] for f in fields(self)}
+
+    def resolved_mapping(self) -> dict[str, Any]:
+        """kebab-case scalars with every auto setting resolved: what the run used (config.json)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
     def hidden_sizes(self) -> tuple[int, ...]:

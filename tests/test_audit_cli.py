@@ -46,6 +46,8 @@ def simulate(out: Path, *extra: str) -> Path:
         "simulate",
         "--approach",
         "mlp",  # the canary experiment replays DP-SGD
+        "--release-init",
+        "0",  # of the whole MLP, not the DP head (one trained weight)
         "--tenants",
         "2",
         "--rounds",

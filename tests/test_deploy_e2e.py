@@ -250,6 +250,7 @@ def deployed(cluster: Cluster) -> Cluster:
             str(c.fed / "catalog.json"), "--max-users", str(USERS), "--rounds", str(ROUNDS),
             "--run-name", "r1",
             "--epsilon", str(EPSILON), "--set", "batch-users=32", "--set", "round-timeout=300.0",
+            "--set", "release-init=0.0",  # plain DP-SGD rounds (approach mlp under DP trains the DP head)
             "--set", "node-wait-timeout=60.0", "--set", "eval-every=2", "--wait",
             "--timeout", str(RUN_TIMEOUT),
             timeout=RUN_TIMEOUT + 120,
@@ -394,6 +395,7 @@ def test_restarted_supernode_and_superlink_keep_runs_ledger_and_spent_epsilon(de
             "deploy", "launch", str(c.dep.root), "--run-dir", str(c.root / "run"), "--catalog",
             str(c.fed / "catalog.json"), "--max-users", str(USERS), "--rounds", str(ROUNDS + 1),
             "--run-name", "r1", "--epsilon", str(EPSILON), "--set", "batch-users=32", "--set", "resume=true",
+            "--set", "release-init=0.0",
             "--set", "secagg=false", "--set", "round-timeout=300.0", "--set", "node-wait-timeout=60.0",
             "--wait", "--timeout", str(RUN_TIMEOUT), timeout=RUN_TIMEOUT + 120,
         )

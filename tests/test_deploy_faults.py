@@ -216,6 +216,7 @@ def launch(c: FaultCluster, run_dir: Path, run_name: str, *extra: str) -> int:
             "--run-name", run_name, "--epsilon", str(EPSILON), "--set", "batch-users=32",
             "--set", f"round-timeout={ROUND_TIMEOUT}", "--set", "node-wait-timeout=180.0",
             "--set", "min-tenants=1",
+            "--set", "release-init=0.0",  # plain DP-SGD rounds (approach mlp under DP trains the DP head)
             "--set", f"eval-every={ROUNDS}", *extra,
         )
     )  # fmt: skip

@@ -208,9 +208,9 @@ def test_genre_release_init_trains_the_head_and_the_ledger_charges_both_stages(
         ({"release_init": 0.5, "dp_train": "item_emb"}, "unknown module"),
         ({"release_init": 0.5, "release_init_items": "words"}, "release-init-items must be"),
         ({"release_init": 0.5, "release_init_pop": 1.0}, "needs a Gram part"),
-        ({"release_init": 0.5, "release_init_pop": 0.0}, r"release-init-pop must be in \(0, 1\]"),
-        ({"dot_mix": 1.0}, "need release-init > 0"),
-        ({"prior_negatives": True}, "need release-init > 0"),
+        ({"release_init": 0.5, "release_init_pop": -0.5}, r"release-init-pop must be in \(0, 1\]"),
+        ({"release_init": 0.0, "dot_mix": 1.0}, "need release-init > 0"),
+        ({"release_init": 0.0, "prior_negatives": True}, "need release-init > 0"),
     ],
 )
 def test_head_settings_are_checked(kwargs: dict[str, object], match: str) -> None:

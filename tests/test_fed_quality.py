@@ -65,15 +65,17 @@ def test_fedadam_step_matches_the_hand_computed_update_and_restores() -> None:
 
 # ---------------------------------------------------------------- auto recipe
 def test_auto_settings_resolve_by_dp_mode_and_explicit_values_win() -> None:
-    plain, private = RunConfig(dp=False), RunConfig()
+    # release-init 0: plain DP-SGD (approach mlp under DP otherwise trains the DP head, whose lr is 0.3)
+    plain, private = RunConfig(dp=False), RunConfig(release_init=0.0)
     for name, value in AUTO_NO_DP.items():
         assert getattr(plain, name) == value, name
     for name, value in AUTO_DP.items():
         assert getattr(private, name) == value, name
+    assert RunConfig().lr == 0.3 and RunConfig().num_server_rounds == AUTO_DP["num_server_rounds"]
     assert plain.server_lr == 1.0 and RunConfig(dp=False, server_opt="fedadam").server_lr == 0.01
     mine = RunConfig(dp=False, num_server_rounds=2, local_epochs=1.5, lr=1e-3, server_opt="fedavg")
     assert (mine.num_server_rounds, mine.local_epochs, mine.lr, mine.server_opt) == (2, 1.5, 1e-3, "fedavg")
-    # The resolved mapping round-trips (a resumed run and the tenants read the same recipe).
+    # The mapping (settings as given) round-trips (a resumed run and the tenants read the same recipe).
     assert RunConfig.from_mapping(plain.to_mapping()) == plain
     for bad, match in (
         ({"server_opt": "sgd"}, "server-opt must be auto or one of"),

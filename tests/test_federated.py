@@ -36,7 +36,10 @@ def catalog_of(fed: Path) -> Catalog:
 
 
 def run_cfg(fed: Path, **kw: object) -> RunConfig:
-    base = dict(fed_dir=str(fed), run_name="t", batch_users=32, num_server_rounds=2, epsilon=4.0)
+    # release-init 0: plain DP-SGD of the whole MLP (approach mlp under DP otherwise trains the DP head)
+    base = dict(
+        fed_dir=str(fed), run_name="t", batch_users=32, num_server_rounds=2, epsilon=4.0, release_init=0.0
+    )
     base.update(kw)
     return RunConfig(**base)  # type: ignore[arg-type]
 

@@ -96,6 +96,7 @@ def test_resume_after_a_kill_gives_valid_ledgers_and_the_same_rounds(
 ) -> None:
     run = tmp_path / "run"
     cfg = RunConfig(
+        release_init=0.0,  # plain DP-SGD rounds (the DP head adds a release round 1)
         fed_dir=str(fed),
         run_dir=str(run),
         run_name=f"kill{kill}",
@@ -131,7 +132,8 @@ def test_kill_9_of_fedrec_simulate_then_resume(fed: Path, tmp_path: Path) -> Non
     cleanly within its timeout and the run go on."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedrec", "simulate", "--federation", str(fed)]
-    args = ["--approach", "mlp", "--rounds", str(ROUNDS), "--epsilon", "6", "--batch-users", "32", "--secagg"]
+    args = ["--approach", "mlp", "--release-init", "0", "--rounds", str(ROUNDS), "--epsilon", "6"]
+    args += ["--batch-users", "32", "--secagg"]
     args += ["--crash", "tenant-1@2", "--round-timeout", "120", "--out", str(out)]
     proc = subprocess.Popen(
         [*cmd, *args],
@@ -183,6 +185,7 @@ def test_a_last_round_charged_whose_reply_was_lost_reaches_the_servers_copy_at_e
     must bring the entry — the server's copy equals the tenant's own, and privacy.json says the ε spent."""
     run = tmp_path / "run"
     cfg = RunConfig(
+        release_init=0.0,  # plain DP-SGD rounds (the DP head adds a release round 1)
         fed_dir=str(fed),
         run_dir=str(run),
         run_name="lost-last",
@@ -250,6 +253,7 @@ def test_a_partner_whose_state_dir_is_read_only_refuses_to_train_and_says_so(
     from fedrec.shared_model.model import HistoryMLP
 
     cfg = RunConfig(
+        release_init=0.0,  # plain DP-SGD rounds (the DP head adds a release round 1)
         fed_dir=str(fed), run_dir=str(tmp_path / "run"), run_name="readonly", num_server_rounds=3,
         num_tenants=TENANTS, epsilon=6.0, batch_users=32, accountant="rdp",
     )  # fmt: skip
@@ -287,6 +291,7 @@ def test_a_state_dir_read_only_before_the_first_round_is_refused_not_an_error(
     from fedrec.shared_model.model import HistoryMLP
 
     cfg = RunConfig(
+        release_init=0.0,  # plain DP-SGD rounds (the DP head adds a release round 1)
         fed_dir=str(fed), run_dir=str(tmp_path / "run"), run_name=f"readonly-first-{next_round}",
         num_server_rounds=2, num_tenants=TENANTS, epsilon=6.0, batch_users=32, accountant="rdp",
     )  # fmt: skip

@@ -39,6 +39,8 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "simulate",
             "--approach",
             "mlp",  # DP-SGD rounds (the item release has its own e2e test in test_release.py)
+            "--release-init",
+            "0",  # plain DP-SGD of the whole MLP (the DP head is tests/test_auto_head.py's)
             "--federation",
             str(fed),
             "--rounds",

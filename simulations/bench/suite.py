@@ -432,6 +432,7 @@ def sim_run_config(setup: SimSetup, fed_dir: Any, run_dir: Any, run_name: str) -
         server_opt="fedavg",
         final_model="last",
         max_update_norm=20.0,
+        release_init=0.0,  # plain DP-SGD of the whole MLP, not the DP head (one trained scalar)
     )
     return RunConfig.from_mapping(
         {

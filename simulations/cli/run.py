@@ -138,14 +138,26 @@ def simulate(
     ] = 64,
     lr: Annotated[
         float | None,
-        typer.Option("--lr", help="Local Adam learning rate [auto: 3e-3 with DP, 0.01 with --no-dp]."),
+        typer.Option(
+            "--lr",
+            help="Local Adam learning rate [auto: 0.3 for the DP head of --approach mlp, else 3e-3 with DP, "
+            "0.01 with --no-dp].",
+        ),
     ] = None,
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Per-user clipping bound C.")] = 1.0,
+    max_grad_norm: Annotated[
+        float | None,
+        typer.Option(
+            "--max-grad-norm", help="Per-user clipping bound C [auto: 0.05 for the DP head, else 1]."
+        ),
+    ] = None,
     approach: Annotated[
         str,
         typer.Option(
             "--approach",
-            help="auto (pick from tenant sizes and ε, docs/PRIVACY_UTILITY.md) | mlp (DP-SGD rounds) | "
+            help="auto (pick from tenant sizes, ε and the noise mode: DP-EASE where enough users share the "
+            "noise, else the DP MLP head where the catalogue has genres and the noise is local, else DP "
+            "popularity; docs/FEDERATION.md) | mlp (DP-SGD rounds; under DP the head recipe unless "
+            "--release-init is given) | "
             "dp_ease | dp_popularity (one DP item release per tenant; --rounds does not apply) | "
             "dp_two_stage (catalogues above --gram-limit: a DP popularity release selects the top "
             "--gram-limit items, DP-EASE on their Gram; two releases, --select-share of the μ² budget on the first).",
@@ -185,22 +197,26 @@ def simulate(
         ),
     ] = "exact",
     release_init: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--release-init",
             help="With --approach mlp: spend this share of each tenant's ε on one item release (round 1) "
-            "that initialises the MLP's prior and frozen item embeddings; DP-SGD gets the rest [0: off].",
+            "that initialises the MLP's prior and frozen item embeddings; DP-SGD gets the rest. 0: off "
+            "(plain DP-SGD of the whole MLP). [auto: the DP head under DP with --dp-mode local-steps — "
+            "0.9, genres, --release-init-pop 1, --dot-mix 0, --dp-train mix, --prior-negatives, --lr 0.3, "
+            "--max-grad-norm 0.05, each unless given; else 0].",
         ),
-    ] = 0.0,
+    ] = None,
     release_init_items: Annotated[
         str,
         typer.Option(
             "--release-init-items",
             help="With --release-init: the frozen item table: eigen (the release's EigenGram vectors) | "
             "genres (public genre vectors, no ε) | genres+eigen | text (public title embeddings of a "
-            "bundled sentence model, no ε; needs fedrec[text]) | genres+text.",
+            "bundled sentence model, no ε; needs fedrec[text]) | genres+text [auto: genres for the DP "
+            "head, else eigen].",
         ),
-    ] = "eigen",
+    ] = "auto",
     item_titles: Annotated[
         str,
         typer.Option(
@@ -210,13 +226,13 @@ def simulate(
         ),
     ] = "",
     release_init_pop: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--release-init-pop",
             help="With --release-init: the release's popularity share ρ (1 = popularity only; needs "
-            "--release-init-items genres, text or genres+text).",
+            "--release-init-items genres, text or genres+text) [auto: 1 for the DP head, else 0.5].",
         ),
-    ] = 0.5,
+    ] = None,
     dot_mix: Annotated[
         float,
         typer.Option(
@@ -337,7 +353,7 @@ def simulate(
     ] = None,
 ) -> None:
     """Multi-tenant federated training with user-level DP (Flower simulation, one node per tenant)."""
-    from fedrec.shared_model.runconfig import RunConfig
+    from fedrec.shared_model.runconfig import AUTO_RELEASE_INIT, RunConfig
     from fedrec.simulations.driver.rundir import check_out_dir
     from fedrec.simulations.driver.simulate import resume as resume_run
     from fedrec.simulations.driver.simulate import simulate as run
@@ -375,7 +391,7 @@ def simulate(
         local_epochs=local_epochs or 0.0,
         batch_users=batch_users,
         lr=lr or 0.0,
-        max_grad_norm=max_grad_norm,
+        max_grad_norm=max_grad_norm or 0.0,
         seed=seed,
         approach=approach.strip().replace("-", "_"),
         gram_limit=RunConfig.gram_limit if gram_limit is None else gram_limit,
@@ -383,10 +399,10 @@ def simulate(
         if select_rule is None
         else select_rule,
         select_share=select_share,
-        release_init=release_init,
+        release_init=AUTO_RELEASE_INIT if release_init is None else release_init,
         release_init_items=release_init_items.strip(),
         item_titles=item_titles.strip(),
-        release_init_pop=release_init_pop,
+        release_init_pop=release_init_pop or 0.0,
         dot_mix=dot_mix,
         dp_train=dp_train.strip(),
         prior_negatives=prior_negatives,
