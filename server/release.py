@@ -165,8 +165,12 @@ def resolve_approach(
                 f"asked for: the DP MLP head (release-init: {cfg.release_init:g} of ε on an item release "
                 f"as the prior, item table {cfg.release_init_items}, then DP-SGD rounds)"
             )
-        if cfg.approach == "mlp":  # DP-SGD: each tenant adds its own noise, SecAgg+ or not
-            return ApproachChoice("mlp", why, "local" if cfg.dp else "none")
+        if cfg.approach == "mlp":
+            # DP-SGD: local steps carry each tenant's own noise, SecAgg+ or not; cohort steps (and the
+            # release-init round) split it into shares under SecAgg+, like the release approaches
+            return ApproachChoice(
+                "mlp", why, mode if cfg.dp_mode == "cohort" else ("local" if cfg.dp else "none")
+            )
         return ApproachChoice(cfg.approach, why, mode)
     if not cfg.dp:
         return ApproachChoice(

@@ -158,6 +158,9 @@ def test_auto_picks_by_users_per_noise_and_never_releases_a_gram_without_dp() ->
     assert resolve_approach(RunConfig(approach="auto", dp=False), {"a": 10**6}, 300).approach == "mlp"
     mlp = resolve_approach(RunConfig(approach="mlp", secagg=True), {"a": 10, "b": 10}, 300, shares=2)
     assert mlp.approach == "mlp" and mlp.noise_mode == "local", "DP-SGD noise is each tenant's own"
+    coh = RunConfig(approach="mlp", secagg=True, dp_mode="cohort")
+    assert resolve_approach(coh, {"a": 10, "b": 10}, 300, shares=2).noise_mode == "distributed"  # shares
+    assert resolve_approach(coh, {"a": 10, "b": 10}, 300, shares=1).noise_mode == "local"  # in the clear
     huge = resolve_approach(cfg, {"a": 10**6}, gram.MAX_GRAM_ITEMS + 1)
     assert huge.approach == "dp_two_stage" and "above the gram-limit" in huge.reason
     assert "by the M rule from the stage-1 release" in huge.reason and "at most 4000" in huge.reason
