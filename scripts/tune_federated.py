@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedrec.client.app import app
@@ -100,6 +102,9 @@ def main() -> None:
             "final": m.get("final_model"),
             "seconds": round(time.perf_counter() - t0, 1),
         }
+        state = torch.load(root / "run" / "model.pt", weights_only=True)
+        if "mix.weight" in state:  # the learned weight of the head's dot term
+            row["mix"] = round(float(state["mix.weight"].flatten()[0]), 4)
         if cfg.dp:  # DP popularity at the same caps, as `fedrec simulate` reports it
             f = open_federation(fed)
             base = baselines(f, load_tenant_splits(f), cfg)

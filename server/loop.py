@@ -54,10 +54,10 @@ from fedrec.server.release import (
     two_stage_size,
 )
 from fedrec.server.release_init import (
-    init_from_release,
     init_model_config,
     init_problem,
     init_shapes,
+    init_tables_from_release,
     public_item_text,
 )
 from fedrec.server.secagg import SecureAggregator, reply_node, shares_and_threshold
@@ -317,6 +317,7 @@ class _Federation:
                 dot_mix=cfg.dot_mix if cfg.dot_mix >= 0 else None,
                 trainable=cfg.train_modules(),
                 prior_negatives=cfg.prior_negatives,
+                candidate_table=cfg.release_init_items == "ease",
             )
         # public title embeddings for release-init-items text (None otherwise); read before round 1 so a
         # missing titles file or model package stops the run before any tenant is charged
@@ -767,7 +768,7 @@ class _Federation:
             )
         sigma_sum = sum_noise(sigmas, shares) if self.cfg.dp else 0.0
         t0 = time.perf_counter()
-        emb, prior, facts = init_from_release(
+        tables = init_tables_from_release(
             total,
             n_items=self.catalog.n_items,
             users=users,
@@ -781,9 +782,12 @@ class _Federation:
         model = self.model
         assert isinstance(model, HistoryMLP)
         _load(model, self.global_w)
-        model.set_item_embeddings(emb)
-        model.set_prior(prior)
+        model.set_item_embeddings(tables.emb)
+        model.set_prior(tables.prior)
+        if tables.candidate is not None:
+            model.set_candidate_delta(tables.candidate)
         self.global_w = state_weights(model)
+        facts = tables.facts
         rd.row["aggregated"] = len(rd.contributors)
         rd.row["release_init"] = {
             "share": self.cfg.release_init,

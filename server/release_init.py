@@ -21,7 +21,7 @@ Nothing here sees a user: the inputs are the summed release and the public noise
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from fedrec.server.release import release_problem
 from fedrec.shared_model import item_text
 from fedrec.shared_model.codec import Weights
 from fedrec.shared_model.data import Catalog
-from fedrec.shared_model.dp_item import DPEASERule, EigenGram
+from fedrec.shared_model.dp_item import DPEASERule, EigenGram, _shrink
 from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.model import ModelConfig
 from fedrec.shared_model.priors import log_prior
@@ -46,9 +46,21 @@ EMB_NORM = 1.0
 
 
 #: Where the frozen item table comes from: the release's EigenGram vectors (DP, post-processing), the
-#: public genres (no ε), the public title-text embeddings (``fedrec.shared_model.item_text``, no ε), or
-#: blocks side by side in the order named (genres first; each later block fills the width left).
-ITEM_SOURCES: tuple[str, ...] = ("eigen", "genres", "genres+eigen", "text", "genres+text")
+#: public genres (no ε), the public title-text embeddings (``fedrec.shared_model.item_text``, no ε),
+#: blocks side by side in the order named (genres first; each later block fills the width left), or
+#: ``ease``: DP-EASE's item–item model of the same release written as two frozen tables
+#: (:func:`ease_tables`; the model needs ``cand_table``).
+ITEM_SOURCES: tuple[str, ...] = ("eigen", "genres", "genres+eigen", "text", "genres+text", "ease")
+
+
+@dataclass
+class InitTables:
+    """What the global model gets from the summed release (post-processing, no ε)."""
+
+    emb: np.ndarray  # (n, dim) float32: the frozen item table (history and candidate side)
+    prior: np.ndarray  # (n,) float32: the fixed per-item log-prior
+    facts: dict[str, Any]  # JSON facts for rounds.jsonl
+    candidate: np.ndarray | None = None  # (n, dim) float32: the candidate-side table (``ease`` only)
 
 
 def init_model_config(
@@ -57,6 +69,7 @@ def init_model_config(
     dot_mix: float | None = None,
     trainable: tuple[str, ...] = (),
     prior_negatives: bool = False,
+    candidate_table: bool = False,
 ) -> ModelConfig:
     """The MLP trained on top of the release: fixed prior, frozen item table, no item bias, output at 0.
 
@@ -64,6 +77,7 @@ def init_model_config(
     and context embeddings started at 0 (the model then starts at prior + dot_mix · u·v).
     ``trainable``: the only modules DP-SGD trains (the rest keep their initial values).
     ``prior_negatives``: training negatives drawn from the DP prior (``ModelConfig.prior_negatives``).
+    ``candidate_table``: a frozen candidate-side table too (``ModelConfig.cand_table``; the ``ease`` table).
     """
     return replace(
         base,
@@ -75,6 +89,7 @@ def init_model_config(
         zero_init_side=dot_mix is not None,
         trainable=trainable,
         prior_negatives=prior_negatives,
+        cand_table=candidate_table,
     )
 
 
@@ -109,6 +124,107 @@ def genre_embeddings(genres: np.ndarray, dim: int) -> np.ndarray:
     return emb
 
 
+def ease_tables(
+    gram_sum: np.ndarray, *, users: int, offdiag_std: float, diag_std: float, dim: int, rule: DPEASERule
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """DP-EASE's model of a (noisy, summed) Gram as frozen tables: (support items, history rows h (M, k),
+    candidate scales a (M,), facts), k ≤ ``dim``.
+
+    DP-EASE (``fedrec.shared_model.dp_item.DPEASE``, denoised) keeps the eigencomponents (v_k, η_k) of the
+    support's Gram above the noise edge, shrunk, and solves EASE with ridge λ: P = (Ĝ + λI)⁻¹ =
+    (I − Σ_k c_k v_k v_kᵀ)/λ with c_k = η_k/(η_k + λ), and B_ij = −P_ij/P_jj. So for i ≠ j
+
+        B_ij = h_i·h_j · a_j,   h_i = (√c_k · v_ik)_k,   a_j = 1 / (1 − Σ_k c_k v_jk²)
+
+    — a dot product of one table, times a per-candidate scale. The model reads it as a history table h
+    and a candidate table a_j·h_j (``ModelConfig.cand_table``): its dot term is then the EASE score of
+    the user's history over n (it averages the history), exactly when every kept component fits in
+    ``dim`` (else the top ``dim`` by c_k, with a_j still from all of them). Both are scaled by one α
+    so that the mean self-affinity a_j·‖αh_j‖² over the support is 1 (the learned weight on the dot
+    term then starts on the scale of the EigenGram table's). Without noise (``offdiag_std`` 0) every
+    component with η > 0 is kept: plain EASE.
+    """
+    support = rule.support(np.diag(gram_sum), diag_std)
+    m = len(support)
+    a = gram_sum[np.ix_(support, support)].astype(np.float64)
+    vals, vecs = np.linalg.eigh(0.5 * (a + a.T))  # ascending
+    lam = rule.lam_per_user * max(users, 1)
+    if offdiag_std > 0:
+        keep = vals > 2.0 * offdiag_std * math.sqrt(m)
+        eta = _shrink(vals[keep], offdiag_std * math.sqrt(m), "soft")
+    else:
+        keep = vals > 0
+        eta = vals[keep]
+    v = vecs[:, keep]  # (M, K)
+    c = eta / (eta + lam)  # (K,) ascending with η
+    scale = 1.0 / np.maximum(1.0 - (v * v) @ c, 1e-12)  # (M,) a_j = λ P_jj⁻¹
+    k = min(dim, v.shape[1])
+    h = v[:, v.shape[1] - k :] * np.sqrt(c[v.shape[1] - k :])[None, :]  # the top k
+    self_aff = float((scale * (h * h).sum(1)).mean()) if k else 0.0
+    if self_aff > 0:
+        h = h / math.sqrt(self_aff)
+    facts = {
+        "components": int(keep.sum()),
+        "used": int(k),
+        "support": int(m),
+        "lam": round(lam, 6),
+        "candidate_scale_max": round(float(scale.max()) if m else 0.0, 4),
+    }
+    return support, h, scale, facts
+
+
+def init_tables_from_release(
+    total: dict[str, np.ndarray],
+    *,
+    n_items: int,
+    users: int,
+    sigma_sum: float,
+    dim: int,
+    pop_share: float = POP_SHARE,
+    source: str = "eigen",
+    genres: np.ndarray | None = None,
+    text: np.ndarray | None = None,
+) -> InitTables:
+    """:func:`init_from_release` with the candidate-side table of the ``ease`` source."""
+    if source != "ease":
+        emb, prior, facts = init_from_release(
+            total,
+            n_items=n_items,
+            users=users,
+            sigma_sum=sigma_sum,
+            dim=dim,
+            pop_share=pop_share,
+            source=source,
+            genres=genres,
+            text=text,
+        )
+        return InitTables(emb, prior, facts)
+    if pop_share <= 0 or pop_share >= 1:
+        raise FedrecError(
+            "release-init item table 'ease' needs a popularity and a Gram part (0 < pop share < 1)"
+        )
+    noise = gram.ReleaseNoise(sigma=sigma_sum, pop_share=pop_share)
+    prior = log_prior(
+        np.asarray(total["popularity"], dtype=np.float64), noise.pop_std() if sigma_sum > 0 else 0.0
+    ) + math.log(n_items / SamplingConfig().negatives)
+    g = gram.unpack_gram(np.asarray(total["gram"], dtype=np.float64), n_items)
+    support, h, scale, facts = ease_tables(
+        g,
+        users=users,
+        offdiag_std=noise.offdiag_std() if sigma_sum > 0 else 0.0,
+        diag_std=noise.diag_std() if sigma_sum > 0 else 0.0,
+        dim=dim,
+        rule=DPEASERule(),
+    )
+    emb = np.zeros((n_items, dim), dtype=np.float64)
+    cand = np.zeros((n_items, dim), dtype=np.float64)
+    emb[support, : h.shape[1]] = h
+    cand[support, : h.shape[1]] = (scale - 1.0)[:, None] * h  # candidate vector = a_j · h_j
+    return InitTables(
+        emb.astype(np.float32), prior.astype(np.float32), {"source": source, **facts}, cand.astype(np.float32)
+    )
+
+
 def init_from_release(
     total: dict[str, np.ndarray],
     *,
@@ -129,6 +245,10 @@ def init_from_release(
     """
     if source not in ITEM_SOURCES:
         raise FedrecError(f"release-init item table must be one of {', '.join(ITEM_SOURCES)}, got {source!r}")
+    if source == "ease":
+        raise FedrecError(
+            "release-init item table 'ease' has a candidate table: use init_tables_from_release"
+        )
     if pop_share <= 0:
         raise FedrecError("the initialising release needs a popularity part (pop share > 0) for the prior")
     noise = gram.ReleaseNoise(sigma=sigma_sum, pop_share=pop_share)

@@ -56,6 +56,11 @@ class ModelConfig:
     # explains nothing in training, so while training the logit leaves it out and the rest learns the
     # log-odds of the user's items against prior-popular ones — the part ranking adds to the prior.
     prior_negatives: bool = False
+    # A frozen candidate-side table (buffer ``cand_delta`` (N+1, d), set by set_candidate_delta) added to
+    # each candidate's vector, not to the history's: the dot term becomes u·(v_j + c_j), an ASYMMETRIC
+    # item–item model. The release-init EASE table needs it (EASE's B_ij = h_i·h_j / (1 − ‖h_j‖²): the
+    # per-candidate scale is c_j = (a_j − 1)·h_j; fedrec.server.release_init).
+    cand_table: bool = False
 
     def __post_init__(self) -> None:
         if self.n_items < 1:
@@ -186,6 +191,11 @@ class HistoryMLP(nn.Module):
             self.register_buffer("prior", torch.zeros(cfg.n_items + 1))  # (N+1,) row n_items = padding
         else:
             self.prior = None
+        self.cand_delta: torch.Tensor | None
+        if cfg.cand_table:
+            self.register_buffer("cand_delta", torch.zeros(cfg.n_items + 1, d))  # row n_items = padding
+        else:
+            self.cand_delta = None
 
     # ------------------------------------------------------------------ DP-stage inputs
     def set_prior(self, prior: np.ndarray) -> None:
@@ -201,6 +211,14 @@ class HistoryMLP(nn.Module):
         assert emb.shape == (n, d), f"item embeddings must be ({n}, {d}), got {emb.shape}"
         with torch.no_grad():
             self.item_emb.weight[:n] = torch.as_tensor(emb, dtype=self.item_emb.weight.dtype)
+
+    def set_candidate_delta(self, delta: np.ndarray) -> None:
+        """Fill the frozen candidate-side table (needs ``cand_table``), (n_items, dim)."""
+        assert self.cand_delta is not None, "set_candidate_delta needs ModelConfig(cand_table=True)"
+        n, d = self.cfg.n_items, self.cfg.dim
+        assert delta.shape == (n, d), f"candidate table must be ({n}, {d}), got {delta.shape}"
+        with torch.no_grad():
+            self.cand_delta[:n] = torch.as_tensor(delta, dtype=self.cand_delta.dtype)
 
     # ------------------------------------------------------------------ pieces
     def _user_vector(
@@ -236,6 +254,8 @@ class HistoryMLP(nn.Module):
         emb = self.item_emb(torch.cat([history, candidates], dim=1))  # (B, L+C, d) — one lookup
         u = self._user_vector(emb[:, :length], history, user_features)  # (B, d)
         v = emb[:, length:]  # (B, C, d)
+        if self.cand_delta is not None:
+            v = v + self.cand_delta[candidates]  # the candidate side only (cand_table)
         if self.genre_proj is not None:
             v = v + self.genre_proj(self.genres[candidates])  # (B, C, d)
         c = self._context_vector(context)
@@ -378,6 +398,8 @@ class HistoryMLP(nn.Module):
         """Per-item precomputation for :meth:`score_all`: (v (N,d), W_v·v (N,h1), bias (N,))."""
         n = self.cfg.n_items
         v = self.item_emb.weight[:n]  # (N, d)
+        if self.cand_delta is not None:
+            v = v + self.cand_delta[:n]
         if self.genre_proj is not None:
             v = v + self.genre_proj(self.genres[:n])
         first = self.mlp[0]

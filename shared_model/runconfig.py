@@ -230,9 +230,9 @@ class RunConfig:
             raise FedrecError(
                 f"release-init initialises the MLP: it needs approach mlp, got {self.approach!r}"
             )
-        if self.release_init_items not in ("eigen", "genres", "genres+eigen", "text", "genres+text"):
+        if self.release_init_items not in ("eigen", "genres", "genres+eigen", "text", "genres+text", "ease"):
             raise FedrecError(
-                "release-init-items must be eigen, genres, genres+eigen, text or genres+text, "
+                "release-init-items must be eigen, genres, genres+eigen, text, genres+text or ease, "
                 f"got {self.release_init_items!r}"
             )
         if self.item_titles and not (self.release_init > 0 and self.release_init_items.endswith("text")):
@@ -242,7 +242,7 @@ class RunConfig:
             )
         if not 0 < self.release_init_pop <= 1:
             raise FedrecError(f"release-init-pop must be in (0, 1], got {self.release_init_pop}")
-        if self.release_init_pop >= 1 and self.release_init_items.endswith("eigen"):
+        if self.release_init_pop >= 1 and self.release_init_items in ("eigen", "genres+eigen", "ease"):
             raise FedrecError(
                 f"release-init-items {self.release_init_items!r} needs a Gram part: release-init-pop < 1"
             )

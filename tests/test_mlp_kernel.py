@@ -1,7 +1,7 @@
 """The MLP serving kernel (``fedrec.shared_model.mlp_kernel``) scores exactly as the torch model does.
 
 Every architecture option the kernel reads (genres, user features, context, dot term, learned dot
-weight, fixed prior, item bias, 1–3 hidden layers) is checked against ``HistoryMLP.score_all`` and
+weight, fixed prior, item bias, candidate-side table, 1–3 hidden layers) is checked against ``HistoryMLP.score_all`` and
 ``score_items`` (scores allclose, top-10 identical), through the ``Recommender`` both the exact pass and
 the candidate re-rank; where the kernel does not apply (int8 layers) the torch path answers.
 """
@@ -29,6 +29,8 @@ CONFIGS = {
     "default": {"n_genres": 6, "user_cardinalities": (3, 5)},
     "bare": {"use_context": False, "dot_term": False, "item_bias": False, "hidden": (16,)},
     "mix-prior-deep": {"n_genres": 6, "dot_mix": 0.7, "fixed_prior": True, "hidden": (32, 16, 8)},
+    # the release-init EASE head: a frozen candidate-side table on top of the history table
+    "candidate-table": {"n_genres": 6, "dot_mix": 0.7, "fixed_prior": True, "cand_table": True},
 }
 CONTEXTS = np.array([[0, 0], [13, 2], [23, 6], [-1, -1]])  # -1 = unknown hour/weekday
 
@@ -44,6 +46,8 @@ def random_model(name: str) -> HistoryMLP:
             p.add_(torch.randn_like(p) * 0.3)
         if model.prior is not None:
             model.set_prior(rng.standard_normal(N))
+        if model.cand_delta is not None:
+            model.set_candidate_delta(rng.standard_normal((N, cfg.dim)))
     return model
 
 

@@ -213,8 +213,9 @@ def simulate(
             "--release-init-items",
             help="With --release-init: the frozen item table: eigen (the release's EigenGram vectors) | "
             "genres (public genre vectors, no ε) | genres+eigen | text (public title embeddings of a "
-            "bundled sentence model, no ε; needs fedrec[text]) | genres+text [auto: genres for the DP "
-            "head, else eigen].",
+            "bundled sentence model, no ε; needs fedrec[text]) | genres+text | ease (DP-EASE's item–item "
+            "model of the release as a history table and a candidate table; start --dot-mix high, e.g. "
+            "300, the value chosen on validation) [auto: genres for the DP head, else eigen].",
         ),
     ] = "auto",
     item_titles: Annotated[
