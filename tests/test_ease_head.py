@@ -214,3 +214,23 @@ def test_an_ease_head_run_trains_on_the_release_tables_charges_both_stages_and_a
     # the saved model serves: a top-10 of unseen items through the recommender
     top = Recommender(loaded).recommend([np.array([0, 1, 2])], k=10)[0].items
     assert len(top) == 10 and not {0, 1, 2} & {int(i) for i in top}
+
+
+def test_the_ease_table_brings_its_dp_sgd_defaults_and_explicit_values_win() -> None:
+    cohort = RunConfig(
+        approach="mlp", dp_mode="cohort", release_init=0.95, release_init_items="ease", release_init_pop=0.05
+    )
+    assert (cohort.dot_mix, cohort.dp_train, cohort.prior_negatives, cohort.max_grad_norm) == (
+        300.0,
+        "mix,mlp",
+        True,
+        0.05,
+    )
+    # under the local-steps head too: the EASE keys come first, the head's only fill what is left
+    head = RunConfig(approach="mlp", release_init_items="ease")
+    assert head.release_init == 0.9 and head.dot_mix == 300.0 and head.dp_train == "mix,mlp"
+    mine = RunConfig(approach="mlp", release_init=0.9, release_init_items="ease", dot_mix=3.0, dp_train="mix")
+    assert (mine.dot_mix, mine.dp_train) == (3.0, "mix")
+    # the other tables keep their own defaults
+    eigen = RunConfig(approach="mlp", dp_mode="cohort", release_init=0.9, release_init_items="eigen")
+    assert eigen.dot_mix == -1.0 and eigen.dp_train == ""
