@@ -15,6 +15,16 @@ the selection share without touching test).
     python scripts/two_stage_frontier.py --eps 8,3 --modes secagg,local --m 2000
     python scripts/two_stage_frontier.py --data /work/shared/data/ml-100k --which val --m 300,800,1682
     python scripts/two_stage_frontier.py --data /work/shared/data/ml-100k --m 300 --noise-seeds 0,1,2
+
+``--out DIR`` also writes the report (``scripts/two_stage_report.py``): ``frontier.jsonl`` (every row),
+``frontier.md`` (per ε the median Recall@20 over noise seeds, each seed's value, the ratio to DP
+popularity, the M picked) and ``frontier.png``; with ``--out`` the non-private EASE reference is also
+measured on each distinct M the rule picked (unless ``--no-ease``). A frontier measured in parts (e.g.
+one noise seed per command, each with its own ``--out``) is rendered together with
+``--render-only PART1/frontier.jsonl,PART2/frontier.jsonl --out DIR`` (nothing is measured then):
+
+    python scripts/two_stage_frontier.py --data /work/shared/data/ml-100k --eps 1,2,4,8 --m "" --m-rule 1 \
+        --noise-seeds 0,1,2 --out docs/frontier_two_stage/ml100k
 """
 
 from __future__ import annotations
@@ -22,8 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +50,9 @@ from fedrec.shared_model.item_model import ItemReleaseModel
 from fedrec.shared_model.split_scores import SharedScores, SplitRanker
 from fedrec.simulations.data.sources import synthetic
 from fedrec.simulations.data.synth_scale import SynthSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import two_stage_report  # (scripts/two_stage_report.py, next to this file)
 
 
 def _carve(
@@ -120,7 +135,7 @@ def _lam_rule(m: int, lam_per_user: float | None) -> DPEASERule:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="scale", help="scale (synthetic) or a MovieLens-100K folder (u.data)")
     ap.add_argument("--users", type=int, default=30000)
@@ -151,7 +166,31 @@ def main() -> None:
     ap.add_argument("--which", default="test", choices=("test", "val"))
     ap.add_argument("--shrinkage", default="soft", help="soft, optimal or soft,optimal (same noisy release)")
     ap.add_argument("--no-ease", action="store_true", help="skip the non-private EASE reference")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--out",
+        default="",
+        help="also write frontier.jsonl, frontier.md and frontier.png here (and measure non-private EASE "
+        "on each distinct M the rule picked)",
+    )
+    ap.add_argument(
+        "--render-only",
+        default="",
+        help="comma list of frontier.jsonl files: render them together into --out, measure nothing",
+    )
+    args = ap.parse_args(argv)
+    command = " ".join(
+        shlex.quote(a)
+        for a in ["python", "scripts/two_stage_frontier.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    if args.render_only:
+        if not args.out:
+            ap.error("--render-only needs --out")
+        metas, rows = two_stage_report.read_rows([Path(p) for p in args.render_only.split(",") if p])
+        metas.append({"command": command, "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                      "wall_s": 0.0, "render_only": True})  # fmt: skip
+        for p in two_stage_report.write_report(Path(args.out), metas, rows):
+            print(p)
+        return
     t0 = time.perf_counter()
     if args.data == "scale":
         spec = SynthSpec(
@@ -182,18 +221,22 @@ def main() -> None:
 
     emit(approach="popularity (non-private)", recall20=recall_at(ItemReleaseModel.from_popularity(p_exact, 0.0),
          indptr, items, tests))  # fmt: skip
+
+    def ease_reference(m: int) -> None:
+        sel = gram.select_top(p_exact, m)
+        xs = gram.selected_rows(indptr, items, n, sel)
+        g = (xs.T @ xs).toarray()
+        for lpu in lams:
+            model = fit_release(
+                {"gram": gram.pack_gram(g)}, "dp_two_stage", n_items=n, users=users, sigma_sum=0.0,
+                dp=False, stage=2, selection=sel, prior=np.log1p(p_exact), rule=_lam_rule(m, lpu),
+            )  # fmt: skip
+            emit(approach="ease (non-private, same M items)", m=m, lam_per_user=lpu,
+                 recall20=recall_at(model, indptr, items, tests))  # fmt: skip
+
     if not args.no_ease:
         for m in ms:
-            sel = gram.select_top(p_exact, m)
-            xs = gram.selected_rows(indptr, items, n, sel)
-            g = (xs.T @ xs).toarray()
-            for lpu in lams:
-                model = fit_release(
-                    {"gram": gram.pack_gram(g)}, "dp_two_stage", n_items=n, users=users, sigma_sum=0.0,
-                    dp=False, stage=2, selection=sel, prior=np.log1p(p_exact), rule=_lam_rule(m, lpu),
-                )  # fmt: skip
-                emit(approach="ease (non-private, same M items)", m=m, lam_per_user=lpu,
-                     recall20=recall_at(model, indptr, items, tests))  # fmt: skip
+            ease_reference(m)
     for noise_seed in [int(x) for x in args.noise_seeds.split(",")]:
         rng = np.random.default_rng([noise_seed, 7])
         for eps in [float(e) for e in args.eps.split(",")]:
@@ -243,7 +286,18 @@ def main() -> None:
                                 sigma_stage2=round(sigma2, 4), support=model.cfg.n_support,
                                 fit_s=round(time.perf_counter() - t1, 1),
                             )  # fmt: skip
-    print(json.dumps({"total_s": round(time.perf_counter() - t0, 1)}))
+    if args.out and not args.no_ease:  # the reference on the items each picked M covers
+        for m in sorted({int(r["m"]) for r in out if r["approach"] == "dp_two_stage"} - set(ms)):
+            ease_reference(m)
+    total_s = round(time.perf_counter() - t0, 1)
+    if args.out:
+        meta = {
+            "command": command, "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": total_s,
+            "tenants": args.tenants, "delta": args.delta, "data": name,
+        }  # fmt: skip
+        for p in two_stage_report.write_report(Path(args.out), [meta], out):
+            print(p, file=sys.stderr)
+    print(json.dumps({"total_s": total_s}))
 
 
 if __name__ == "__main__":
