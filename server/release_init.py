@@ -13,7 +13,10 @@ only — the global model gets:
   scaled by √shrink, rows of the support scaled to mean L2 norm :data:`EMB_NORM` (others 0). They
   stay FROZEN: DP-SGD then trains only the small rest (MLP, genre projection, user-feature and context
   embeddings), so its noise is spread over ~5 k parameters instead of ~60 k; with the dot term the
-  model starts at prior + a (scaled) EigenGram score, and the output layer starts at 0.
+  model starts at prior + a (scaled) EigenGram score, and the output layer starts at 0;
+* or, with ``release-init-items ease``, DP-EASE's item–item model of the same release as a frozen
+  history table and a frozen candidate-side table (:func:`ease_tables`): the dot term is then DP-EASE's
+  score of the history (over its length).
 
 Nothing here sees a user: the inputs are the summed release and the public noise figures.
 """
@@ -140,9 +143,9 @@ def ease_tables(
     and a candidate table a_j·h_j (``ModelConfig.cand_table``): its dot term is then the EASE score of
     the user's history over n (it averages the history), exactly when every kept component fits in
     ``dim`` (else the top ``dim`` by c_k, with a_j still from all of them). Both are scaled by one α
-    so that the mean self-affinity a_j·‖αh_j‖² over the support is 1 (the learned weight on the dot
-    term then starts on the scale of the EigenGram table's). Without noise (``offdiag_std`` 0) every
-    component with η > 0 is kept: plain EASE.
+    so that the mean self-affinity a_j·‖αh_j‖² over the support is 1 (a fixed scale, so the start value
+    of the dot term's weight, ``AUTO_EASE``, means the same for every release). Without noise
+    (``offdiag_std`` 0) every component with η > 0 is kept: plain EASE.
     """
     support = rule.support(np.diag(gram_sum), diag_std)
     m = len(support)

@@ -58,8 +58,8 @@ class ModelConfig:
     prior_negatives: bool = False
     # A frozen candidate-side table (buffer ``cand_delta`` (N+1, d), set by set_candidate_delta) added to
     # each candidate's vector, not to the history's: the dot term becomes u·(v_j + c_j), an ASYMMETRIC
-    # item–item model. The release-init EASE table needs it (EASE's B_ij = h_i·h_j / (1 − ‖h_j‖²): the
-    # per-candidate scale is c_j = (a_j − 1)·h_j; fedrec.server.release_init).
+    # item–item model. The release-init EASE table needs it (EASE's B_ij = h_i·h_j·a_j: this table holds
+    # (a_j − 1)·h_j; fedrec.server.release_init.ease_tables).
     cand_table: bool = False
 
     def __post_init__(self) -> None:
