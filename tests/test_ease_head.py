@@ -234,3 +234,27 @@ def test_the_ease_table_brings_its_dp_sgd_defaults_and_explicit_values_win() -> 
     # the other tables keep their own defaults
     eigen = RunConfig(approach="mlp", dp_mode="cohort", release_init=0.9, release_init_items="eigen")
     assert eigen.dot_mix == -1.0 and eigen.dp_train == ""
+
+
+def test_simulate_takes_the_table_width_and_refuses_a_bad_one_with_one_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "200"}
+    help_text = subprocess.run(
+        [sys.executable, "-m", "fedrec", "simulate", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    ).stdout
+    assert "--dim" in help_text and "ease" in help_text
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrec", "simulate", "--data", "synthetic", "--synth-users", "60",
+         "--dim", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--dim" in proc.stderr and not out.exists()

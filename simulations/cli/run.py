@@ -234,6 +234,15 @@ def simulate(
             "--release-init-items genres, text or genres+text) [auto: 1 for the DP head, else 0.5].",
         ),
     ] = None,
+    dim: Annotated[
+        int,
+        typer.Option(
+            "--dim",
+            min=1,
+            help="Embedding width of the MLP (and of the release-init item table; with --release-init-items "
+            "ease, how many of DP-EASE's components the table keeps: 256 at 100k users) [32].",
+        ),
+    ] = 32,
     dot_mix: Annotated[
         float,
         typer.Option(
@@ -405,6 +414,7 @@ def simulate(
         item_titles=item_titles.strip(),
         release_init_pop=release_init_pop or 0.0,
         dot_mix=dot_mix,
+        dim=dim,
         dp_train=dp_train.strip(),
         prior_negatives=prior_negatives,
         dp_mode=dp_mode.strip(),
