@@ -127,6 +127,16 @@ def genre_embeddings(genres: np.ndarray, dim: int) -> np.ndarray:
     return emb
 
 
+def _release_prior(
+    total: dict[str, np.ndarray], n_items: int, noise: gram.ReleaseNoise, sigma_sum: float
+) -> np.ndarray:
+    """The model's fixed per-item log-prior from the summed popularity part (floored at one noise std),
+    offset by log(N / negatives)."""
+    pop_std = noise.pop_std() if sigma_sum > 0 else 0.0
+    prior = log_prior(np.asarray(total["popularity"], dtype=np.float64), pop_std)
+    return prior + math.log(n_items / SamplingConfig().negatives)
+
+
 def ease_tables(
     gram_sum: np.ndarray, *, users: int, offdiag_std: float, diag_std: float, dim: int, rule: DPEASERule
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -207,9 +217,7 @@ def init_tables_from_release(
             "release-init item table 'ease' needs a popularity and a Gram part (0 < pop share < 1)"
         )
     noise = gram.ReleaseNoise(sigma=sigma_sum, pop_share=pop_share)
-    prior = log_prior(
-        np.asarray(total["popularity"], dtype=np.float64), noise.pop_std() if sigma_sum > 0 else 0.0
-    ) + math.log(n_items / SamplingConfig().negatives)
+    prior = _release_prior(total, n_items, noise, sigma_sum)
     g = gram.unpack_gram(np.asarray(total["gram"], dtype=np.float64), n_items)
     support, h, scale, facts = ease_tables(
         g,
@@ -255,9 +263,7 @@ def init_from_release(
     if pop_share <= 0:
         raise FedrecError("the initialising release needs a popularity part (pop share > 0) for the prior")
     noise = gram.ReleaseNoise(sigma=sigma_sum, pop_share=pop_share)
-    pop_std = noise.pop_std() if sigma_sum > 0 else 0.0
-    prior = log_prior(np.asarray(total["popularity"], dtype=np.float64), pop_std)
-    prior = prior + math.log(n_items / SamplingConfig().negatives)
+    prior = _release_prior(total, n_items, noise, sigma_sum)
     emb = np.zeros((n_items, dim), dtype=np.float64)
     first = 0
     if source.startswith("genres"):
