@@ -57,7 +57,7 @@ from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.evaluate import evaluate
 from fedrec.shared_model.item_model import ItemModelConfig, ItemReleaseModel
 from fedrec.shared_model.model import HistoryMLP, ModelConfig
-from fedrec.shared_model.runconfig import APPROACHES, RunConfig
+from fedrec.shared_model.runconfig import APPROACHES, HEADS, RunConfig
 from fedrec.shared_model.training import ModelScorer, SamplingConfig
 
 PLAN_FILE = "dp_plan.json"
@@ -108,21 +108,26 @@ def resolve_tenant(node_config: Mapping[str, Any], cfg: RunConfig) -> TenantPath
 def tenant_config(cfg: RunConfig, conf: Mapping[str, Any]) -> RunConfig:
     """The run config this tenant trains a train/release message under: its own, with approach ``auto``
     resolved to the approach the message names (``RunConfig.with_approach``: approach mlp under DP gets
-    the DP head, planned from this tenant's own settings). Only the approach's NAME comes from the
-    server; the cap, δ, accountant, release share and noise shares stay the tenant's own. A tenant whose
-    run config names an approach refuses a message naming another, before anything is trained or
-    charged. A message that names none is read with the tenant's config as it is."""
-    named = str(conf.get("approach", ""))
+    the DP head, or the EASE-table head where the message names head "ease", planned from this tenant's
+    own settings). Only the approach's NAME (and head) comes from the server; the cap, δ, accountant,
+    release share and noise shares stay the tenant's own. A tenant whose run config names an approach
+    refuses a message naming another, before anything is trained or charged. A message that names none
+    is read with the tenant's config as it is."""
+    named, head = str(conf.get("approach", "")), str(conf.get("head", ""))
     if not named or named == cfg.approach:
         return cfg
     if named not in APPROACHES or named == "auto":
         raise FedrecError(f"refusing the round: the server's message names an unknown approach {named!r}")
+    if head not in HEADS or (head and named != "mlp"):
+        raise FedrecError(
+            f"refusing the round: the server's message names an unknown head {head!r} for approach {named}"
+        )
     if cfg.approach != "auto":
         raise FedrecError(
             f"refusing the round: this tenant's run config names approach {cfg.approach}, the server's "
             f"message {named}; nothing was trained or charged"
         )
-    return cfg.with_approach(named)
+    return cfg.with_approach(named, head)
 
 
 def local_config(cfg: RunConfig) -> LocalTrainConfig:

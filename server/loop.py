@@ -397,12 +397,12 @@ class _Federation:
 
         return {"extra": extra, "on_status": on_status}
 
-    def approach(self) -> str:
-        """The approach this run trains, named in every train and release message: a tenant whose run
-        config says auto resolves its own settings for it (``fedrec.client.app.tenant_config``), one that
-        names another approach refuses the message."""
+    def approach_conf(self) -> dict[str, str]:
+        """The approach this run trains (and auto's head for approach mlp), named in every train and
+        release message: a tenant whose run config says auto resolves its own settings for it
+        (``fedrec.client.task.tenant_config``), one that names another approach refuses the message."""
         assert self.choice is not None, "the approach is resolved before round 1"
-        return self.choice.approach
+        return {"approach": self.choice.approach, "head": self.choice.head}
 
     def head_for(self, nid: int) -> str:
         """The ledger head the server holds for the node's tenant ("" = unknown: send everything)."""
@@ -581,7 +581,7 @@ class _Federation:
                     "round": rnd,
                     "model-config": self.model_json,
                     "ledger-head": self.head_for(nid),
-                    "approach": self.approach(),
+                    **self.approach_conf(),
                 }
             )
             content = RecordDict({"arrays": to_record(self.global_w), "config": config})
@@ -615,7 +615,7 @@ class _Federation:
             lambda nid: {
                 "model-config": self.model_json,
                 "ledger-head": self.head_for(nid),
-                "approach": self.approach(),
+                **self.approach_conf(),
             },
         )
         rd.row["secagg"] = {**self.secure.describe(), "reported": len(res.reports)}
@@ -704,7 +704,7 @@ class _Federation:
                                 **conf,
                                 "round": rd.rnd,
                                 "ledger-head": self.head_for(nid),
-                                "approach": self.approach(),
+                                **self.approach_conf(),
                             }
                         )
                     }
@@ -836,7 +836,7 @@ class _Federation:
                 **conf,
                 "model-config": "{}",
                 "ledger-head": self.head_for(nid),
-                "approach": self.approach(),
+                **self.approach_conf(),
             },
         )
         rd.row["secagg"] = {**self.release_secure.describe(), "reported": len(res.reports)}
@@ -978,7 +978,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     if cfg.approach == "auto" and choice.approach == "mlp":
         # the run config with approach mlp, its auto settings resolved again (the DP head under DP): what
         # every tenant resolves too when the messages name mlp (fedrec.client.app.tenant_config)
-        cfg = cfg.with_approach("mlp")
+        cfg = cfg.with_approach("mlp", choice.head)
         fed = _Federation(grid, cfg, out, log)
     fed.nodes, fed.release_shares, fed.choice = nodes, shares, choice
     done = fed.restore() if cfg.resume else 0

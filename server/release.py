@@ -45,6 +45,7 @@ class ApproachChoice:
     reason: str
     noise_mode: str  # local | distributed (SecAgg+) | none
     users_per_noise: float | None = None  # the deciding index of the automatic choice
+    head: str = ""  # approach mlp picked by auto: "" = the DP head (AUTO_HEAD), "ease" = the EASE-table head
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ApproachChoice:
@@ -55,10 +56,13 @@ class ApproachChoice:
             str(data["reason"]),
             str(data["noise_mode"]),
             None if upn == "absent" else (math.inf if upn is None else float(upn)),
+            str(data.get("head", "")),
         )
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.approach, "reason": self.reason, "noise_mode": self.noise_mode}
+        if self.head:
+            out["head"] = self.head
         if self.users_per_noise is not None:
             out["users_per_noise"] = (
                 None if math.isinf(self.users_per_noise) else round(self.users_per_noise, 1)
@@ -115,6 +119,29 @@ HEAD_REASON = (
     "beats DP popularity on validation wherever this rule falls back to it on the measured frontier "
     "(synthetic 1 000 users and ml-100k, ε 1–8, local noise; docs/FEDERATION.md)"
 )
+
+
+#: Fewest users (all tenants) from which ``auto`` trains the EASE-table head where it would release
+#: DP-EASE under SecAgg+ (docs/FEDERATION.md, "auto picks the EASE-table head").
+EASE_HEAD_MIN_USERS = 20_000
+#: Why ``auto`` trains the EASE-table head where ``choose()`` would release DP-EASE (docs/FEDERATION.md).
+EASE_HEAD_REASON = (
+    "DP-EASE would be released; the EASE-table head (release-init: 0.95 of ε on one Gram release, "
+    "DP-EASE's item–item model of it as frozen tables, then cohort DP-SGD rounds of the MLP on top, its "
+    "noise split into shares under SecAgg+) beats DP-EASE on validation wherever this rule picks it "
+    "(synthetic 20 000 and 100 000 users, ε 3 and 8, SecAgg+; docs/FEDERATION.md)"
+)
+
+
+def ease_head_applies(*, shares: int, users: int) -> str | None:
+    """Why ``auto`` may not swap DP-EASE for the EASE-table head here, or None (it may): the head was
+    measured to beat DP-EASE under SecAgg+ only (distributed noise, one noise on the sum) and from
+    EASE_HEAD_MIN_USERS users."""
+    if shares <= 1:
+        return "local noise: the head beats DP-EASE only under SecAgg+ on the measured frontier"
+    if users < EASE_HEAD_MIN_USERS:
+        return f"{users} users < {EASE_HEAD_MIN_USERS}: below that the head was not measured above DP-EASE"
+    return None
 
 
 def head_applies(cfg: RunConfig, *, shares: int, item_features: bool) -> str | None:
@@ -201,6 +228,18 @@ def resolve_approach(
             f"DP popularity ({cfg.select_share:g} of the μ² budget) selects the top "
             f"{_selection_words(cfg, n_items)}, DP-EASE on their Gram, the other items ranked below them by "
             "DP popularity",
+            mode,
+            choice.users_per_noise,
+        )
+    if choice.approach == "dp_ease":
+        why_not = ease_head_applies(shares=shares, users=choice.users)
+        if why_not is None:
+            return ApproachChoice(
+                "mlp", f"{choice.reason}; {EASE_HEAD_REASON}", mode, choice.users_per_noise, head="ease"
+            )
+        return ApproachChoice(
+            choice.approach,
+            f"{choice.reason} (not the EASE-table head: {why_not})",
             mode,
             choice.users_per_noise,
         )

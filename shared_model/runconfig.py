@@ -94,6 +94,7 @@ AUTO_HEAD: dict[str, Any] = {
 #: ε 3, cohort rounds under SecAgg+; docs/FEDERATION.md "The EASE table"). Each key applies only where
 #: it was not given.
 AUTO_EASE: dict[str, Any] = {
+    "dim": 256,  # the table keeps `dim` of DP-EASE's components: 32 of 604 lost 0.03 at 100k users, ε 8
     "dot_mix": 300.0,
     "dp_train": "mix,mlp",
     "prior_negatives": True,
@@ -105,6 +106,26 @@ AUTO_NO_HEAD: dict[str, Any] = {
     "release_init_items": "eigen",
     "release_init_pop": 0.5,
     "max_grad_norm": 1.0,
+}
+
+#: The MLP's embedding width when ``dim`` is auto (0) and the item table is not the EASE table.
+AUTO_DIM = 32
+#: The heads ``approach auto`` may resolve to besides approach mlp's own default ("": the DP head of
+#: AUTO_HEAD): "ease" is the EASE-table head in cohort rounds (AUTO_EASE_HEAD).
+HEADS: tuple[str, ...] = ("", "ease")
+#: What ``approach auto`` trains where it picks the EASE-table head (``fedrec.server.release``): cohort
+#: rounds (distributed DP-SGD noise under SecAgg+), round 1 spends 0.95 of ε on one release with 0.05 of
+#: its μ² on popularity, DP-EASE's tables from it, then DP-SGD of AUTO_EASE's keys. The measured recipe
+#: of docs/FEDERATION.md ("The EASE table"); each key applies only where it was left auto, except
+#: dp-mode, which the head needs.
+AUTO_EASE_HEAD: dict[str, Any] = {
+    "dp_mode": "cohort",
+    "release_init": 0.95,
+    "release_init_items": "ease",
+    "release_init_pop": 0.05,
+    "cohort_rate": 0.2,
+    "server_lr": 0.3,
+    "num_server_rounds": 5,
 }
 
 #: What a run trains: DP-SGD rounds of the MLP, or one DP item release fitted by the server; ``auto``
@@ -136,7 +157,7 @@ class RunConfig:
     local_epochs: float = 0.0  # expected passes over a tenant's users per round (0: auto)
     batch_users: int = 64  # expected users per DP step (Poisson rate q = 1/ceil(n/batch))
     lr: float = 0.0  # local Adam learning rate (0: auto; 0.3 for the DP head)
-    dim: int = 32  # embedding width
+    dim: int = 0  # embedding width (0: auto, 256 with release-init-items ease, else 32)
     hidden: str = "64,32"  # MLP hidden widths
     max_history: int = 50  # history items per training example
     targets: int = 20  # held-out positives per training example
@@ -215,6 +236,8 @@ class RunConfig:
         if self.cohort_rate > 0 and self.dp_mode != "cohort":
             raise FedrecError("cohort-rate is the Poisson rate of dp-mode cohort: it needs dp-mode cohort")
         self._resolve_auto()
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
+            raise FedrecError(f"dim must be an integer ≥ 1 (0: auto), got {self.dim!r}")
         if self.num_server_rounds < 1:
             raise FedrecError(f"num-server-rounds must be >= 1 (0: auto), got {self.num_server_rounds}")
         if not self.local_epochs > 0:
@@ -322,6 +345,8 @@ class RunConfig:
             pop_only = self.release_init_items in ("genres", "text", "genres+text")  # no Gram part needed
             set_(self, "release_init_pop", AUTO_HEAD["release_init_pop"] if head and pop_only else 0.5)
         if self.release_init > 0 and self.release_init_items == "ease":
+            if self.dim == 0:
+                set_(self, "dim", AUTO_EASE["dim"])
             if self.dot_mix == -1.0:
                 set_(self, "dot_mix", AUTO_EASE["dot_mix"])
             if self.dp_train == "" and self.dot_mix >= 0:
@@ -342,13 +367,27 @@ class RunConfig:
                     set_(self, name, AUTO_HEAD[name])
         if self.max_grad_norm == 0:
             set_(self, "max_grad_norm", AUTO_NO_HEAD["max_grad_norm"])
+        if self.dim == 0:
+            set_(self, "dim", AUTO_DIM)
 
-    def with_approach(self, approach: str) -> RunConfig:
+    def with_approach(self, approach: str, head: str = "") -> RunConfig:
         """This run config with ``approach`` named instead of ``auto``, every auto setting resolved again
-        from the settings as given (so approach mlp under DP gets the DP head, ``AUTO_HEAD``)."""
+        from the settings as given (so approach mlp under DP gets the DP head, ``AUTO_HEAD``). ``head``
+        "ease" (approach mlp only): the EASE-table head, ``AUTO_EASE_HEAD`` on the keys left auto."""
         if self.approach != "auto" or approach == "auto":
             raise FedrecError(f"only approach auto is resolved to another approach, got {self.approach!r}")
-        return RunConfig.from_mapping({**self.to_mapping(), "approach": approach})
+        if head not in HEADS or (head and approach != "mlp"):
+            raise FedrecError(f"unknown head {head!r} for approach {approach!r} (heads of mlp: ease)")
+        given = {**self.to_mapping(), "approach": approach}
+        if head == "ease":
+            for name, value in AUTO_EASE_HEAD.items():
+                key = name.replace("_", "-")
+                unset = (
+                    AUTO_RELEASE_INIT if name == "release_init" else ("auto" if isinstance(value, str) else 0)
+                )
+                if name == "dp_mode" or given[key] == unset:
+                    given[key] = value
+        return RunConfig.from_mapping(given)
 
     def _resolve_auto(self) -> None:
         """Replace every auto setting (0 or "auto") by its value for this run's DP mode (AUTO_*)."""

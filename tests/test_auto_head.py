@@ -1,5 +1,6 @@
-"""Issue 16 item 3: ``--approach mlp`` under DP defaults to the DP head, and ``auto`` trains that head
-where ``choose()`` would release DP popularity (in-process grid, tiny synthetic data)."""
+"""Issue 16 item 3: ``--approach mlp`` under DP defaults to the DP head, ``auto`` trains that head
+where ``choose()`` would release DP popularity, and the EASE-table head where it would release DP-EASE
+under SecAgg+ from 20 000 users (in-process grid, synthetic data)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedrec.client.app import app
+from fedrec.client.task import tenant_config
 from fedrec.privacy.ledger import read_entries
 from fedrec.server.loop import run_federation
-from fedrec.server.release import HEAD_REASON, resolve_approach
+from fedrec.server.release import EASE_HEAD_MIN_USERS, EASE_HEAD_REASON, HEAD_REASON, resolve_approach
 from fedrec.shared_model.errors import FedrecError
-from fedrec.shared_model.runconfig import AUTO_DP, AUTO_HEAD, RunConfig
+from fedrec.shared_model.runconfig import AUTO_DP, AUTO_EASE_HEAD, AUTO_HEAD, RunConfig
 from fedrec.simulations.data.dataset import prepare_dataset
 from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
 from fedrec.simulations.data.sources import load
@@ -103,6 +105,42 @@ def test_auto_never_replaces_dp_ease_or_two_stage() -> None:
     assert resolve_approach(
         RunConfig(approach="auto", dp=False), users, 1000, item_features=True
     ).approach == ("mlp")
+
+
+def test_auto_picks_the_ease_head_where_it_would_release_dp_ease_under_secagg() -> None:
+    cfg = RunConfig(approach="auto", epsilon=8.0)
+    big = {f"tenant-{i}": 4000 for i in range(5)}  # 20 000 users
+    choice = resolve_approach(cfg, big, 1000, shares=3)
+    assert (choice.approach, choice.head, choice.noise_mode) == ("mlp", "ease", "distributed")
+    assert "≥ 1000" in choice.reason and EASE_HEAD_REASON in choice.reason
+    assert type(choice).from_json(choice.to_json()).head == "ease", "a resumed run keeps the head"
+    # local noise, too few users, or a catalogue above the gram limit: DP-EASE / two stages, and why
+    local = resolve_approach(cfg, big, 1000)
+    assert (
+        local.approach == "dp_ease"
+        and not local.head
+        and "not the EASE-table head: local noise" in local.reason
+    )
+    few = resolve_approach(cfg, {f"tenant-{i}": 1000 for i in range(5)}, 1000, shares=3)
+    assert few.approach == "dp_ease" and f"< {EASE_HEAD_MIN_USERS}" in few.reason
+    assert resolve_approach(cfg, big, 40_000, shares=3).approach == "dp_two_stage"
+
+
+def test_the_ease_head_recipe_fills_only_what_was_left_auto() -> None:
+    head = RunConfig(approach="auto").with_approach("mlp", "ease")
+    assert {name: getattr(head, name) for name in AUTO_EASE_HEAD} == AUTO_EASE_HEAD
+    assert (head.dim, head.dot_mix, head.dp_train, head.server_opt) == (256, 300.0, "mix,mlp", "fedadam")
+    mine = RunConfig(approach="auto", num_server_rounds=2, dim=64, dp_mode="cohort", cohort_rate=0.5)
+    mine = mine.with_approach("mlp", "ease")
+    assert (mine.num_server_rounds, mine.dim, mine.cohort_rate, mine.dp_mode) == (2, 64, 0.5, "cohort")
+    assert RunConfig(approach="auto").with_approach("mlp").dim == 32, "the other heads keep dim 32"
+    with pytest.raises(FedrecError, match="unknown head"):
+        RunConfig(approach="auto").with_approach("dp_ease", "ease")
+    # a tenant resolves the head the message names; an unknown one is refused before anything runs
+    tenant = tenant_config(RunConfig(approach="auto"), {"approach": "mlp", "head": "ease"})
+    assert tenant == head
+    with pytest.raises(FedrecError, match="refusing the round: .* unknown head 'svd'"):
+        tenant_config(RunConfig(approach="auto"), {"approach": "mlp", "head": "svd"})
 
 
 # ---------------------------------------------------------------- a real run through the loop
@@ -211,5 +249,45 @@ def test_the_default_head_runs_under_secagg_and_audits(fed: Path, tmp_path: Path
     privacy = json.loads((run / "privacy.json").read_text())
     assert privacy["approach"]["name"] == "mlp" and "DP MLP head" in privacy["approach"]["reason"]
     assert all(t["epsilon"] <= EPSILON + 1e-9 for t in privacy["tenants"].values())
+    report = check_run(load_run(run))
+    assert not report.failed(), [(c.name, c.tenant, c.findings) for c in report.failed()]
+
+
+@pytest.fixture(scope="module")
+def big_fed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # ≥ EASE_HEAD_MIN_USERS users (the tenants' noisy counts decide) on a small catalogue
+    data = prepare_dataset(load("synthetic", synth_users=EASE_HEAD_MIN_USERS + 600, synth_items=40, seed=5))
+    out = tmp_path_factory.mktemp("autoease") / "fed"
+    prepare_federation(data, out, PrepareConfig(tenants=TENANTS, partition="iid", seed=5, k_anonymity=2))
+    return out
+
+
+def test_auto_trains_the_ease_head_under_secagg_through_the_loop_and_audits(
+    big_fed: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "auto-ease"
+    cfg = RunConfig(
+        fed_dir=str(big_fed), run_dir=str(run), run_name="auto-ease", num_tenants=TENANTS, approach="auto",
+        secagg=True, epsilon=EPSILON, num_server_rounds=1, accountant="rdp", dim=16,  # dim: for time
+    )  # fmt: skip
+    lines: list[str] = []
+    run_federation(LoopbackGrid(app, cfg.to_mapping(), TENANTS), cfg, log=lines.append)
+    assert any("approach mlp (" in ln and "EASE-table head" in ln for ln in lines), lines
+    assert json.loads((run / "checkpoint" / "approach.json").read_text())["head"] == "ease"
+    privacy = json.loads((run / "privacy.json").read_text())
+    config = json.loads((run / "config.json").read_text())["run_config"]
+    assert privacy["approach"]["head"] == "ease" and EASE_HEAD_REASON in privacy["approach"]["reason"]
+    assert (
+        privacy["release_init"]["item_table"] == "ease"
+        and privacy["release_init"]["share_of_epsilon"] == 0.95
+    )
+    assert (config["dp-mode"], config["cohort-rate"], config["release-init-pop"]) == ("cohort", 0.2, 0.05)
+    rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    assert rows[0]["release_init"]["source"] == "ease" and rows[0]["release_init"]["noise_shares"] == TENANTS
+    assert "secagg" in rows[1] and rows[1]["aggregated"] == TENANTS
+    for t in range(TENANTS):
+        entries, problems = read_entries(run / "ledger" / f"tenant-{t}.jsonl")
+        assert not problems and entries[1]["purpose"] == "mlp-init" and entries[1]["release_share"] == 0.95
+        assert all(e["epsilon"] <= EPSILON + 1e-9 for e in entries)
     report = check_run(load_run(run))
     assert not report.failed(), [(c.name, c.tenant, c.findings) for c in report.failed()]

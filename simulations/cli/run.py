@@ -235,14 +235,15 @@ def simulate(
         ),
     ] = None,
     dim: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--dim",
             min=1,
             help="Embedding width of the MLP (and of the release-init item table; with --release-init-items "
-            "ease, how many of DP-EASE's components the table keeps: 256 at 100k users) [32].",
+            "ease, how many of DP-EASE's components the table keeps) [auto: 256 with --release-init-items "
+            "ease, else 32].",
         ),
-    ] = 32,
+    ] = None,
     dot_mix: Annotated[
         float,
         typer.Option(
@@ -414,7 +415,7 @@ def simulate(
         item_titles=item_titles.strip(),
         release_init_pop=release_init_pop or 0.0,
         dot_mix=dot_mix,
-        dim=dim,
+        dim=dim or 0,
         dp_train=dp_train.strip(),
         prior_negatives=prior_negatives,
         dp_mode=dp_mode.strip(),
