@@ -59,6 +59,7 @@ from fedrec.server.release_init import (
     init_shapes,
     init_tables_from_release,
     public_item_text,
+    row_selection,
 )
 from fedrec.server.secagg import SecureAggregator, reply_node, shares_and_threshold
 from fedrec.shared_model.artifacts import save_model, write_json_atomic
@@ -77,7 +78,7 @@ from fedrec.shared_model.data import Catalog
 from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.evaluate import EvalResult
 from fedrec.shared_model.item_model import ItemModelConfig, ItemReleaseModel, Ranker
-from fedrec.shared_model.model import HistoryMLP, ModelConfig
+from fedrec.shared_model.model import HistoryMLP, ModelConfig, fold_item_rows
 from fedrec.shared_model.runconfig import RELEASE_APPROACHES, RunConfig
 from fedrec.shared_model.training import SamplingConfig
 
@@ -318,6 +319,7 @@ class _Federation:
                 trainable=cfg.train_modules(),
                 prior_negatives=cfg.prior_negatives,
                 candidate_table=cfg.release_init_items == "ease",
+                item_rows=min(cfg.dp_rows, self.catalog.n_items),
             )
         # public title embeddings for release-init-items text (None otherwise); read before round 1 so a
         # missing titles file or model package stops the run before any tenant is charged
@@ -786,8 +788,11 @@ class _Federation:
         model.set_prior(tables.prior)
         if tables.candidate is not None:
             model.set_candidate_delta(tables.candidate)
+        facts = dict(tables.facts)
+        if model.cfg.item_rows:
+            model.set_row_selection(row_selection(tables.prior, model.cfg.item_rows))
+            facts["trained_rows"] = model.cfg.item_rows
         self.global_w = state_weights(model)
-        facts = tables.facts
         rd.row["aggregated"] = len(rd.contributors)
         rd.row["release_init"] = {
             "share": self.cfg.release_init,
@@ -931,6 +936,7 @@ class _Federation:
         step = self.server_opt.step({k: delta[k] for k in self.param_keys})
         for k in self.param_keys:
             self.global_w[k] = (self.global_w[k] + step[k]).astype(np.float32)
+        fold_item_rows(self.global_w)  # the trained sparse rows into the item table (same model)
         rd.row["aggregated"] = len(rd.contributors)
         for t in rd.contributors:
             self.status[t].rounds_trained += 1

@@ -73,6 +73,7 @@ def init_model_config(
     trainable: tuple[str, ...] = (),
     prior_negatives: bool = False,
     candidate_table: bool = False,
+    item_rows: int = 0,
 ) -> ModelConfig:
     """The MLP trained on top of the release: fixed prior, frozen item table, no item bias, output at 0.
 
@@ -81,6 +82,8 @@ def init_model_config(
     ``trainable``: the only modules DP-SGD trains (the rest keep their initial values).
     ``prior_negatives``: training negatives drawn from the DP prior (``ModelConfig.prior_negatives``).
     ``candidate_table``: a frozen candidate-side table too (``ModelConfig.cand_table``; the ``ease`` table).
+    ``item_rows``: M > 0 trains a delta on the rows of M items only (``ModelConfig.item_rows``; the server
+    picks them from the release's DP popularity, :func:`row_selection`).
     """
     return replace(
         base,
@@ -93,7 +96,15 @@ def init_model_config(
         trainable=trainable,
         prior_negatives=prior_negatives,
         cand_table=candidate_table,
+        item_rows=item_rows,
     )
+
+
+def row_selection(prior: np.ndarray, rows: int) -> np.ndarray:
+    """The ``rows`` items whose embedding rows DP-SGD trains (DP-FEST-style sparsity): the top of the
+    release's DP popularity prior, ties by item index. Post-processing of the release: no extra ε."""
+    order = np.argsort(-np.asarray(prior, dtype=np.float64), kind="stable")
+    return np.sort(order[: int(rows)])
 
 
 def release_keys(pop_share: float) -> tuple[str, ...]:

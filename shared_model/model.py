@@ -24,7 +24,9 @@ from torch import nn
 #: Hour and weekday embeddings: index 0 = unknown, else value + 1.
 N_HOURS, N_WEEKDAYS = 24, 7
 #: Module names ``ModelConfig.trainable`` may list.
-TRAINABLE_MODULES = ("mix", "mlp", "genre_proj", "user_feats", "hour_emb", "weekday_emb", "bias", "item_emb")
+TRAINABLE_MODULES = (
+    "mix", "mlp", "genre_proj", "user_feats", "hour_emb", "weekday_emb", "bias", "item_emb", "item_rows",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,11 @@ class ModelConfig:
     # item–item model. The release-init EASE table needs it (EASE's B_ij = h_i·h_j·a_j: this table holds
     # (a_j − 1)·h_j; fedrec.server.release_init.ease_tables).
     cand_table: bool = False
+    # DP-FEST-style sparse item rows: a trainable delta (``item_rows`` (M+1, d), started at 0) on the item
+    # vectors of only M items picked by a DP selection (``set_row_selection``); every other item's delta is
+    # held at 0, so DP-SGD trains, clips and noises M·d numbers instead of N·d. 0 = off. The server folds
+    # the delta into ``item_emb`` after each round (``fold_item_rows``), so a saved model's rows are 0.
+    item_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.n_items < 1:
@@ -74,6 +81,8 @@ class ModelConfig:
             )
         if self.prior_negatives and not self.fixed_prior:
             raise ValueError("prior_negatives needs fixed_prior (negatives are drawn from the prior)")
+        if not 0 <= self.item_rows <= self.n_items:
+            raise ValueError(f"item_rows must be in [0, n_items={self.n_items}], got {self.item_rows}")
         if "mix" in self.trainable and self.dot_mix is None:
             raise ValueError("trainable 'mix' needs dot_mix (the learned weight of the dot term)")
 
@@ -180,6 +189,14 @@ class HistoryMLP(nn.Module):
             for m in (self.genre_proj, self.hour_emb, self.weekday_emb, *self.user_feats):
                 if m is not None:
                     nn.init.zeros_(m.weight)
+        self.row_of: torch.Tensor | None  # (N+1,) long: item → its row of item_rows (M = not selected)
+        self.item_rows: nn.Embedding | None = None
+        if cfg.item_rows:
+            self.item_rows = nn.Embedding(cfg.item_rows + 1, d)  # row M: the items not selected (held at 0)
+            nn.init.zeros_(self.item_rows.weight)
+            self.register_buffer("row_of", torch.full((cfg.n_items + 1,), cfg.item_rows, dtype=torch.long))
+        else:
+            self.row_of = None
         if cfg.freeze_item_emb:
             self.item_emb.weight.requires_grad_(False)
         if cfg.trainable:
@@ -220,6 +237,25 @@ class HistoryMLP(nn.Module):
         with torch.no_grad():
             self.cand_delta[:n] = torch.as_tensor(delta, dtype=self.cand_delta.dtype)
 
+    def set_row_selection(self, items: np.ndarray) -> None:
+        """The M items whose rows DP-SGD trains (needs ``item_rows`` = M): item ``items[r]`` → row r."""
+        assert self.row_of is not None, "set_row_selection needs ModelConfig(item_rows=M)"
+        m = self.cfg.item_rows
+        items = np.asarray(items, dtype=np.int64)
+        assert items.shape == (m,) and len(np.unique(items)) == m, f"need {m} distinct items"
+        assert items.min() >= 0 and items.max() < self.cfg.n_items, "items must be catalogue indices"
+        with torch.no_grad():
+            self.row_of.fill_(m)
+            self.row_of[torch.from_numpy(items)] = torch.arange(m)
+
+    def _item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item vectors (…, d) of ``ids``: the item table plus the trained row of each selected item."""
+        emb = self.item_emb(ids)
+        if self.item_rows is not None and self.row_of is not None:
+            rows = self.row_of[ids]
+            emb = emb + self.item_rows(rows) * (rows < self.cfg.item_rows).unsqueeze(-1).to(emb.dtype)
+        return emb
+
     # ------------------------------------------------------------------ pieces
     def _user_vector(
         self, hist_emb: torch.Tensor, history: torch.Tensor, user_features: torch.Tensor
@@ -251,7 +287,7 @@ class HistoryMLP(nn.Module):
         assert history.dim() == 2 and candidates.dim() == 2, "history (B, L) and candidates (B, C)"
         b, length = history.shape
         assert candidates.shape[0] == b, "one candidate row per user"
-        emb = self.item_emb(torch.cat([history, candidates], dim=1))  # (B, L+C, d) — one lookup
+        emb = self._item_vectors(torch.cat([history, candidates], dim=1))  # (B, L+C, d) — one lookup
         u = self._user_vector(emb[:, :length], history, user_features)  # (B, d)
         v = emb[:, length:]  # (B, C, d)
         if self.cand_delta is not None:
@@ -312,7 +348,7 @@ class HistoryMLP(nn.Module):
         self, history: torch.Tensor, user_features: torch.Tensor, context: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The user side of a score: user vector u (B, d) and context vector c (B, d) or None."""
-        u = self._user_vector(self.item_emb(history), history, user_features)  # (B, d)
+        u = self._user_vector(self._item_vectors(history), history, user_features)  # (B, d)
         return u, self._context_vector(context)
 
     def score_items(
@@ -397,7 +433,7 @@ class HistoryMLP(nn.Module):
     def item_side(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-item precomputation for :meth:`score_all`: (v (N,d), W_v·v (N,h1), bias (N,))."""
         n = self.cfg.n_items
-        v = self.item_emb.weight[:n]  # (N, d)
+        v = self._item_vectors(torch.arange(n, device=self.item_emb.weight.device))  # (N, d)
         if self.cand_delta is not None:
             v = v + self.cand_delta[:n]
         if self.genre_proj is not None:
@@ -409,6 +445,19 @@ class HistoryMLP(nn.Module):
         if self.prior is not None:
             b = b + self.prior[:n]
         return v, h1, b
+
+
+def fold_item_rows(weights: dict[str, np.ndarray]) -> None:
+    """Move the trained rows of ``item_rows`` into ``item_emb`` and zero them, in place on a model's
+    weights: the same model (each selected item's vector is table + row either way), with every reader
+    of ``item_emb`` (serving kernel, explanations) exact. A no-op for models without item rows."""
+    if "item_rows.weight" not in weights:
+        return
+    rows, row_of, emb = weights["item_rows.weight"], weights["row_of"], weights["item_emb.weight"]
+    m = rows.shape[0] - 1
+    picked = np.flatnonzero(row_of < m)  # (M,) the selected items
+    emb[picked] = (emb[picked] + rows[row_of[picked]]).astype(emb.dtype)
+    rows[:] = 0.0
 
 
 def shared_keys(model: nn.Module) -> list[str]:

@@ -211,6 +211,10 @@ class RunConfig:
     # release-init: draw training negatives from the DP prior (exp(prior)) so DP-SGD learns what the user's
     # items have beyond popularity, the part that changes the ranking (fedrec.shared_model.model)
     prior_negatives: bool = False
+    # release-init: DP-FEST-style sparse item rows. M > 0: DP-SGD also trains a delta on the embedding rows
+    # of the M items the release's DP popularity ranks highest (and only those: M·dim numbers clipped and
+    # noised, not catalogue·dim); 0 = off. The selection is post-processing of round 1's release.
+    dp_rows: int = 0
     # local-steps: several local DP-SGD (Adam) steps per round | cohort: one noisy clipped gradient sum per
     # round at Poisson rate cohort-rate, server optimizer on the noisy mean (DP_MODES above)
     dp_mode: str = "local-steps"
@@ -282,6 +286,12 @@ class RunConfig:
                 f"release-init-items {self.release_init_items!r} needs a Gram part: release-init-pop < 1"
             )
         self.train_modules()  # validates
+        if isinstance(self.dp_rows, bool) or not isinstance(self.dp_rows, int) or self.dp_rows < 0:
+            raise FedrecError(f"dp-rows must be an integer ≥ 0 (0: off), got {self.dp_rows!r}")
+        if self.dp_rows and self.release_init <= 0:
+            raise FedrecError(
+                "dp-rows trains the rows of the items the release-init release selects: it needs release-init > 0"
+            )
         if (self.dot_mix >= 0 or self.dp_train or self.prior_negatives) and self.release_init <= 0:
             raise FedrecError(
                 "dot-mix, dp-train and prior-negatives shape the release-init model: they need release-init > 0"
@@ -462,10 +472,12 @@ class RunConfig:
         return "trimmed", beta
 
     def train_modules(self) -> tuple[str, ...]:
-        """``dp-train`` as module names (() = all); "mix" needs dot-mix >= 0."""
+        """``dp-train`` as module names (() = all), plus ``item_rows`` with dp-rows; "mix" needs dot-mix >= 0."""
         allowed = ("mix", "mlp", "genre_proj", "user_feats", "hour_emb", "weekday_emb")
         names = tuple(x.strip() for x in str(self.dp_train).split(",") if x.strip())
-        bad = [x for x in names if x not in allowed]
+        if self.dp_rows and names and "item_rows" not in names:
+            names = (*names, "item_rows")  # dp-rows trains its rows whatever else dp-train lists
+        bad = [x for x in names if x not in (*allowed, "item_rows")]
         if bad:
             raise FedrecError(f"dp-train lists unknown module(s) {bad}; choose from {', '.join(allowed)}")
         if "mix" in names and self.dot_mix < 0:

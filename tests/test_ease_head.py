@@ -16,12 +16,12 @@ from fedrec.client.app import app
 from fedrec.privacy import gram
 from fedrec.privacy.ledger import read_entries
 from fedrec.server.loop import load_catalog, run_federation
-from fedrec.server.release_init import ease_tables, init_model_config, init_tables_from_release
+from fedrec.server.release_init import ease_tables, init_model_config, init_tables_from_release, row_selection
 from fedrec.shared_model.artifacts import load_model
 from fedrec.shared_model.codec import arrays_of, metrics_of
 from fedrec.shared_model.dp_item import DPEASE, DPEASERule
 from fedrec.shared_model.errors import FedrecError
-from fedrec.shared_model.model import HistoryMLP, ModelConfig
+from fedrec.shared_model.model import HistoryMLP, ModelConfig, fold_item_rows
 from fedrec.shared_model.recommend import Recommender
 from fedrec.shared_model.runconfig import RunConfig
 from fedrec.shared_model.training import pad_rows
@@ -258,3 +258,86 @@ def test_simulate_takes_the_table_width_and_refuses_a_bad_one_with_one_line(tmp_
     )  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--dim" in proc.stderr and not out.exists()
+
+
+# ---------------------------------------------------------------- DP-FEST-style sparse item rows (dp-rows)
+def test_sparse_item_rows_change_only_the_selected_items_and_fold_into_the_same_model() -> None:
+    cfg = ModelConfig(n_items=30, dim=8, item_rows=5, trainable=("item_rows",), freeze_item_emb=True)
+    model = HistoryMLP(cfg)
+    picked = np.array([1, 3, 5, 7, 9])
+    model.set_row_selection(picked)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["item_rows.weight"]
+    hist, cand = torch.tensor([[1, 2, 30], [3, 4, 5]]), torch.tensor([[7, 8], [9, 0]])
+    feats, ctx = torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long)
+    model(hist, cand, feats, ctx).sum().backward()
+    grad = model.item_rows.weight.grad  # type: ignore[union-attr]
+    assert grad is not None and grad[5].abs().sum() == 0, "row M (the items not selected) gets no gradient"
+    assert grad[:5].abs().sum() > 0
+    with torch.no_grad():
+        model.item_rows.weight.normal_()  # type: ignore[union-attr]  # trained rows, and noise on row M
+    before, before_all = model(hist, cand, feats, ctx).detach(), model.score_all(hist, feats, ctx)
+    weights = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    table = weights["item_emb.weight"].copy()
+    fold_item_rows(weights)
+    moved = np.flatnonzero(np.abs(weights["item_emb.weight"] - table).sum(1) > 0)
+    assert set(moved) == set(picked.tolist()) and not weights["item_rows.weight"].any()
+    folded = HistoryMLP(cfg)
+    folded.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    torch.testing.assert_close(folded(hist, cand, feats, ctx).detach(), before)
+    torch.testing.assert_close(folded.score_all(hist, feats, ctx), before_all)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"approach": "mlp", "release_init": 0.0, "dp_rows": 10}, "dp-rows .* needs release-init > 0"),
+        ({"approach": "mlp", "dp_rows": -1}, "dp-rows must be an integer ≥ 0"),
+    ],
+)
+def test_bad_dp_rows_are_refused(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(FedrecError, match=match):
+        RunConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_dp_rows_run_trains_only_the_rows_of_the_dp_selected_items_and_audits(
+    fed: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "rows"
+    cfg = RunConfig(
+        fed_dir=str(fed), run_dir=str(run), run_name="ease-rows", num_tenants=TENANTS, approach="mlp",
+        epsilon=6.0, release_init=0.9, release_init_items="ease", release_init_pop=0.05, dp_rows=8,
+        dp_mode="cohort", cohort_rate=0.5, server_lr=0.3, num_server_rounds=2, accountant="rdp", dim=16,
+    )  # fmt: skip
+    assert cfg.train_modules() == ("mix", "mlp", "item_rows")
+    grid = LoopbackGrid(app, cfg.to_mapping(), TENANTS)
+    run_federation(grid, cfg, log=lambda _: None)
+    releases = [
+        m
+        for m in grid.received
+        if not m.has_error() and m.content.array_records and "gram" in arrays_of(m.content)
+    ]
+    total = {
+        k: sum(arrays_of(m.content)[k].astype(np.float64) for m in releases) for k in ("popularity", "gram")
+    }
+    sigmas = [float(metrics_of(m.content, "metrics")["noise-multiplier"]) for m in releases]
+    users = sum(int(metrics_of(m.content, "metrics")["num-examples"]) for m in releases)
+    n = load_catalog(cfg).n_items
+    tabs = init_tables_from_release(
+        total, n_items=n, users=users, sigma_sum=float(np.sqrt(np.sum(np.square(sigmas)))), dim=cfg.dim,
+        pop_share=0.05, source="ease",
+    )  # fmt: skip
+    picked = row_selection(tabs.prior, 8)
+    model = load_model(run).model
+    assert isinstance(model, HistoryMLP) and model.cfg.item_rows == 8 and model.item_rows is not None
+    assert not model.item_rows.weight.detach().any(), "the saved model holds the rows folded into the table"
+    emb = model.item_emb.weight[:n].detach().numpy()
+    others = np.setdiff1d(np.arange(n), picked)
+    np.testing.assert_allclose(emb[others], tabs.emb[others], rtol=0, atol=1e-6)  # untouched: no noise
+    assert np.abs(emb[picked] - tabs.emb[picked]).sum() > 0, "DP-SGD did not move the selected rows"
+    rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    assert rows[0]["release_init"]["trained_rows"] == 8
+    for t in range(TENANTS):
+        entries, problems = read_entries(run / "ledger" / f"tenant-{t}.jsonl")
+        assert not problems and max(e["epsilon"] for e in entries) <= 6.0 + 1e-9
+    report = check_run(load_run(run))
+    assert not report.failed(), [(c.name, c.tenant, c.findings) for c in report.failed()]
