@@ -43,9 +43,10 @@ def bench_commands() -> None:
 def test_dp_step_writes_plain_dp_and_ratio_per_size(tmp_path: Path) -> None:
     out = tmp_path / "dp.json"
     args = ["bench", "dp-step", "--sizes", "50,80", "--repeats", "2", "--no-memory", "--json", str(out)]
-    res = runner.invoke(app, [*args, "--modes", "plain,opacus-ghost,fast", "--device", "auto"])
+    res = runner.invoke(app, [*args, "--modes", "plain,opacus-ghost,fast", "--device", "auto", "--dim", "40"])
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
+    assert data["dim"] == 40 and "dim 40" in res.output
     assert data["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # auto: the GPU when seen
     assert set(data["sizes"]) == {"50", "80"}
     for row in data["sizes"].values():

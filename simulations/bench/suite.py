@@ -237,6 +237,7 @@ def bench_dp_step(
     memory: bool = True,
     batch_users: int = 64,
     device: str = "cpu",
+    dim: int = 32,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The ``dp-step`` table: per size and mode the median step time, its ratio to plain, peak memory.
@@ -253,6 +254,7 @@ def bench_dp_step(
         "threads": threads,
         "repeats": repeats,
         "batch_users": batch_users,
+        "dim": dim,
         "memory": (
             "peak RSS added by 3 steps over the RSS after setup, fresh process per mode (VmHWM)"
             if memory
@@ -261,7 +263,7 @@ def bench_dp_step(
         "sizes": {},
     }
     for n in sizes:
-        setup = StepSetup(n_items=n, batch_users=batch_users, device=device)
+        setup = StepSetup(n_items=n, batch_users=batch_users, device=device, dim=dim)
         run_modes = [m for m in modes if m != "opacus-hooks" or n <= hooks_max_items]
         log(f"dp-step: {n} items, modes {', '.join(run_modes)} …")
         times = time_modes(setup, run_modes, repeats=repeats, slow_repeats=hooks_repeats)

@@ -43,6 +43,7 @@ def _f(x: Any, fmt: str = "{:.1f}") -> str:
 def dp_step_table(result: dict[str, Any]) -> Table:
     t = Table(
         title=f"One local training step on {result.get('device_name', 'cpu')} ({result['batch_users']} users, "
+        f"dim {result.get('dim', 32)}, "
         f"{result['threads']} thread(s), median of {result['repeats']})"
     )
     for col in ("items", "mode", "ms", "× plain", "peak Δ MB"):
@@ -181,6 +182,9 @@ def register(app: typer.Typer) -> None:
             int, typer.Option("--hooks-max-items", help="Skip opacus-hooks above this table size.")
         ] = 100_000,
         batch_users: Annotated[int, typer.Option("--batch-users", min=1, help="Users per step.")] = 64,
+        dim: Annotated[
+            int, typer.Option("--dim", min=1, help="Embedding width (256: the EASE-table head's).")
+        ] = 32,
         threads: ThreadsOpt = 1,
         memory: Annotated[
             bool, typer.Option("--memory/--no-memory", help="Peak memory, one fresh process per mode.")
@@ -228,6 +232,7 @@ def register(app: typer.Typer) -> None:
             hooks_max_items=hooks_max_items,
             memory=memory,
             batch_users=batch_users,
+            dim=dim,
             device=device,
             log=_log,
         )
