@@ -90,7 +90,8 @@ AUTO_HEAD: dict[str, Any] = {
 #: The DP-SGD part on top of ``release-init-items ease`` (DP-EASE's item–item model of the release as
 #: frozen tables): the dot term's weight starts at 300 (the EASE term then ranks, the prior breaks ties;
 #: 0 leaves the prior alone ranking and DP-SGD cannot climb to 300), DP-SGD trains that weight and the MLP
-#: on top, negatives from the prior, clipping bound 0.05. Chosen on validation (synthetic 20 000 users,
+#: on top (and, in cohort rounds, the rows of the most popular items), negatives from the prior,
+#: clipping bound 0.05. Chosen on validation (synthetic 20 000 users,
 #: ε 3, cohort rounds under SecAgg+; docs/FEDERATION.md "The EASE table"). Each key applies only where
 #: it was not given.
 AUTO_EASE: dict[str, Any] = {
@@ -99,6 +100,9 @@ AUTO_EASE: dict[str, Any] = {
     "dp_train": "mix,mlp",
     "prior_negatives": True,
     "max_grad_norm": 0.05,
+    # cohort rounds only: DP-SGD also trains the rows of the 100 items the release's DP popularity ranks
+    # highest (dp-rows; 100 beat 400 and 0 on validation, 1 000-item catalogues, docs/FEDERATION.md)
+    "dp_rows": 100,
 }
 #: What the head's keys resolve to when the head does not apply (their meaning before the head existed).
 AUTO_NO_HEAD: dict[str, Any] = {
@@ -213,8 +217,9 @@ class RunConfig:
     prior_negatives: bool = False
     # release-init: DP-FEST-style sparse item rows. M > 0: DP-SGD also trains a delta on the embedding rows
     # of the M items the release's DP popularity ranks highest (and only those: M·dim numbers clipped and
-    # noised, not catalogue·dim); 0 = off. The selection is post-processing of round 1's release.
-    dp_rows: int = 0
+    # noised, not catalogue·dim); 0 = off; -1 = auto: AUTO_EASE's with the EASE table in cohort rounds,
+    # else off. The selection is post-processing of round 1's release.
+    dp_rows: int = -1
     # local-steps: several local DP-SGD (Adam) steps per round | cohort: one noisy clipped gradient sum per
     # round at Poisson rate cohort-rate, server optimizer on the noisy mean (DP_MODES above)
     dp_mode: str = "local-steps"
@@ -287,7 +292,7 @@ class RunConfig:
             )
         self.train_modules()  # validates
         if isinstance(self.dp_rows, bool) or not isinstance(self.dp_rows, int) or self.dp_rows < 0:
-            raise FedrecError(f"dp-rows must be an integer ≥ 0 (0: off), got {self.dp_rows!r}")
+            raise FedrecError(f"dp-rows must be an integer ≥ 0 (0: off, -1: auto), got {self.dp_rows!r}")
         if self.dp_rows and self.release_init <= 0:
             raise FedrecError(
                 "dp-rows trains the rows of the items the release-init release selects: it needs release-init > 0"
@@ -365,6 +370,8 @@ class RunConfig:
                 set_(self, "prior_negatives", AUTO_EASE["prior_negatives"])
             if self.max_grad_norm == 0:
                 set_(self, "max_grad_norm", AUTO_EASE["max_grad_norm"])
+            if self.dp_rows == -1 and self.dp_mode == "cohort":
+                set_(self, "dp_rows", AUTO_EASE["dp_rows"])
         if head:
             if self.dot_mix == -1.0:
                 set_(self, "dot_mix", AUTO_HEAD["dot_mix"])
@@ -379,6 +386,8 @@ class RunConfig:
             set_(self, "max_grad_norm", AUTO_NO_HEAD["max_grad_norm"])
         if self.dim == 0:
             set_(self, "dim", AUTO_DIM)
+        if self.dp_rows == -1:
+            set_(self, "dp_rows", 0)
 
     def with_approach(self, approach: str, head: str = "") -> RunConfig:
         """This run config with ``approach`` named instead of ``auto``, every auto setting resolved again

@@ -130,6 +130,7 @@ def test_the_ease_head_recipe_fills_only_what_was_left_auto() -> None:
     head = RunConfig(approach="auto").with_approach("mlp", "ease")
     assert {name: getattr(head, name) for name in AUTO_EASE_HEAD} == AUTO_EASE_HEAD
     assert (head.dim, head.dot_mix, head.dp_train, head.server_opt) == (256, 300.0, "mix,mlp", "fedadam")
+    assert head.dp_rows == 100 and "item_rows" in head.train_modules()
     mine = RunConfig(approach="auto", num_server_rounds=2, dim=64, dp_mode="cohort", cohort_rate=0.5)
     mine = mine.with_approach("mlp", "ease")
     assert (mine.num_server_rounds, mine.dim, mine.cohort_rate, mine.dp_mode) == (2, 64, 0.5, "cohort")
@@ -284,6 +285,8 @@ def test_auto_trains_the_ease_head_under_secagg_through_the_loop_and_audits(
     assert (config["dp-mode"], config["cohort-rate"], config["release-init-pop"]) == ("cohort", 0.2, 0.05)
     rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
     assert rows[0]["release_init"]["source"] == "ease" and rows[0]["release_init"]["noise_shares"] == TENANTS
+    n_items = json.loads((run / "model.json").read_text())["model"]["n_items"]
+    assert rows[0]["release_init"]["trained_rows"] == min(100, n_items), "auto's head trains the top rows"
     assert "secagg" in rows[1] and rows[1]["aggregated"] == TENANTS
     for t in range(TENANTS):
         entries, problems = read_entries(run / "ledger" / f"tenant-{t}.jsonl")

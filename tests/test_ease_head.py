@@ -167,6 +167,7 @@ def test_an_ease_head_run_trains_on_the_release_tables_charges_both_stages_and_a
         server_lr=0.3,
         num_server_rounds=2,
         accountant="rdp",
+        dp_rows=0,  # the tables stay exactly the release's (the rows' own test is below)
     )
     grid = LoopbackGrid(app, cfg.to_mapping(), TENANTS)
     run_federation(grid, cfg, log=lambda _: None)
@@ -226,9 +227,16 @@ def test_the_ease_table_brings_its_dp_sgd_defaults_and_explicit_values_win() -> 
         True,
         0.05,
     )
+    assert cohort.dp_rows == 100 and cohort.train_modules() == ("mix", "mlp", "item_rows")
+    off = RunConfig(
+        approach="mlp", dp_mode="cohort", release_init=0.95, release_init_items="ease", release_init_pop=0.05,
+        dp_rows=0,
+    )  # fmt: skip
+    assert off.dp_rows == 0 and "item_rows" not in off.train_modules(), "an explicit 0 wins"
     # under the local-steps head too: the EASE keys come first, the head's only fill what is left
     head = RunConfig(approach="mlp", release_init_items="ease")
     assert head.release_init == 0.9 and head.dot_mix == 300.0 and head.dp_train == "mix,mlp"
+    assert head.dp_rows == 0, "rows only in cohort rounds (local Adam steps push noisy rows past the bound)"
     mine = RunConfig(approach="mlp", release_init=0.9, release_init_items="ease", dot_mix=3.0, dp_train="mix")
     assert (mine.dot_mix, mine.dp_train) == (3.0, "mix")
     # the other tables keep their own defaults
@@ -291,7 +299,7 @@ def test_sparse_item_rows_change_only_the_selected_items_and_fold_into_the_same_
     ("kwargs", "match"),
     [
         ({"approach": "mlp", "release_init": 0.0, "dp_rows": 10}, "dp-rows .* needs release-init > 0"),
-        ({"approach": "mlp", "dp_rows": -1}, "dp-rows must be an integer ≥ 0"),
+        ({"approach": "mlp", "dp_rows": -2}, "dp-rows must be an integer ≥ 0"),
     ],
 )
 def test_bad_dp_rows_are_refused(kwargs: dict[str, object], match: str) -> None:

@@ -269,15 +269,15 @@ def simulate(
         ),
     ] = False,
     dp_rows: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--dp-rows",
             min=0,
             help="With --release-init: DP-SGD also trains the embedding rows of the M items the release's DP "
             "popularity ranks highest, and only those (DP-FEST-style sparsity: M·dim numbers noised, not "
-            "catalogue·dim) [0: off].",
+            "catalogue·dim); 0 = off [auto: 100 with --release-init-items ease in cohort rounds, else 0].",
         ),
-    ] = 0,
+    ] = None,
     dp_mode: Annotated[
         str,
         typer.Option(
@@ -428,7 +428,7 @@ def simulate(
         dim=dim or 0,
         dp_train=dp_train.strip(),
         prior_negatives=prior_negatives,
-        dp_rows=dp_rows,
+        dp_rows=-1 if dp_rows is None else dp_rows,
         dp_mode=dp_mode.strip(),
         cohort_rate=cohort_rate or 0.0,
         secagg=secagg,
