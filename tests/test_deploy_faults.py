@@ -21,8 +21,10 @@ replays them):
      restarted on the same ``--database``; ``fedrec deploy launch --resume`` continues the run; a
      state dir is read-only from the round's start until the resumed round closes.
 
-That is 12 faults in 6 rounds; ``round-timeout`` is 65 s, just above the 60 s after which the
-SuperLink reports a silent SuperNode "Node Unavailable", so a lost node costs ≤ 60 s of its round.
+That is 12 faults in 6 rounds. The SuperNodes heartbeat every ``HEARTBEAT`` (10 s, Flower's least,
+instead of its fixed 30 s: ``tests/fast_heartbeat/sitecustomize.py`` on their ``PYTHONPATH``), so the
+SuperLink reports a silent SuperNode "Node Unavailable" after 20 s instead of 60 s and a lost node costs
+≤ 20 s of its round; ``round-timeout`` is 45 s, above those 20 s with room for a slow honest stage.
 Killed SuperNodes are restarted (same key, same state dir) once the SuperLink lists them offline (a
 restart before that is refused: the key is still "online"). After the run, per fault: rounds.jsonl
 names the lost node and the effect (aggregated without it, or unchanged); every partner's ledger
@@ -44,7 +46,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,11 @@ from tests.test_deploy_e2e import APP_DIR, Cluster, Proc, _alive, _descendants, 
 pytestmark = pytest.mark.slow
 
 PARTNERS, ROUNDS, EPSILON, USERS, ITEMS = 3, 6, 8.0, 180, 80
-ROUND_TIMEOUT = 65.0  # per SecAgg+ stage; > the 60 s after which the SuperLink marks a silent node offline
+#: the SuperNodes' heartbeat interval (s): tests/fast_heartbeat/sitecustomize.py's INTERVAL; the SuperLink
+#: marks a silent node offline after 2 of them (HEARTBEAT_PATIENCE)
+HEARTBEAT = 10.0
+FAST_HEARTBEAT = Path(__file__).resolve().parent / "fast_heartbeat"
+ROUND_TIMEOUT = 45.0  # per SecAgg+ stage; > the 2 × HEARTBEAT after which a silent node is offline
 RUN_TIMEOUT = 900.0
 # CI replays seed 128692 (it passed end to end). FEDREC_FAULT_SEED=random draws a fresh one: seed 282067
 # found a partner refused before its first charge (read-only dir in round 1) still refused in round 2.
@@ -129,6 +134,14 @@ class FaultCluster(Cluster):
         for proc in list(self.procs):
             self.seen_pids.update(_descendants(proc.popen.pid))
 
+    def start_supernode(self, i: int) -> Proc:
+        """Partner ``i``'s ``supernode.sh`` (as the user runs it), its Python processes heartbeating
+        every ``HEARTBEAT``."""
+        path = os.pathsep.join(p for p in (str(FAST_HEARTBEAT), os.environ.get("PYTHONPATH", "")) if p)
+        return self.start(
+            f"supernode-{i}", ["bash", str(self.partner_dir(i) / "supernode.sh")], {"PYTHONPATH": path}
+        )
+
     def supernode(self, i: int) -> Proc:
         return [p for p in self.procs if p.name == f"supernode-{i}"][-1]
 
@@ -145,11 +158,6 @@ class FaultCluster(Cluster):
 
     def ledger(self, i: int, run_name: str) -> Path:
         return self.partner_dir(i) / "state" / run_name / "ledger.jsonl"
-
-    def fedrec_all(self, *commands: list[str]) -> list[subprocess.CompletedProcess[str]]:
-        """Independent ``fedrec`` commands run side by side (each process spends seconds importing)."""
-        with ThreadPoolExecutor(len(commands)) as pool:
-            return list(pool.map(lambda args: self.fedrec(*args), commands))
 
 
 @pytest.fixture(scope="module")
@@ -247,15 +255,16 @@ def node_online(c: FaultCluster, nid: int) -> bool | None:
 
 def restart_when_offline(c: FaultCluster, i: int, nid: int) -> threading.Thread:
     """Restart partner ``i``'s killed SuperNode (same key, same state dir) once the SuperLink lists it
-    offline — what a supervisor with ``RestartSec`` ≥ 60 s does. Not asked before 25 s: its last
-    heartbeat was at most 30 s before the kill and the SuperLink waits 2 of them (each ``flwr`` call
-    costs a second of CPU that the surviving partners' ClientApps need)."""
+    offline — what a supervisor with ``RestartSec`` ≥ 2 heartbeats does. Not asked before 15 s: its
+    last heartbeat was ≤ 4.5 s before the kill (they come every 0.7–0.9 × (``HEARTBEAT`` − 5 s)) and the
+    SuperLink waits 2 × ``HEARTBEAT`` after it (each ``flwr`` call costs a second of CPU that the
+    surviving partners' ClientApps need)."""
 
     def go() -> None:
         deadline = time.monotonic() + 300
-        time.sleep(25)
+        time.sleep(2 * HEARTBEAT - 5)
         while time.monotonic() < deadline and node_online(c, nid) is not False:
-            time.sleep(3)
+            time.sleep(2)
         c.start_supernode(i)
 
     t = threading.Thread(target=go, daemon=True)
