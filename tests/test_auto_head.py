@@ -1,6 +1,6 @@
 """Issue 16 item 3: ``--approach mlp`` under DP defaults to the DP head, ``auto`` trains that head
 where ``choose()`` would release DP popularity, and the EASE-table head where it would release DP-EASE
-under SecAgg+ from 20 000 users (in-process grid, synthetic data)."""
+under SecAgg+ from 5 000 users (in-process grid, synthetic data)."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def test_auto_never_replaces_dp_ease_or_two_stage() -> None:
 
 def test_auto_picks_the_ease_head_where_it_would_release_dp_ease_under_secagg() -> None:
     cfg = RunConfig(approach="auto", epsilon=8.0)
-    big = {f"tenant-{i}": 4000 for i in range(5)}  # 20 000 users
+    big = {f"tenant-{i}": 1200 for i in range(5)}  # 6 000 users
     choice = resolve_approach(cfg, big, 1000, shares=3)
     assert (choice.approach, choice.head, choice.noise_mode) == ("mlp", "ease", "distributed")
     assert "≥ 1000" in choice.reason and EASE_HEAD_REASON in choice.reason
@@ -121,7 +121,7 @@ def test_auto_picks_the_ease_head_where_it_would_release_dp_ease_under_secagg() 
         and not local.head
         and "not the EASE-table head: local noise" in local.reason
     )
-    few = resolve_approach(cfg, {f"tenant-{i}": 1000 for i in range(5)}, 1000, shares=3)
+    few = resolve_approach(cfg, {f"tenant-{i}": 900 for i in range(5)}, 1000, shares=3)
     assert few.approach == "dp_ease" and f"< {EASE_HEAD_MIN_USERS}" in few.reason
     assert resolve_approach(cfg, big, 40_000, shares=3).approach == "dp_two_stage"
 
