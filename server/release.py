@@ -122,24 +122,21 @@ HEAD_REASON = (
 
 
 #: Fewest users (all tenants) from which ``auto`` trains the EASE-table head where it would release
-#: DP-EASE under SecAgg+ (docs/FEDERATION.md, "auto picks the EASE-table head").
+#: DP-EASE (docs/FEDERATION.md, "auto picks the EASE-table head").
 EASE_HEAD_MIN_USERS = 5_000
 #: Why ``auto`` trains the EASE-table head where ``choose()`` would release DP-EASE (docs/FEDERATION.md).
 EASE_HEAD_REASON = (
     "DP-EASE would be released; the EASE-table head (release-init: 0.95 of ε on one Gram release, "
     "DP-EASE's item–item model of it as frozen tables, then cohort DP-SGD rounds of the MLP and of the "
     "100 most popular items' rows on top, its noise split into shares under SecAgg+) beats DP-EASE on "
-    "validation wherever this rule picks it (synthetic 5 000–100 000 users, ε 1–8, SecAgg+; "
-    "docs/FEDERATION.md)"
+    "validation wherever this rule picks it (synthetic 5 000–100 000 users, ε 1–8, SecAgg+ and local "
+    "noise; docs/FEDERATION.md)"
 )
 
 
-def ease_head_applies(*, shares: int, users: int) -> str | None:
+def ease_head_applies(*, users: int) -> str | None:
     """Why ``auto`` may not swap DP-EASE for the EASE-table head here, or None (it may): the head was
-    measured to beat DP-EASE under SecAgg+ only (distributed noise, one noise on the sum) and from
-    EASE_HEAD_MIN_USERS users."""
-    if shares <= 1:
-        return "local noise: the head beats DP-EASE only under SecAgg+ on the measured frontier"
+    measured above DP-EASE from EASE_HEAD_MIN_USERS users (with local noise and under SecAgg+)."""
     if users < EASE_HEAD_MIN_USERS:
         return (
             f"{users} users < {EASE_HEAD_MIN_USERS}: below that the head was not measured above DP-EASE "
@@ -236,7 +233,7 @@ def resolve_approach(
             choice.users_per_noise,
         )
     if choice.approach == "dp_ease":
-        why_not = ease_head_applies(shares=shares, users=choice.users)
+        why_not = ease_head_applies(users=choice.users)
         if why_not is None:
             return ApproachChoice(
                 "mlp", f"{choice.reason}; {EASE_HEAD_REASON}", mode, choice.users_per_noise, head="ease"

@@ -118,7 +118,7 @@ AUTO_DIM = 32
 #: AUTO_HEAD): "ease" is the EASE-table head in cohort rounds (AUTO_EASE_HEAD).
 HEADS: tuple[str, ...] = ("", "ease")
 #: What ``approach auto`` trains where it picks the EASE-table head (``fedrec.server.release``): cohort
-#: rounds (distributed DP-SGD noise under SecAgg+), round 1 spends 0.95 of ε on one release with 0.05 of
+#: rounds (their noise split into shares under SecAgg+), round 1 spends 0.95 of ε on one release with 0.05 of
 #: its μ² on popularity, DP-EASE's tables from it, then DP-SGD of AUTO_EASE's keys. The measured recipe
 #: of docs/FEDERATION.md ("The EASE table"); each key applies only where it was left auto, except
 #: dp-mode, which the head needs.

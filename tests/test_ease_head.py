@@ -335,7 +335,8 @@ def test_a_dp_rows_run_trains_only_the_rows_of_the_dp_selected_items_and_audits(
         pop_share=0.05, source="ease",
     )  # fmt: skip
     picked = row_selection(tabs.prior, 8)
-    model = load_model(run).model
+    loaded = load_model(run)
+    model = loaded.model
     assert isinstance(model, HistoryMLP) and model.cfg.item_rows == 8 and model.item_rows is not None
     assert not model.item_rows.weight.detach().any(), "the saved model holds the rows folded into the table"
     emb = model.item_emb.weight[:n].detach().numpy()
@@ -344,6 +345,8 @@ def test_a_dp_rows_run_trains_only_the_rows_of_the_dp_selected_items_and_audits(
     assert np.abs(emb[picked] - tabs.emb[picked]).sum() > 0, "DP-SGD did not move the selected rows"
     rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
     assert rows[0]["release_init"]["trained_rows"] == 8
+    top = Recommender(loaded).recommend([np.array([0, 1, 2])], k=10)[0].items  # the serving path reads it
+    assert len(top) == 10 and not {0, 1, 2} & {int(i) for i in top}
     for t in range(TENANTS):
         entries, problems = read_entries(run / "ledger" / f"tenant-{t}.jsonl")
         assert not problems and max(e["epsilon"] for e in entries) <= 6.0 + 1e-9
