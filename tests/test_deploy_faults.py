@@ -46,6 +46,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,11 @@ class FaultCluster(Cluster):
 
     def ledger(self, i: int, run_name: str) -> Path:
         return self.partner_dir(i) / "state" / run_name / "ledger.jsonl"
+
+    def fedrec_all(self, *commands: list[str]) -> list[subprocess.CompletedProcess[str]]:
+        """Independent ``fedrec`` commands run side by side (each process spends seconds importing)."""
+        with ThreadPoolExecutor(len(commands)) as pool:
+            return list(pool.map(lambda args: self.fedrec(*args), commands))
 
 
 @pytest.fixture(scope="module")

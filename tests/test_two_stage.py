@@ -121,7 +121,9 @@ def test_auto_picks_two_stage_above_the_gram_limit_and_says_why() -> None:
         RunConfig(approach="auto", epsilon=8.0, gram_limit=LIMIT, select_rule=0), {"a": 10**6}, 600
     )
     assert "selects the top 150 items (the gram-limit)" in explicit.reason
-    assert resolve_approach(cfg, {"a": 10**6}, 100).approach == "dp_ease"  # within the limit: one Gram
+    assert resolve_approach(cfg, {"a": 4000}, 100).approach == "dp_ease"  # within the limit: one Gram
+    # (from 5 000 users auto trains the EASE-table head, whose release-init is that one Gram release)
+    assert resolve_approach(cfg, {"a": 10**6}, 100).head == "ease"
     assert resolve_approach(cfg, {"a": 50}, 600).approach == "dp_popularity"  # too few users for a Gram
     with pytest.raises(FedrecError, match="use dp_two_stage"):
         resolve_approach(RunConfig(approach="dp_ease", gram_limit=LIMIT), {"a": 10**6}, 600)
