@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ from fedrec.simulations.cli import frontier as cli_frontier
 from fedrec.simulations.reports.frontier import median_table
 
 
-def test_frontier_command_writes_png_csv_and_markdown(tmp_path: Path) -> None:
+def test_frontier_command_writes_png_csv_and_markdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     app = typer.Typer()
     cli_frontier.register(app)
 
@@ -26,6 +29,9 @@ def test_frontier_command_writes_png_csv_and_markdown(tmp_path: Path) -> None:
         pass
 
     out = tmp_path / "f"
+    scratch = tmp_path / "scratch"  # the DP MLP's temporary federations (keys, partitions) go here
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     result = CliRunner().invoke(
         app,
         [
@@ -48,28 +54,33 @@ def test_frontier_command_writes_png_csv_and_markdown(tmp_path: Path) -> None:
     with (out / "frontier.csv").open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     # per seed: popularity ×2 ε, (dp_popularity, dp_ease) × (2 modes at ε=8, 1 at ∞), the ridge-only
-    # ablation and eigen_gram × 2 modes at ε=8, the DP MLP at ε=8 (none at ∞), chosen × 3
-    assert len(rows) == 2 * (2 + 6 + 2 + 2 + 1 + 3)
+    # ablation and eigen_gram × 2 modes at ε=8, the DP MLP × 2 modes at ε=8 (none at ∞), chosen × 3
+    assert len(rows) == 2 * (2 + 6 + 2 + 2 + 2 + 3)
     assert {r["approach"] for r in rows if r["approach"] == "dp_ease_ridge"} == {"dp_ease_ridge"}
     chosen = [r for r in rows if r["approach"] == "chosen"]
     assert {r["picked"] for r in chosen if float(r["epsilon"]) == math.inf} == {"ease"}
-    # The DP MLP column: the release at 0.9 ε then DP-SGD rounds, composed to the same ε (user-level, δ)
+    # The DP MLP column: one whole federated run per (seed, mode) through the product's loop, at most ε
+    # per tenant over all its stages (user-level, δ); 300 users: below the EASE-table head's bound
     mlp = [r for r in rows if r["approach"] == "dp_mlp"]
-    assert [(float(r["epsilon"]), r["mode"], r["seed"]) for r in mlp] == [
+    assert sorted((float(r["epsilon"]), r["mode"], r["seed"]) for r in mlp) == [
+        (8.0, "distributed", "0"),
+        (8.0, "distributed", "1"),
         (8.0, "local", "0"),
         (8.0, "local", "1"),
     ]
     for r in mlp:
-        assert 7.99 < float(r["epsilon_spent"]) <= 8.0
-        assert float(r["release_share"]) == 0.9 and int(r["sgd_rounds"]) == 5
-        assert float(r["sigma_sgd"]) > 0 and float(r["sigma_release"]) > 0
+        assert 7.9 < float(r["epsilon_spent"]) <= 8.0
+        assert r["head"] == "genres" and "300 users < 5000" in r["head_reason"]
+        assert r["dp_mode"] == "local-steps" and int(r["rounds"]) >= 2
         assert 0 <= float(r["hr@10"]) <= 1 and 0 <= float(r["val_hr@10"]) <= 1
-        assert int(r["genre_columns"]) > 0  # the synthetic catalogue's public genres: the frozen table
+    # the runs' federations (keys, encrypted partitions) and run dirs do not outlive them (torch's own
+    # compile cache may stay)
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor")] == []
     val = [r for r in rows if r.get("val_hr@10") and r["approach"] in ("dp_popularity", "dp_ease")]
-    assert {r["mode"] for r in val} == {"local"} and len(val) == 4
+    assert {r["mode"] for r in val} == {"local", "distributed"} and len(val) == 8
     md = (out / "frontier.md").read_text(encoding="utf-8")
     assert "synthetic-300" in md and "| ∞ |" in md
-    assert "DP MLP (release 0.9 ε + DP-SGD head)" in md and "best on validation" in md
+    assert "DP MLP, distributed noise (SecAgg)" in md and "(genres head)" in md and "best on validation" in md
 
     # --merge renders earlier CSVs without running anything: the same table
     again = tmp_path / "g"
@@ -137,8 +148,9 @@ FEDREC = [sys.executable, "-m", "fedrec.simulations.cli.main"]
     [
         (["--users", "", "--merge", "{tmp}/nope.csv"], "nope.csv is not a file"),
         (["--users", "100", "--synth-profile", "huge"], "--synth-profile must be one of"),
+        (["--users", "100", "--mlp-noise", "local,secagg"], "--mlp-noise must list local and/or distributed"),
     ],
-    ids=["missing-merge-csv", "unknown-synth-profile"],
+    ids=["missing-merge-csv", "unknown-synth-profile", "unknown-mlp-noise"],
 )
 def test_bad_frontier_input_is_one_clear_error(tmp_path: Path, args: list[str], needle: str) -> None:
     out = tmp_path / "out"
@@ -174,3 +186,15 @@ def test_scale_profile_above_the_gram_limit_leaves_the_gram_columns_out(tmp_path
     assert {r["approach"] for r in rows} == {"popularity", "dp_popularity"}
     assert {r["dataset"] for r in rows} == {"synthetic-scale-400x20000"}
     assert int(rows[0]["items"]) > 4000
+
+
+def test_the_dp_mlp_column_trains_the_head_auto_would_train() -> None:
+    """The column's MLP is the one ``auto`` trains: the EASE-table head from 5 000 users within the gram
+    limit, else the genres head, each with its reason."""
+    from fedrec.simulations.reports.frontier_mlp import mlp_head
+
+    assert mlp_head(5000, 1000)[0] == "ease"
+    head, why = mlp_head(4999, 1000)
+    assert head == "" and "4999 users < 5000" in why
+    head, why = mlp_head(30000, 40000)
+    assert head == "" and "40000 items > the gram limit (4000)" in why

@@ -75,6 +75,14 @@ def frontier(
     no_mlp: Annotated[
         bool, typer.Option("--no-mlp", help="Leave out the DP MLP column (the slowest one).")
     ] = False,
+    mlp_noise: Annotated[
+        str,
+        typer.Option(
+            "--mlp-noise",
+            help="The DP MLP column's noise modes, comma-separated: local, distributed (SecAgg+). One whole "
+            "federated run per mode, ε and seed.",
+        ),
+    ] = "local,distributed",
     first_seed: Annotated[
         int, typer.Option("--first-seed", min=0, help="Run seeds FIRST .. FIRST + --seeds - 1.")
     ] = 0,
@@ -112,6 +120,9 @@ def frontier(
     for p in earlier:
         if not p.is_file():
             raise FedrecError(f"--merge {p} is not a file")
+    mlp_modes = tuple(dict.fromkeys(m.strip() for m in mlp_noise.split(",") if m.strip()))
+    if not mlp_modes or any(m not in ("local", "distributed") for m in mlp_modes):
+        raise FedrecError(f"--mlp-noise must list local and/or distributed, got {mlp_noise!r}")
     if (data is None) != (test is None):
         raise FedrecError("the frontier takes a given split as --data TRAIN --test TEST (both files)")
     cfg = FrontierConfig(
@@ -125,6 +136,7 @@ def frontier(
         ml100k=include_ml100k,
         given=(data, test) if data is not None and test is not None else None,
         mlp=not no_mlp,
+        mlp_modes=mlp_modes,
         first_seed=first_seed,
         synth_profile=synth_profile,
     )

@@ -58,7 +58,8 @@ class FrontierConfig:
     given: tuple[str, str] | None = None  # a given split (TRAIN, TEST), read by load_given
     rule: DPEASERule = field(default_factory=DPEASERule)
     eigen: bool = True  # also score the Gram release with EigenGram (post-processing, same release)
-    mlp: bool = True  # the "DP MLP" column (``frontier_mlp``: DP-SGD head on the DP release; slowest)
+    mlp: bool = True  # the "DP MLP" column (``frontier_mlp``: the MLP auto trains, one real run; slowest)
+    mlp_modes: tuple[str, ...] = ("local", "distributed")  # the DP MLP's noise modes (one run each)
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (a long frontier run in parts)
     synth_profile: str = "movielens"  # the synthetic generator (``scale``: large catalogue, long tail)
 
@@ -86,8 +87,12 @@ def frontier_points(
     cfg: FrontierConfig,
     seed: int,
     log: Callable[[str], None] = print,
+    *,
+    data: Any = None,
 ) -> list[dict[str, Any]]:
-    """Every (ε, approach, mode) point of one data set and one seed, as flat rows."""
+    """Every (ε, approach, mode) point of one data set and one seed, as flat rows. ``data`` (the
+    ``PreparedData`` of ``split``) is what the DP MLP column's federation is prepared from: without it the
+    column is left out."""
     rng_eval = np.random.default_rng([seed, 7])
     parts = partition_users(split, catalog, cfg.tenants, PartitionSpec("iid"), seed=seed, min_users=1)
     t0 = time.perf_counter()
@@ -96,7 +101,6 @@ def frontier_points(
         for s in (split.subset(p) for p in parts)
     ]
     t_rows = (time.perf_counter() - t0) / cfg.tenants
-    tenant_splits = [split.subset(p) for p in parts] if cfg.mlp else []
     test_users = np.flatnonzero(split.test_item >= 0)
     if len(test_users) > cfg.eval_users:
         test_users = np.sort(rng_eval.choice(test_users, cfg.eval_users, replace=False))
@@ -166,7 +170,7 @@ def frontier_points(
                 t3 = time.perf_counter()
                 hr, nd = _hr(scorer, ev, catalog, seed)
                 t_eval = time.perf_counter() - t3
-                if mode == "local" and sigma > 0:
+                if sigma > 0:
                     extra["val_hr@10"] = _val_hr(scorer, ev, catalog, seed)
                 add(
                     eps,
@@ -211,23 +215,18 @@ def frontier_points(
                         sigma=sigma,
                         sum_sigma=one.sigma,
                     )
-        if cfg.mlp and not math.isinf(eps):
-            from fedrec.simulations.reports.frontier_mlp import train_dp_mlp
+        if cfg.mlp and data is not None and not math.isinf(eps):
+            from fedrec.simulations.reports.frontier_mlp import run_dp_mlp
 
-            pt = train_dp_mlp(tenant_splits, catalog, epsilon_target=eps, delta=cfg.delta, seed=seed)
-            t3 = time.perf_counter()
-            hr, nd = _hr(pt.scorer, ev, catalog, seed)
-            t_eval = time.perf_counter() - t3
-            add(
-                eps,
-                "dp_mlp",
-                "local",
-                hr,
-                nd,
-                eval_s=round(t_eval, 3),
-                **{"val_hr@10": _val_hr(pt.scorer, ev, catalog, seed)},
-                **pt.facts,
-            )
+            for mode in cfg.mlp_modes:
+                pt = run_dp_mlp(
+                    data, epsilon_target=eps, delta=cfg.delta, seed=seed, tenants=cfg.tenants, mode=mode
+                )
+                add(eps, "dp_mlp", mode, pt.hr, pt.ndcg, **{"val_hr@10": pt.val_hr}, **pt.facts)
+                log(
+                    f"  {name} seed {seed} ε={eps:g}: DP MLP ({pt.facts['head']} head, {mode} noise) "
+                    f"{pt.hr:.3f} in {pt.facts['prepare_s'] + pt.facts['train_s']:.0f}s"
+                )
         log(
             f"  {name} seed {seed} ε={eps:g}: "
             + ", ".join(
@@ -277,72 +276,69 @@ def add_choices(
     return out
 
 
-def load_synthetic(
-    users: int, items: int, seed: int, profile: str = "movielens"
-) -> tuple[UserSplit, Catalog]:
+def synthetic_data(users: int, items: int, seed: int, profile: str = "movielens") -> Any:
+    """The synthetic data set (``PreparedData``) of one frontier point."""
     from fedrec.simulations.data.dataset import prepare_dataset
     from fedrec.simulations.data.sources import synthetic
     from fedrec.simulations.data.synth_scale import SynthSpec
 
     spec = SynthSpec(profile=profile) if profile != "movielens" else None
-    data = prepare_dataset(synthetic(users=users, items=items, seed=seed, spec=spec))
+    return prepare_dataset(synthetic(users=users, items=items, seed=seed, spec=spec))
+
+
+def load_synthetic(
+    users: int, items: int, seed: int, profile: str = "movielens"
+) -> tuple[UserSplit, Catalog]:
+    data = synthetic_data(users, items, seed, profile)
     return data.split, data.catalog
 
 
-def _synthetic_seed(users: int, items: int, profile: str, seed: int) -> tuple[UserSplit, Catalog]:
-    return load_synthetic(users, items, seed, profile)
-
-
-def load_path(path: Path) -> tuple[UserSplit, Catalog]:
+def path_data(path: Path) -> Any:
     from fedrec.simulations.data.dataset import prepare_dataset
     from fedrec.simulations.data.sources import load
 
-    data = prepare_dataset(load(str(path)))
+    return prepare_dataset(load(str(path)))
+
+
+def load_path(path: Path) -> tuple[UserSplit, Catalog]:
+    data = path_data(path)
     return data.split, data.catalog
 
 
-def load_given(train: str, test: str) -> tuple[UserSplit, Catalog]:
+def given_data(train: str, test: str) -> Any:
     from fedrec.simulations.data.dataset import prepare_given_split
     from fedrec.simulations.data.sources import load_given_split
 
-    data = prepare_given_split(*load_given_split(train, test))
-    return data.split, data.catalog
+    return prepare_given_split(*load_given_split(train, test))
 
 
 def run_frontier(cfg: FrontierConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    jobs: list[tuple[str, Callable[[int], tuple[UserSplit, Catalog]]]] = [
+    jobs: list[tuple[str, Callable[[int], Any]]] = [
         (
             f"synthetic-{u}"
             if cfg.synth_profile == "movielens"
             else f"synthetic-{cfg.synth_profile}-{u}x{cfg.items}",
-            functools.partial(_synthetic_seed, u, cfg.items, cfg.synth_profile),
+            functools.partial(synthetic_data, u, cfg.items, profile=cfg.synth_profile),
         )
         for u in cfg.users
     ]
     if cfg.ml100k is not None:
-        path = cfg.ml100k
-        cache: dict[int, tuple[UserSplit, Catalog]] = {}
-
-        def ml(seed: int) -> tuple[UserSplit, Catalog]:
-            if 0 not in cache:
-                cache[0] = load_path(path)
-            return cache[0]
-
-        jobs.append(("ml-100k", ml))
+        ml = functools.cache(functools.partial(path_data, cfg.ml100k))
+        jobs.append(("ml-100k", lambda seed: ml()))
     if cfg.given is not None:
-        given = functools.cache(functools.partial(load_given, *cfg.given))
+        given = functools.cache(functools.partial(given_data, *cfg.given))
         given()  # read and checked before any job: a bad TRAIN/TEST fails at once, not after the others
         jobs.append((f"given:{Path(cfg.given[0]).name}", lambda seed: given()))
     for name, loader in jobs:
         for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
             t0 = time.perf_counter()
-            split, catalog = loader(seed)
+            data = loader(seed)
             log(
-                f"{name} seed {seed}: {split.n_users} users, {split.n_items} items "
+                f"{name} seed {seed}: {data.split.n_users} users, {data.split.n_items} items "
                 f"({time.perf_counter() - t0:.1f}s to load)"
             )
-            rows += frontier_points(name, split, catalog, cfg, seed, log)
+            rows += frontier_points(name, data.split, data.catalog, cfg, seed, log, data=data)
     return add_choices(rows, delta=cfg.delta, accountant=cfg.accountant)
 
 
@@ -364,6 +360,8 @@ def median_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         if approach == "chosen":
             row["picked"] = "/".join(sorted({str(r["picked"]) for r in rs}))
+        if approach == "dp_mlp":
+            row["head"] = "/".join(sorted({str(r.get("head", "")) for r in rs}))
         for key in (
             "release_s",
             "server_fit_s",
@@ -376,6 +374,7 @@ def median_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "w",
             "sigma_sgd",
             "epsilon_spent",
+            "prepare_s",
         ):
             vals = [r[key] for r in rs if key in r]
             if vals:
@@ -399,7 +398,8 @@ def markdown(med: Sequence[dict[str, Any]]) -> str:
         ("dp_ease_ridge", "distributed", "DP-EASE ridge-only, distributed"),
         ("eigen_gram", "local", "EigenGram, local"),
         ("eigen_gram", "distributed", "EigenGram, distributed"),
-        ("dp_mlp", "local", "DP MLP (release 0.9 ε + DP-SGD head)"),
+        ("dp_mlp", "local", "DP MLP, local noise"),
+        ("dp_mlp", "distributed", "DP MLP, distributed noise (SecAgg)"),
         ("chosen", "local", "automatic choice, local"),
         ("chosen", "distributed", "automatic choice, distributed"),
     ]
@@ -433,29 +433,36 @@ def markdown(med: Sequence[dict[str, Any]]) -> str:
                     cell = f"{r['hr@10']:.3f}"
                     if approach == "chosen":
                         cell += f" ({r.get('picked', '')})"
+                    if approach == "dp_mlp":
+                        cell += f" ({r.get('head', '')} head)"
                     cells.append(cell)
             lines.append(f"| {_eps_label(eps)} | " + " | ".join(cells) + " |")
         lines.append("")
-    val = [r for r in med if "val_hr@10" in r and r["mode"] == "local"]
+    val = [r for r in med if "val_hr@10" in r and r["mode"] in ("local", "distributed")]
     if any(r["approach"] == "dp_mlp" for r in val):
         lines += [
-            "Validation full HR@10 (local noise), median of seeds: the figures `auto`'s rule is judged on "
+            "Validation full HR@10, median of seeds: the figures `auto`'s rule is judged on "
             "(the tables above are test, reported only).",
             "",
-            "| data set | ε | DP popularity | DP-EASE | DP MLP | best on validation |",
-            "|---|---|---|---|---|---|",
+            "| data set | ε | noise | DP popularity | DP-EASE | DP MLP | best on validation |",
+            "|---|---|---|---|---|---|---|",
         ]
         names = {"dp_popularity": "DP popularity", "dp_ease": "DP-EASE", "dp_mlp": "DP MLP"}
         for ds in datasets:
             for eps in epsilons:
-                got = {
-                    r["approach"]: r["val_hr@10"] for r in val if r["dataset"] == ds and r["epsilon"] == eps
-                }
-                if "dp_mlp" not in got:
-                    continue
-                cells = [f"{got[a]:.3f}" if a in got else "—" for a in names]
-                best = max((a for a in names if a in got), key=lambda a: got[a])
-                lines.append(f"| {ds} | {_eps_label(eps)} | " + " | ".join(cells) + f" | {names[best]} |")
+                for mode in ("local", "distributed"):
+                    got = {
+                        r["approach"]: r["val_hr@10"]
+                        for r in val
+                        if r["dataset"] == ds and r["epsilon"] == eps and r["mode"] == mode
+                    }
+                    if "dp_mlp" not in got:
+                        continue
+                    cells = [f"{got[a]:.3f}" if a in got else "—" for a in names]
+                    best = max((a for a in names if a in got), key=lambda a: got[a])
+                    lines.append(
+                        f"| {ds} | {_eps_label(eps)} | {mode} | " + " | ".join(cells) + f" | {names[best]} |"
+                    )
         lines.append("")
     return "\n".join(lines)
 
@@ -476,7 +483,8 @@ def plot(med: Sequence[dict[str, Any]], path: Path) -> None:
             ("dp_ease", "local", "DP-EASE (local noise)", "s-"),
             ("dp_ease", "distributed", "DP-EASE (distributed noise)", "^--"),
             ("eigen_gram", "local", "EigenGram (local noise)", "x:"),
-            ("dp_mlp", "local", "DP MLP (release + DP-SGD head)", "D-"),
+            ("dp_mlp", "local", "DP MLP (local noise)", "D-"),
+            ("dp_mlp", "distributed", "DP MLP (distributed noise)", "d--"),
         ):
             pts = sorted(
                 (r["epsilon"] if not math.isinf(r["epsilon"]) else inf_x, r["hr@10"])

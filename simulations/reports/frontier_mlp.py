@@ -1,144 +1,127 @@
-"""The frontier's "DP MLP" column: the DP-SGD head on top of the DP item release, in process.
+"""The frontier's "DP MLP" column: the MLP as ``approach auto`` would train it, through the product's loop.
 
-The recipe is the one docs/FEDERATION.md chose on VALIDATION (issue 16 item 2, "PN0"):
+One point is one real federated run, in process: the data set is cut into ``tenants`` tenants (iid, the
+seed) and written as an encrypted federation folder (``prepare_federation``, as ``fedrec prepare``), and
+the project's ServerApp loop (``fedrec.server.loop.run_federation``) drives the project's ClientApp on
+the in-process grid (``LoopbackGrid``: no Ray, the same messages, ledgers and SecAgg+ stages as
+``fedrec simulate``). So the column measures the code partners run, not a re-implementation of it.
+Its figures are the run's own exact federated evaluation over every tenant's test (and validation)
+users, on the tenants' anonymized partitions the model was trained for; the other columns score a
+sample of at most ``eval_users`` of the same users.
 
-* round 1: every tenant releases ONE DP popularity vector (ρ = 1) with σ calibrated alone to
-  ``RELEASE_SHARE`` (0.9) of ε, at sensitivity 1 (``client.task.release_message``);
-* the server sums the releases and builds the model (``server.release_init.init_from_release``): the DP
-  log-prior, a frozen item table of public unit-norm genre vectors (no ε), score = prior + w · u·v;
-* 5 DP-SGD rounds × 1 local epoch (``client.train.train_round``: Opacus, Poisson sampling at
-  q = 1/ceil(n/64), per-user clipping at C = 0.05, Adam lr 0.3, negatives drawn from the DP prior)
-  train only the scalar ``w``; σ of DP-SGD is calibrated with the release already in the accountant
-  history (PRV), so release + rounds compose to exactly ε per tenant (user-level, δ);
-* FedAvg of the tenants' deltas, weighted by users.
+Which MLP: the one ``auto`` trains when it trains the MLP (``RunConfig.with_approach``):
 
-What it leaves out next to ``fedrec simulate``: the issue-20 round-0 noisy user count and the DP
-evaluation (the other frontier columns leave them out too: every column is one ε spent on the model).
-DP noise is fresh OS entropy, never the public seed (the seed fixes partition and initialisation).
+* the EASE-table head (``head = "ease"``: cohort rounds, release-init 0.95 of ε with DP-EASE's item table,
+  DP-SGD on the head and on the rows of the 100 items the release ranks highest) where ``auto`` would
+  swap DP-EASE for it: at least ``EASE_HEAD_MIN_USERS`` users and a catalogue within the gram limit;
+* else approach ``mlp``'s own DP recipe (the DP head on a frozen table of public genre vectors).
+
+Noise: ``local`` (each tenant adds its whole DP-SGD noise) or ``distributed`` (SecAgg+: each tenant adds
+its share, the masked sum carries one noise). Each run spends at most ε per tenant in total, every stage
+of the run included; evaluation is exact (``eval-privacy exact``), as in the other columns.
 """
 
 from __future__ import annotations
 
-import secrets
+import json
+import shutil
+import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from fedrec.client.task import local_config, release_message
-from fedrec.client.train import plan_round, train_round
-from fedrec.privacy import gram
-from fedrec.privacy.accounting import calibrate_noise, epsilon
-from fedrec.server.loop import model_config
-from fedrec.server.release import sum_noise
-from fedrec.server.release_init import init_from_release, init_model_config
-from fedrec.shared_model.codec import load_weights, parameter_weights
-from fedrec.shared_model.data import Catalog, UserSplit
-from fedrec.shared_model.model import HistoryMLP
+from fedrec.privacy.gram import MAX_GRAM_ITEMS
+from fedrec.shared_model.errors import FedrecError
 from fedrec.shared_model.runconfig import RunConfig
-from fedrec.shared_model.training import ModelScorer
 
-#: The recipe of docs/FEDERATION.md ("PN0", chosen on validation), as run-config keys.
-RECIPE: dict[str, Any] = {
-    "approach": "mlp",
-    "release-init": 0.9,
-    "release-init-items": "genres",
-    "release-init-pop": 1.0,
-    "dot-mix": 0.0,
-    "dp-train": "mix",
-    "prior-negatives": True,
-    "lr": 0.3,
-    "max-grad-norm": 0.05,
-}
+MODES = ("local", "distributed")
 
 
 @dataclass
 class MLPPoint:
-    model: HistoryMLP
-    scorer: ModelScorer
+    hr: float  # full HR@10 on test, every tenant's test users
+    ndcg: float
+    val_hr: float  # full HR@10 on validation, the last round's (the model a DP run keeps)
     facts: dict[str, Any]
 
 
-def train_dp_mlp(
-    tenants: Sequence[UserSplit],
-    catalog: Catalog,
+def mlp_head(users: int, items: int, gram_limit: int = MAX_GRAM_ITEMS) -> tuple[str, str]:
+    """The head ``auto`` trains the MLP with for ``users`` users and ``items`` items, and why."""
+    from fedrec.server.release import ease_head_applies
+
+    if items > gram_limit:
+        return "", f"{items} items > the gram limit ({gram_limit}): no DP-EASE table, the genres head"
+    why_not = ease_head_applies(users=users)
+    if why_not is not None:
+        return "", f"the genres head ({why_not})"
+    return "ease", "the EASE-table head"
+
+
+def run_dp_mlp(
+    data: Any,
     *,
     epsilon_target: float,
     delta: float,
     seed: int,
-    accountant: str = "prv",
+    tenants: int,
+    mode: str,
+    workdir: Path | None = None,
 ) -> MLPPoint:
-    """The recipe at ``epsilon_target`` per tenant over ``tenants`` (each a tenant's own users)."""
-    t0 = time.perf_counter()
-    cfg = RunConfig.from_mapping(
-        {**RECIPE, "fed-dir": "-", "seed": seed, "epsilon": epsilon_target, "delta": delta}
-    )
-    n_items = catalog.n_items
-    rng = np.random.default_rng(secrets.randbits(128))  # release noise: fresh, never the seed
-    share = cfg.release_init
-    sig_rel = gram.calibrate_release_sigma(
-        target_epsilon=epsilon_target * share,
-        delta=delta,
-        accountant=accountant,  # type: ignore[arg-type]
-    )
-    total: dict[str, np.ndarray] = {}
-    for sp in tenants:
-        msg = release_message(
-            sp.indptr, sp.train_items, n_items, gram.ReleaseNoise(sigma=sig_rel, pop_share=1.0), rng
+    """Train the column's MLP on ``data`` (``PreparedData``) at ``epsilon_target`` per tenant.
+
+    The federation folder and run dir live in a temporary folder under ``workdir`` that is removed
+    afterwards: they hold the tenants' encrypted partitions and keys, which must not outlive the point.
+    """
+    from fedrec.client.app import app
+    from fedrec.server.loop import run_federation
+    from fedrec.simulations.data.prepare import PrepareConfig, prepare_federation
+    from fedrec.simulations.driver.loopback import LoopbackGrid
+
+    if mode not in MODES:
+        raise FedrecError(f"DP MLP noise mode must be one of {', '.join(MODES)}, got {mode!r}")
+    head, why = mlp_head(data.split.n_users, data.split.n_items)
+    root = Path(tempfile.mkdtemp(prefix="fedrec-frontier-mlp-", dir=workdir))
+    try:
+        t0 = time.perf_counter()
+        prepare_federation(
+            data, root / "fed", PrepareConfig(tenants=tenants, partition="iid", seed=seed, min_users=1)
         )
-        for k, v in msg.items():
-            total[k] = total[k] + v.astype(np.float64) if k in total else v.astype(np.float64)
-    users = sum(sp.n_users for sp in tenants)
-    emb, prior, init_facts = init_from_release(
-        total, n_items=n_items, users=users, sigma_sum=sum_noise([sig_rel] * len(tenants), 1), dim=cfg.dim,
-        pop_share=1.0, source=cfg.release_init_items, genres=catalog.genres,
-    )  # fmt: skip
-    mcfg = init_model_config(
-        model_config(catalog, cfg),
-        dot_mix=cfg.dot_mix,
-        trainable=cfg.train_modules(),
-        prior_negatives=cfg.prior_negatives,
-    )
-    torch.manual_seed(seed)
-    model = HistoryMLP(mcfg, catalog.genres)
-    model.set_item_embeddings(emb)
-    model.set_prior(prior)
-    local = replace(local_config(cfg), device="cpu", dp=True)
-    rounds = cfg.planned_rounds() - 1  # the DP-SGD rounds after the release round
-    hist = [(sig_rel, 1.0, 1)]
-    sig_sgd: list[float] = []
-    eps_all: list[float] = []
-    for sp in tenants:
-        plan = plan_round(sp.n_users, local)
-        s = calibrate_noise(
-            target_epsilon=epsilon_target, delta=delta, sample_rate=plan.sample_rate,
-            steps=plan.steps * rounds, accountant=accountant, history_before=hist,  # type: ignore[arg-type]
-        )  # fmt: skip
-        sig_sgd.append(s)
-        eps_all.append(epsilon(history=[*hist, (s, plan.sample_rate, plan.steps * rounds)], delta=delta))
-    buffers = {k: b.detach().cpu().numpy() for k, b in model.named_buffers()}
-    for _ in range(rounds):
-        global_w = parameter_weights(model)
-        acc = {k: np.zeros_like(v, dtype=np.float64) for k, v in global_w.items()}
-        for sp, s in zip(tenants, sig_sgd, strict=True):
-            local_model = HistoryMLP(mcfg, catalog.genres)
-            load_weights(local_model, {**buffers, **global_w})
-            train_round(local_model, sp, local, noise_multiplier=s, seed=secrets.randbits(63))
-            for k, v in parameter_weights(local_model).items():
-                acc[k] += (v.astype(np.float64) - global_w[k]) * (sp.n_users / users)  # FedAvg of deltas
-        load_weights(model, {k: (global_w[k] + acc[k]).astype(np.float32) for k in acc})
-    facts: dict[str, Any] = {
-        "sigma_release": round(sig_rel, 4),
-        "sigma_sgd": round(float(np.median(sig_sgd)), 4),
-        "release_share": share,
-        "sgd_rounds": rounds,
-        "genre_columns": init_facts["genre_columns"],
-        "epsilon_spent": round(max(eps_all), 4),
-        "train_s": round(time.perf_counter() - t0, 2),
-    }
-    if model.mix is not None:
-        facts["w"] = round(float(model.mix.weight.detach()[0, 0]), 4)
-    return MLPPoint(model, ModelScorer(model, local.sampling), facts)
+        base = RunConfig.from_mapping(
+            {
+                "fed-dir": str(root / "fed"),
+                "run-dir": str(root / "run"),
+                "run-name": "frontier",
+                "num-tenants": tenants,
+                "approach": "auto",
+                "seed": seed,
+                "epsilon": epsilon_target,
+                "delta": delta,
+                "secagg": mode == "distributed",
+                "eval-privacy": "exact",
+            }
+        )
+        cfg = base.with_approach("mlp", head)
+        cfg = RunConfig.from_mapping({**cfg.to_mapping(), "eval-every": cfg.planned_rounds()})
+        t1 = time.perf_counter()
+        metrics = run_federation(LoopbackGrid(app, cfg.to_mapping(), tenants), cfg, log=lambda _: None)
+        t_train = time.perf_counter() - t1
+        rounds = [json.loads(x) for x in (root / "run" / "rounds.jsonl").read_text().splitlines()]
+        val = next(r["val"]["hr@10"] for r in reversed(rounds) if "hr@10" in r.get("val", {}))
+        privacy = json.loads((root / "run" / "privacy.json").read_text(encoding="utf-8"))
+        spent = [float(t["epsilon"] or 0.0) for t in privacy["tenants"].values()]
+        facts: dict[str, Any] = {
+            "head": head or "genres",
+            "head_reason": why,
+            "rounds": cfg.planned_rounds(),
+            "dp_mode": cfg.dp_mode,
+            "dp_rows": cfg.dp_rows,
+            "dim": cfg.dim,
+            "epsilon_spent": round(max(spent), 4),
+            "prepare_s": round(t1 - t0, 2),
+            "train_s": round(t_train, 2),
+        }
+        full = metrics["full"]
+        return MLPPoint(float(full["hr@10"]), float(full["ndcg@10"]), float(val), facts)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
