@@ -23,7 +23,9 @@ of the run included; evaluation is exact (``eval-privacy exact``), as in the oth
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -44,6 +46,17 @@ class MLPPoint:
     ndcg: float
     val_hr: float  # full HR@10 on validation, the last round's (the model a DP run keeps)
     facts: dict[str, Any]
+
+
+@contextlib.contextmanager
+def _quiet_flower() -> Any:
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def mlp_head(users: int, items: int, gram_limit: int = MAX_GRAM_ITEMS) -> tuple[str, str]:
@@ -104,7 +117,8 @@ def run_dp_mlp(
         cfg = base.with_approach("mlp", head)
         cfg = RunConfig.from_mapping({**cfg.to_mapping(), "eval-every": cfg.planned_rounds()})
         t1 = time.perf_counter()
-        metrics = run_federation(LoopbackGrid(app, cfg.to_mapping(), tenants), cfg, log=lambda _: None)
+        with _quiet_flower():  # Flower logs every SecAgg+ stage of every round: the frontier logs per point
+            metrics = run_federation(LoopbackGrid(app, cfg.to_mapping(), tenants), cfg, log=lambda _: None)
         t_train = time.perf_counter() - t1
         rounds = [json.loads(x) for x in (root / "run" / "rounds.jsonl").read_text().splitlines()]
         val = next(r["val"]["hr@10"] for r in reversed(rounds) if "hr@10" in r.get("val", {}))
