@@ -14,6 +14,10 @@ each ε, in process:
 Two noise modes: ``local`` (each tenant adds σ; the sum carries σ·√k — today's protocol) and
 ``distributed`` (each tenant adds σ/√k; the sum carries σ — what SecAgg+ enables).
 
+The "DP MLP" column (``frontier_mlp``) is different in kind: each of its points is one whole federated
+run of the product's loop (prepare, release, DP-SGD rounds, exact evaluation), training the MLP that
+``auto`` would train on that data set, at the same ε per tenant.
+
 Outputs (``write_outputs``): ``frontier.csv`` (every run), ``frontier_median.csv`` and ``frontier.md``
 (median over seeds, with the automatic choice), ``frontier.png``.
 """
