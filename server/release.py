@@ -117,7 +117,7 @@ HEAD_REASON = (
     "DP popularity would be released; the DP MLP head (release-init: 0.9 of ε on a DP popularity release "
     "as its prior, the public genres as its frozen item table, then DP-SGD of a weight on the dot term) "
     "beats DP popularity on validation wherever this rule falls back to it on the measured frontier "
-    "(synthetic 1 000 users and ml-100k, ε 1–8, local noise; docs/FEDERATION.md)"
+    "(synthetic 1 000 users and ml-100k, ε 1–8, local noise and SecAgg+; docs/FEDERATION.md)"
 )
 
 
@@ -145,16 +145,13 @@ def ease_head_applies(*, users: int) -> str | None:
     return None
 
 
-def head_applies(cfg: RunConfig, *, shares: int, item_features: bool) -> str | None:
+def head_applies(cfg: RunConfig, *, item_features: bool) -> str | None:
     """Why ``auto`` may not swap DP popularity for the DP MLP head here, or None (it may): the head was
-    measured with local noise only (its DP-SGD is local; DP popularity under SecAgg+ carries one noise),
-    in dp-mode local-steps, and it needs public item features (genres) for its item table."""
+    measured in dp-mode local-steps, and it needs public item features (genres) for its item table. It was
+    measured above DP popularity with local noise and under SecAgg+ alike (the frontier's "DP MLP" column,
+    docs/FEDERATION.md)."""
     if cfg.dp_mode != "local-steps":
         return f"dp-mode {cfg.dp_mode}: the head was measured with local-steps only"
-    if shares > 1:
-        return (
-            "distributed noise (SecAgg+): the head was measured against DP popularity with local noise only"
-        )
     if not item_features:
         return "the catalogue has no public genres for the head's item table"
     return None
@@ -245,9 +242,9 @@ def resolve_approach(
             choice.users_per_noise,
         )
     if choice.approach == "dp_popularity":
-        why_not = head_applies(cfg, shares=shares, item_features=item_features)
+        why_not = head_applies(cfg, item_features=item_features)
         if why_not is None:
-            return ApproachChoice("mlp", f"{choice.reason}; {HEAD_REASON}", "local", choice.users_per_noise)
+            return ApproachChoice("mlp", f"{choice.reason}; {HEAD_REASON}", mode, choice.users_per_noise)
         return ApproachChoice(
             choice.approach, f"{choice.reason} (not the DP MLP head: {why_not})", mode, choice.users_per_noise
         )

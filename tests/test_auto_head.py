@@ -87,11 +87,13 @@ def test_auto_picks_the_head_where_it_would_release_dp_popularity() -> None:
     choice = resolve_approach(cfg, users, 1000, item_features=True)
     assert choice.approach == "mlp" and choice.noise_mode == "local"
     assert "DP popularity is the better floor" in choice.reason and HEAD_REASON in choice.reason
-    # no public genres, distributed noise or cohort mode: the head was not measured there
+    # under SecAgg+ too (the frontier measured it above DP popularity with distributed noise)
+    secagg = resolve_approach(cfg, users, 1000, item_features=True, shares=2)
+    assert (secagg.approach, secagg.head, secagg.noise_mode) == ("mlp", "", "distributed")
+    # no public genres or cohort mode: the head was not measured there
     for kwargs, cfg_, why in (
         ({"item_features": False}, cfg, "no public genres"),
-        ({"item_features": True, "shares": 2}, cfg, "distributed noise"),
-        ({"item_features": True}, RunConfig(approach="auto", dp_mode="cohort"), "dp-mode cohort"),
+        ({"item_features": True, "shares": 2}, RunConfig(approach="auto", dp_mode="cohort"), "dp-mode cohort"),
     ):
         kept = resolve_approach(cfg_, users, 1000, **kwargs)  # type: ignore[arg-type]
         assert kept.approach == "dp_popularity" and why in kept.reason

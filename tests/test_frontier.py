@@ -59,6 +59,15 @@ def test_frontier_command_writes_png_csv_and_markdown(
     assert {r["approach"] for r in rows if r["approach"] == "dp_ease_ridge"} == {"dp_ease_ridge"}
     chosen = [r for r in rows if r["approach"] == "chosen"]
     assert {r["picked"] for r in chosen if float(r["epsilon"]) == math.inf} == {"ease"}
+    # at ε = 8 auto trains the genres head where choose() would release DP popularity (300 users, public
+    # genres): the automatic choice is then the DP MLP column's own point, with auto's reason
+    for r in (r for r in chosen if float(r["epsilon"]) == 8.0 and r["picked"].startswith("mlp")):
+        assert r["picked"] == "mlp (genres head)" and "DP MLP head" in r["reason"]
+        twin = next(
+            m for m in rows if m["approach"] == "dp_mlp" and (m["seed"], m["mode"]) == (r["seed"], r["mode"])
+        )
+        assert r["hr@10"] == twin["hr@10"]
+    assert any(r["picked"] == "mlp (genres head)" for r in chosen)
     # The DP MLP column: one whole federated run per (seed, mode) through the product's loop, at most ε
     # per tenant over all its stages (user-level, δ); 300 users: below the EASE-table head's bound
     mlp = [r for r in rows if r["approach"] == "dp_mlp"]

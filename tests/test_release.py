@@ -335,9 +335,9 @@ def test_the_server_can_ask_each_tenant_its_user_count(fed: Path) -> None:
 def test_small_federation_trains_the_dp_head_where_dp_popularity_was_the_fallback(
     small_fed: Path, tmp_path: Path
 ) -> None:
-    # Below the DP-EASE threshold choose() falls back to DP popularity; with public genres and local
-    # noise auto trains the DP MLP head there instead (it beats DP popularity on validation on the
-    # frontier, docs/FEDERATION.md). With SecAgg+ (distributed noise) it stays DP popularity.
+    # Below the DP-EASE threshold choose() falls back to DP popularity; with public genres auto trains
+    # the DP MLP head there instead (it beats DP popularity on validation on the frontier with local noise
+    # and under SecAgg+, docs/FEDERATION.md). In cohort mode (not measured) it stays DP popularity.
     metrics, cfg = run(small_fed, tmp_path / "run", approach="auto", num_server_rounds=1)
     privacy = json.loads((Path(cfg.run_dir) / "privacy.json").read_text())
     assert privacy["approach"]["name"] == "mlp" and "< 1000" in privacy["approach"]["reason"]
@@ -346,12 +346,15 @@ def test_small_federation_trains_the_dp_head_where_dp_popularity_was_the_fallbac
     )
     assert metrics["approach"] == privacy["approach"]
     assert 0 <= metrics["full"]["hr@10"] <= 1
-    _, pop = run(small_fed, tmp_path / "secagg", approach="auto", secagg=True)
+    _, sec = run(small_fed, tmp_path / "secagg", approach="auto", secagg=True, num_server_rounds=1)
+    privacy = json.loads((Path(sec.run_dir) / "privacy.json").read_text())
+    assert privacy["approach"]["name"] == "mlp" and privacy["approach"]["noise_mode"] == "distributed"
+    assert "DP MLP head" in privacy["approach"]["reason"]
+    first = json.loads((Path(sec.run_dir) / "rounds.jsonl").read_text().splitlines()[0])
+    assert first["release_init"]["noise_shares"] > 1  # the head's release: its noise split over SecAgg+
+    _, pop = run(small_fed, tmp_path / "cohort", approach="auto", secagg=True, dp_mode="cohort")
     privacy = json.loads((Path(pop.run_dir) / "privacy.json").read_text())
-    assert (
-        privacy["approach"]["name"] == "dp_popularity"
-        and "distributed noise" in privacy["approach"]["reason"]
-    )
+    assert privacy["approach"]["name"] == "dp_popularity" and "dp-mode cohort" in privacy["approach"]["reason"]
     assert load_model(Path(pop.run_dir)).meta["kind"] == "dp_popularity"
 
 

@@ -155,7 +155,8 @@ def simulate(
         typer.Option(
             "--approach",
             help="auto (pick from tenant sizes, ε and the noise mode: DP-EASE where enough users share the "
-            "noise, else the DP MLP head where the catalogue has genres and the noise is local, else DP "
+            "noise (from 5 000 users the EASE-table head on it), else the DP MLP head where the catalogue has "
+            "genres, else DP "
             "popularity; docs/FEDERATION.md) | mlp (DP-SGD rounds; under DP the head recipe unless "
             "--release-init is given) | "
             "dp_ease | dp_popularity (one DP item release per tenant; --rounds does not apply) | "

@@ -118,6 +118,7 @@ def frontier_points(
         "items": split.n_items,
         "seed": seed,
         "tenants": cfg.tenants,
+        "genres": len(catalog.genre_names),
     }
     noise_rng = np.random.default_rng()  # release noise: fresh, never from the public seed
 
@@ -245,23 +246,41 @@ def frontier_points(
 def add_choices(
     rows: Sequence[dict[str, Any]], *, delta: float = 1e-5, accountant: str = "prv"
 ) -> list[dict[str, Any]]:
-    """``rows`` plus one ``chosen`` row per (dataset, seed, ε, mode): what ``fedrec.shared_model.choose`` picks
-    from public facts (tenant sizes, σ, noise mode), with the measured HR@10 of the picked approach."""
+    """``rows`` plus one ``chosen`` row per (dataset, seed, ε, mode): what ``approach auto`` picks from
+    public facts (tenant sizes, σ, noise mode, catalogue size, public genres; ``resolve_approach``), with
+    the measured HR@10 of the picked approach. Where auto trains an MLP head the row is the DP MLP
+    column's point (when the run has that column; else the release ``choose()`` picked)."""
+    from fedrec.server.release import resolve_approach
+    from fedrec.shared_model.runconfig import RunConfig
+
     out = [r for r in rows if r["approach"] != "chosen"]
-    sigmas: dict[float, float] = {}
     keys = dict.fromkeys(
         (r["dataset"], r["seed"], float(r["epsilon"]), r["mode"]) for r in out if r["approach"] == "dp_ease"
     )
     for ds, seed, eps, mode in keys:
-        if eps not in sigmas:
-            sigmas[eps] = gram.calibrate_release_sigma(target_epsilon=eps, delta=delta, accountant=accountant)  # type: ignore[arg-type]
         same = [r for r in out if r["dataset"] == ds and r["seed"] == seed and float(r["epsilon"]) == eps]
         sizes = [int(n) for n in str(same[0]["tenant_users"]).split("/")]
-        c = choose(
-            sizes, sigmas[eps], noise_mode="distributed" if mode == "distributed" else "local", epsilon=eps
+        sigma = (
+            0.0
+            if math.isinf(eps)
+            else gram.calibrate_release_sigma(target_epsilon=eps, delta=delta, accountant=accountant)  # type: ignore[arg-type]
         )
-        picked = "dp_ease" if c.approach in ("ease", "dp_ease") else "dp_popularity"
-        src = next(r for r in same if r["mode"] == mode and r["approach"] == picked)
+        nm = "distributed" if mode == "distributed" else "local"
+        release = choose(sizes, sigma, noise_mode=nm, epsilon=eps)  # type: ignore[arg-type]
+        picked, reason = str(release.approach), release.reason
+        name = "dp_ease" if release.approach in ("ease", "dp_ease") else "dp_popularity"
+        src = next(r for r in same if r["mode"] == mode and r["approach"] == name)
+        mlp = next((r for r in same if r["mode"] == mode and r["approach"] == "dp_mlp"), None)
+        if not math.isinf(eps) and mlp is not None:  # no DP: auto trains the federated MLP, not a point
+            auto = resolve_approach(
+                RunConfig(approach="auto", epsilon=eps, delta=delta, accountant=accountant),
+                {f"tenant-{i}": n for i, n in enumerate(sizes)},
+                int(same[0]["items"]),
+                shares=len(sizes) if mode == "distributed" else 1,
+                item_features=int(same[0].get("genres", 0) or 0) > 0,
+            )
+            if auto.approach == "mlp":
+                src, picked, reason = mlp, f"mlp ({auto.head or 'genres'} head)", auto.reason
         keep = (
             "tenant_users",
             "dataset",
@@ -274,9 +293,7 @@ def add_choices(
             "hr@10",
             "ndcg@10",
         )
-        out.append(
-            {**{k: src[k] for k in keep}, "approach": "chosen", "picked": c.approach, "reason": c.reason}
-        )
+        out.append({**{k: src[k] for k in keep}, "approach": "chosen", "picked": picked, "reason": reason})
     return out
 
 
