@@ -93,7 +93,11 @@ def test_auto_picks_the_head_where_it_would_release_dp_popularity() -> None:
     # no public genres or cohort mode: the head was not measured there
     for kwargs, cfg_, why in (
         ({"item_features": False}, cfg, "no public genres"),
-        ({"item_features": True, "shares": 2}, RunConfig(approach="auto", dp_mode="cohort"), "dp-mode cohort"),
+        (
+            {"item_features": True, "shares": 2},
+            RunConfig(approach="auto", dp_mode="cohort"),
+            "dp-mode cohort",
+        ),
     ):
         kept = resolve_approach(cfg_, users, 1000, **kwargs)  # type: ignore[arg-type]
         assert kept.approach == "dp_popularity" and why in kept.reason

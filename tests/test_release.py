@@ -354,7 +354,9 @@ def test_small_federation_trains_the_dp_head_where_dp_popularity_was_the_fallbac
     assert first["release_init"]["noise_shares"] > 1  # the head's release: its noise split over SecAgg+
     _, pop = run(small_fed, tmp_path / "cohort", approach="auto", secagg=True, dp_mode="cohort")
     privacy = json.loads((Path(pop.run_dir) / "privacy.json").read_text())
-    assert privacy["approach"]["name"] == "dp_popularity" and "dp-mode cohort" in privacy["approach"]["reason"]
+    assert (
+        privacy["approach"]["name"] == "dp_popularity" and "dp-mode cohort" in privacy["approach"]["reason"]
+    )
     assert load_model(Path(pop.run_dir)).meta["kind"] == "dp_popularity"
 
 

@@ -73,7 +73,10 @@ def frontier(
     ] = None,
     test: Annotated[str | None, typer.Option("--test", help="The TEST file of --data TRAIN.")] = None,
     no_mlp: Annotated[
-        bool, typer.Option("--no-mlp", help="Leave out the DP MLP column (the slowest: one whole federated run per point).")
+        bool,
+        typer.Option(
+            "--no-mlp", help="Leave out the DP MLP column (the slowest: one whole federated run per point)."
+        ),
     ] = False,
     mlp_noise: Annotated[
         str,
