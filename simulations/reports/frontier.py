@@ -498,15 +498,19 @@ def plot(med: Sequence[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
     finite = sorted({r["epsilon"] for r in med if not math.isinf(r["epsilon"])})
     inf_x = (max(finite) * 2) if finite else 1.0
+    # One colour per series on every panel, and one legend for the figure (a series missing from the
+    # last panel, or coloured differently there, would otherwise be unreadable).
+    series = (
+        ("dp_popularity", "local", "DP popularity", "o-", "C0"),
+        ("dp_ease", "local", "DP-EASE (local noise)", "s-", "C1"),
+        ("dp_ease", "distributed", "DP-EASE (distributed noise)", "^--", "C2"),
+        ("eigen_gram", "local", "EigenGram (local noise)", "x:", "C3"),
+        ("dp_mlp", "local", "DP MLP (local noise)", "D-", "C4"),
+        ("dp_mlp", "distributed", "DP MLP (distributed noise)", "d--", "C5"),
+    )
+    handles: dict[str, Any] = {}
     for ax, ds in zip(axes[0], datasets, strict=True):
-        for approach, mode, label, style in (
-            ("dp_popularity", "local", "DP popularity", "o-"),
-            ("dp_ease", "local", "DP-EASE (local noise)", "s-"),
-            ("dp_ease", "distributed", "DP-EASE (distributed noise)", "^--"),
-            ("eigen_gram", "local", "EigenGram (local noise)", "x:"),
-            ("dp_mlp", "local", "DP MLP (local noise)", "D-"),
-            ("dp_mlp", "distributed", "DP MLP (distributed noise)", "d--"),
-        ):
+        for approach, mode, label, style, color in series:
             pts = sorted(
                 (r["epsilon"] if not math.isinf(r["epsilon"]) else inf_x, r["hr@10"])
                 for r in med
@@ -515,10 +519,12 @@ def plot(med: Sequence[dict[str, Any]], path: Path) -> None:
                 and (r["mode"] == mode or r["mode"] == "none")
             )
             if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=label)
+                (handles[label],) = ax.plot(*zip(*pts, strict=True), style, color=color, label=label)
         pop = [r["hr@10"] for r in med if r["dataset"] == ds and r["approach"] == "popularity"]
         if pop:
-            ax.axhline(pop[0], color="grey", ls=":", label="popularity (no DP)")
+            handles["popularity (no DP)"] = ax.axhline(
+                pop[0], color="grey", ls=":", label="popularity (no DP)"
+            )
         ax.set_xscale("log")
         ticks = [*finite, inf_x]
         ax.set_xticks(ticks)
@@ -528,8 +534,11 @@ def plot(med: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_title(ds)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("full HR@10 (test), median of seeds")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
+    order = [lbl for *_, lbl, _, _ in series if lbl in handles] + [
+        k for k in handles if k == "popularity (no DP)"
+    ]
+    fig.legend([handles[k] for k in order], order, loc="lower center", ncol=min(len(order), 7), fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
