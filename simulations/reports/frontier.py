@@ -253,6 +253,12 @@ def add_choices(
     from fedrec.server.release import resolve_approach
     from fedrec.shared_model.runconfig import RunConfig
 
+    @functools.cache
+    def release_sigma(eps: float) -> float:  # one calibration per ε, not per (data set, seed, mode)
+        if math.isinf(eps):
+            return 0.0
+        return gram.calibrate_release_sigma(target_epsilon=eps, delta=delta, accountant=accountant)  # type: ignore[arg-type]
+
     out = [r for r in rows if r["approach"] != "chosen"]
     keys = dict.fromkeys(
         (r["dataset"], r["seed"], float(r["epsilon"]), r["mode"]) for r in out if r["approach"] == "dp_ease"
@@ -260,11 +266,7 @@ def add_choices(
     for ds, seed, eps, mode in keys:
         same = [r for r in out if r["dataset"] == ds and r["seed"] == seed and float(r["epsilon"]) == eps]
         sizes = [int(n) for n in str(same[0]["tenant_users"]).split("/")]
-        sigma = (
-            0.0
-            if math.isinf(eps)
-            else gram.calibrate_release_sigma(target_epsilon=eps, delta=delta, accountant=accountant)  # type: ignore[arg-type]
-        )
+        sigma = release_sigma(eps)
         nm = "distributed" if mode == "distributed" else "local"
         release = choose(sizes, sigma, noise_mode=nm, epsilon=eps)  # type: ignore[arg-type]
         picked, reason = str(release.approach), release.reason

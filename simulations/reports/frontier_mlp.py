@@ -79,11 +79,10 @@ def run_dp_mlp(
     seed: int,
     tenants: int,
     mode: str,
-    workdir: Path | None = None,
 ) -> MLPPoint:
     """Train the column's MLP on ``data`` (``PreparedData``) at ``epsilon_target`` per tenant.
 
-    The federation folder and run dir live in a temporary folder under ``workdir`` that is removed
+    The federation folder and run dir live in a temporary folder (``tempfile``) that is removed
     afterwards: they hold the tenants' encrypted partitions and keys, which must not outlive the point.
     """
     from fedrec.client.app import app
@@ -94,7 +93,7 @@ def run_dp_mlp(
     if mode not in MODES:
         raise FedrecError(f"DP MLP noise mode must be one of {', '.join(MODES)}, got {mode!r}")
     head, why = mlp_head(data.split.n_users, data.split.n_items)
-    root = Path(tempfile.mkdtemp(prefix="fedrec-frontier-mlp-", dir=workdir))
+    root = Path(tempfile.mkdtemp(prefix="fedrec-frontier-mlp-"))
     try:
         t0 = time.perf_counter()
         prepare_federation(
