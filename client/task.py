@@ -111,10 +111,11 @@ def tenant_config(cfg: RunConfig, conf: Mapping[str, Any]) -> RunConfig:
     the DP head, or the EASE-table head where the message names head "ease", planned from this tenant's
     own settings). Only the approach's NAME (and head) comes from the server; the cap, δ, accountant,
     release share and noise shares stay the tenant's own. A tenant whose run config names an approach
-    refuses a message naming another, before anything is trained or charged. A message that names none
-    is read with the tenant's config as it is."""
+    refuses a message naming another, before anything is trained or charged; one whose run config names
+    approach mlp takes the head the message names only where it left the head open
+    (``RunConfig.head_open``). A message that names none is read with the tenant's config as it is."""
     named, head = str(conf.get("approach", "")), str(conf.get("head", ""))
-    if not named or named == cfg.approach:
+    if not named or (named == cfg.approach and not head):
         return cfg
     if named not in APPROACHES or named == "auto":
         raise FedrecError(f"refusing the round: the server's message names an unknown approach {named!r}")
@@ -122,6 +123,14 @@ def tenant_config(cfg: RunConfig, conf: Mapping[str, Any]) -> RunConfig:
         raise FedrecError(
             f"refusing the round: the server's message names an unknown head {head!r} for approach {named}"
         )
+    if named == cfg.approach:  # approach mlp, and the server picked its head as auto would
+        if not cfg.head_open():
+            raise FedrecError(
+                f"refusing the round: the server's message names head {head!r}, but this tenant's run "
+                "config fixes approach mlp's head (release-init or release-init-items given); nothing was "
+                "trained or charged for it"
+            )
+        return cfg.with_approach(named, head)
     if cfg.approach != "auto":
         raise FedrecError(
             f"refusing the round: this tenant's run config names approach {cfg.approach}, the server's "

@@ -971,7 +971,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
     choice = read_choice(out) if cfg.resume else None  # a resumed run keeps the approach it started with
     if choice is None:
         users_by_tenant = fed.max_users
-        if cfg.approach == "auto" and cfg.dp:  # ask the tenants for ñ (never the manifests' exact counts)
+        if cfg.dp and (cfg.approach == "auto" or cfg.head_open()):
+            # ask the tenants for ñ (never the manifests' exact counts); every DP run charges it anyway
             users_by_tenant = query_users(grid, nodes, cfg.round_timeout)
         choice = resolve_approach(
             cfg,
@@ -981,9 +982,10 @@ def run_federation(grid: Grid, cfg: RunConfig, *, log: Log = print) -> dict[str,
             item_features=bool(fed.catalog.genre_names),
         )
         write_choice(out, choice)
-    if cfg.approach == "auto" and choice.approach == "mlp":
-        # the run config with approach mlp, its auto settings resolved again (the DP head under DP): what
-        # every tenant resolves too when the messages name mlp (fedrec.client.app.tenant_config)
+    if choice.approach == "mlp" and (cfg.approach == "auto" or choice.head):
+        # the run config with approach mlp, its auto settings resolved again (the DP head under DP, or the
+        # head the choice names): what every tenant resolves too when the messages name mlp and the head
+        # (fedrec.client.task.tenant_config)
         cfg = cfg.with_approach("mlp", choice.head)
         fed = _Federation(grid, cfg, out, log)
     fed.nodes, fed.release_shares, fed.choice = nodes, shares, choice

@@ -2,7 +2,8 @@
 
 * :func:`resolve_approach` — ``auto`` → the approach the frontier says is best, from public facts only
   (each tenant's user count, the ε cap, δ, the accountant, the noise mode, the catalogue size), before
-  anything is released (``fedrec.shared_model.choose``); an explicit approach is kept, with the reason.
+  anything is released (``fedrec.shared_model.choose``); an explicit approach is kept, with the reason
+  (approach ``mlp`` under DP with its head left open gets the head ``auto`` would train).
 * :func:`release_problem` — the checks a tenant's release must pass before it is summed (exact keys,
   shapes, finite values, a user count within the tenant's manifest).
 * :func:`fit_release` — the server's model from the SUM of the releases: DP-EASE on the noisy Gram
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedrec.privacy import gram
-from fedrec.shared_model.choose import choose
+from fedrec.shared_model.choose import Choice, choose
 from fedrec.shared_model.codec import Weights
 from fedrec.shared_model.dp_item import DPEASE, DPEASERule
 from fedrec.shared_model.errors import FedrecError
@@ -134,14 +135,21 @@ EASE_HEAD_REASON = (
 )
 
 
-def ease_head_applies(*, users: int) -> str | None:
+def ease_head_applies(*, users: int, cfg: RunConfig | None = None) -> str | None:
     """Why ``auto`` may not swap DP-EASE for the EASE-table head here, or None (it may): the head was
-    measured above DP-EASE from EASE_HEAD_MIN_USERS users (with local noise and under SecAgg+)."""
+    measured above DP-EASE from EASE_HEAD_MIN_USERS users (with local noise and under SecAgg+), and the
+    settings ``cfg`` was given must make a valid head run (an explicit ``lr``, say, is refused in the
+    head's cohort rounds: the run keeps DP-EASE rather than fail after the tenants' counts were charged)."""
     if users < EASE_HEAD_MIN_USERS:
         return (
             f"{users} users < {EASE_HEAD_MIN_USERS}: below that the head was not measured above DP-EASE "
             "on every data set (ml-100k: below it on validation)"
         )
+    if cfg is not None:
+        try:
+            cfg.with_approach("mlp", "ease")
+        except FedrecError as exc:
+            return f"this run's settings do not fit the head: {exc}"
     return None
 
 
@@ -155,6 +163,23 @@ def head_applies(cfg: RunConfig, *, item_features: bool) -> str | None:
     if not item_features:
         return "the catalogue has no public genres for the head's item table"
     return None
+
+
+def _choose(cfg: RunConfig, tenant_users: Mapping[str, int], shares: int) -> Choice:
+    """``choose()``'s rule for this federation: the release σ at the smallest cap, split in ``shares``."""
+    caps = [cfg.cap_for(t) for t in tenant_users]
+    sigma = gram.calibrate_release_sigma(
+        target_epsilon=min(caps),
+        delta=cfg.delta,
+        accountant=cfg.accountant,  # type: ignore[arg-type]
+    )
+    return choose(
+        list(tenant_users.values()),
+        sigma / math.sqrt(shares),
+        noise_mode="local",  # σ/√shares per tenant, summed over the tenants: the same as distributed noise
+        epsilon=min(caps),
+        noise_words=None if shares == 1 else f"distributed noise, σ/√{shares} per tenant",
+    )
 
 
 def resolve_approach(
@@ -190,6 +215,18 @@ def resolve_approach(
                 f"asked for: the DP MLP head (release-init: {cfg.release_init:g} of ε on an item release "
                 f"as the prior, item table {cfg.release_init_items}, then DP-SGD rounds)"
             )
+        if cfg.approach == "mlp" and cfg.head_open() and tenant_users and n_items <= cfg.gram_limit:
+            # the head auto would train, where it is the EASE-table head (the same rule as auto's below)
+            rule = _choose(cfg, tenant_users, shares)
+            if rule.approach == "dp_ease" and ease_head_applies(users=rule.users, cfg=cfg) is None:
+                return ApproachChoice(
+                    "mlp",
+                    f"asked for: the MLP under DP, its head picked as auto picks it: {rule.reason}; "
+                    f"{EASE_HEAD_REASON}",
+                    mode,
+                    rule.users_per_noise,
+                    head="ease",
+                )
         if cfg.approach == "mlp":
             # DP-SGD: local steps carry each tenant's own noise, SecAgg+ or not; cohort steps (and the
             # release-init round) split it into shares under SecAgg+, like the release approaches
@@ -206,19 +243,7 @@ def resolve_approach(
         )
     if not tenant_users:
         raise FedrecError("approach auto needs each tenant's user count (manifests or the tenants' replies)")
-    caps = [cfg.cap_for(t) for t in tenant_users]
-    sigma = gram.calibrate_release_sigma(
-        target_epsilon=min(caps),
-        delta=cfg.delta,
-        accountant=cfg.accountant,  # type: ignore[arg-type]
-    )
-    choice = choose(
-        list(tenant_users.values()),
-        sigma / math.sqrt(shares),
-        noise_mode="local",  # σ/√shares per tenant, summed over the tenants: the same as distributed noise
-        epsilon=min(caps),
-        noise_words=None if shares == 1 else f"distributed noise, σ/√{shares} per tenant",
-    )
+    choice = _choose(cfg, tenant_users, shares)
     if choice.approach == "dp_ease" and n_items > cfg.gram_limit:
         return ApproachChoice(
             "dp_two_stage",
@@ -230,7 +255,7 @@ def resolve_approach(
             choice.users_per_noise,
         )
     if choice.approach == "dp_ease":
-        why_not = ease_head_applies(users=choice.users)
+        why_not = ease_head_applies(users=choice.users, cfg=cfg)
         if why_not is None:
             return ApproachChoice(
                 "mlp", f"{choice.reason}; {EASE_HEAD_REASON}", mode, choice.users_per_noise, head="ease"

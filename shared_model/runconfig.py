@@ -346,6 +346,18 @@ class RunConfig:
         """Whether the auto release-init resolves to the DP head: DP, approach mlp, dp-mode local-steps."""
         return self.dp and self.approach == "mlp" and self.dp_mode == "local-steps"
 
+    def head_open(self) -> bool:
+        """Whether the server may pick approach mlp's head from the federation's size, as ``auto`` does:
+        DP, approach mlp, and neither release-init nor release-init-items given (a run that names either
+        keeps what it names)."""
+        given: dict[str, Any] = getattr(self, "_given")  # noqa: B009 (set in __post_init__)
+        return (
+            self.dp
+            and self.approach == "mlp"
+            and given["release_init"] == AUTO_RELEASE_INIT
+            and given["release_init_items"] == "auto"
+        )
+
     def _resolve_head(self) -> None:
         """The DP head's keys (AUTO_HEAD) where release-init is auto and the head applies; else each auto
         key's previous plain value (AUTO_NO_HEAD); with the EASE table, AUTO_EASE's DP-SGD keys first. An
@@ -392,11 +404,18 @@ class RunConfig:
     def with_approach(self, approach: str, head: str = "") -> RunConfig:
         """This run config with ``approach`` named instead of ``auto``, every auto setting resolved again
         from the settings as given (so approach mlp under DP gets the DP head, ``AUTO_HEAD``). ``head``
-        "ease" (approach mlp only): the EASE-table head, ``AUTO_EASE_HEAD`` on the keys left auto."""
-        if self.approach != "auto" or approach == "auto":
-            raise FedrecError(f"only approach auto is resolved to another approach, got {self.approach!r}")
+        "ease" (approach mlp only): the EASE-table head, ``AUTO_EASE_HEAD`` on the keys left auto. Approach
+        mlp may be given its head the same way where :meth:`head_open`."""
         if head not in HEADS or (head and approach != "mlp"):
             raise FedrecError(f"unknown head {head!r} for approach {approach!r} (heads of mlp: ease)")
+        if self.approach == "mlp" and approach == "mlp" and head:
+            if not self.head_open():
+                raise FedrecError(
+                    "approach mlp's head is fixed by this run config (release-init or release-init-items "
+                    "given, or no DP): it is not replaced by another head"
+                )
+        elif self.approach != "auto" or approach == "auto":
+            raise FedrecError(f"only approach auto is resolved to another approach, got {self.approach!r}")
         given = {**self.to_mapping(), "approach": approach}
         if head == "ease":
             for name, value in AUTO_EASE_HEAD.items():

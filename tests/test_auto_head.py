@@ -128,6 +128,61 @@ def test_auto_picks_the_ease_head_where_it_would_release_dp_ease() -> None:
     assert resolve_approach(cfg, big, 40_000, shares=3).approach == "dp_two_stage"
 
 
+def test_approach_mlp_gets_the_ease_head_where_auto_would_pick_it() -> None:
+    # bare `--approach mlp` under DP: the head is picked by auto's rule, where the run left it open
+    big = {f"tenant-{i}": 1200 for i in range(5)}  # 6 000 users, DP-EASE's side of choose()
+    mlp = RunConfig(approach="mlp", epsilon=8.0)
+    assert mlp.head_open()
+    choice = resolve_approach(mlp, big, 1000, shares=3)
+    assert (choice.approach, choice.head, choice.noise_mode) == ("mlp", "ease", "distributed")
+    assert choice.reason.startswith("asked for: the MLP under DP") and EASE_HEAD_REASON in choice.reason
+    local = resolve_approach(mlp, big, 1000)
+    assert (local.head, local.noise_mode) == ("ease", "local")
+    cohort = resolve_approach(RunConfig(approach="mlp", dp_mode="cohort"), big, 1000, shares=3)
+    assert cohort.head == "ease", "the EASE-table head is cohort rounds: an open cohort run gets it too"
+    # where auto would not train the EASE-table head, approach mlp keeps its own default (the DP head)
+    few = {f"tenant-{i}": 900 for i in range(5)}
+    for cfg, users, n_items in ((mlp, few, 1000), (mlp, big, 40_000)):
+        kept = resolve_approach(cfg, users, n_items, shares=3)
+        assert (kept.approach, kept.head) == ("mlp", "") and "the DP MLP head" in kept.reason
+    # a run that names the head's settings, or no DP, keeps what it names
+    for fixed in (
+        RunConfig(approach="mlp", release_init=0.9),
+        RunConfig(approach="mlp", release_init_items="genres"),
+        RunConfig(approach="mlp", release_init=0.0),
+        RunConfig(approach="mlp", dp=False),
+    ):
+        assert not fixed.head_open()
+        assert resolve_approach(fixed, big, 1000, shares=3).head == ""
+    assert not RunConfig(approach="auto").head_open() and not RunConfig(approach="dp_ease").head_open()
+    # a given setting the head's cohort rounds refuse (lr): no head, and why, instead of a failed run
+    for approach, kept_as in (("mlp", "mlp"), ("auto", "dp_ease")):
+        odd = resolve_approach(RunConfig(approach=approach, lr=0.2), big, 1000, shares=3)
+        assert (odd.approach, odd.head) == (kept_as, "")
+    odd = resolve_approach(RunConfig(approach="auto", lr=0.2), big, 1000, shares=3)
+    assert "do not fit the head: lr is the local Adam step" in odd.reason
+
+
+def test_approach_mlp_takes_the_ease_head_only_where_left_open() -> None:
+    head = RunConfig(approach="mlp", epsilon=3.0, dim=64).with_approach("mlp", "ease")
+    assert {name: getattr(head, name) for name in AUTO_EASE_HEAD} == AUTO_EASE_HEAD
+    assert head.epsilon == 3.0 and head.dim == 64, "given settings are kept"
+    with pytest.raises(FedrecError, match="head is fixed by this run config"):
+        RunConfig(approach="mlp", release_init=0.5).with_approach("mlp", "ease")
+    # the tenant: its own open config takes the head the message names; a fixed one refuses it
+    conf = {"approach": "mlp", "head": "ease"}
+    mine = tenant_config(RunConfig(approach="mlp", epsilon=3.0), conf)
+    assert (mine.dp_mode, mine.release_init, mine.release_init_items, mine.epsilon) == (
+        "cohort",
+        0.95,
+        "ease",
+        3.0,
+    )
+    assert tenant_config(RunConfig(approach="mlp"), {"approach": "mlp"}) == RunConfig(approach="mlp")
+    with pytest.raises(FedrecError, match="fixes approach mlp's head .* nothing was trained or charged"):
+        tenant_config(RunConfig(approach="mlp", release_init=0.9), conf)
+
+
 def test_the_ease_head_recipe_fills_only_what_was_left_auto() -> None:
     head = RunConfig(approach="auto").with_approach("mlp", "ease")
     assert {name: getattr(head, name) for name in AUTO_EASE_HEAD} == AUTO_EASE_HEAD
@@ -265,12 +320,14 @@ def big_fed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.parametrize("approach", ["auto", "mlp"])
 def test_auto_trains_the_ease_head_under_secagg_through_the_loop_and_audits(
-    big_fed: Path, tmp_path: Path
+    big_fed: Path, tmp_path: Path, approach: str
 ) -> None:
-    run = tmp_path / "auto-ease"
+    # approach mlp with its head left open trains the same head as auto: the same checks hold for both
+    run = tmp_path / f"{approach}-ease"
     cfg = RunConfig(
-        fed_dir=str(big_fed), run_dir=str(run), run_name="auto-ease", num_tenants=TENANTS, approach="auto",
+        fed_dir=str(big_fed), run_dir=str(run), run_name=run.name, num_tenants=TENANTS, approach=approach,
         secagg=True, epsilon=EPSILON, num_server_rounds=1, accountant="rdp", dim=16,  # dim: for time
     )  # fmt: skip
     lines: list[str] = []

@@ -157,8 +157,9 @@ def simulate(
             help="auto (pick from tenant sizes, ε and the noise mode: DP-EASE where enough users share the "
             "noise (from 5 000 users the EASE-table head on it), else the DP MLP head where the catalogue has "
             "genres, else DP "
-            "popularity; docs/FEDERATION.md) | mlp (DP-SGD rounds; under DP the head recipe unless "
-            "--release-init is given) | "
+            "popularity; docs/FEDERATION.md) | mlp (DP-SGD rounds; under DP the head auto would train: the "
+            "EASE-table head where auto picks it, else the DP MLP head; --release-init or "
+            "--release-init-items fixes it) | "
             "dp_ease | dp_popularity (one DP item release per tenant; --rounds does not apply) | "
             "dp_two_stage (catalogues above --gram-limit: a DP popularity release selects the top "
             "--gram-limit items, DP-EASE on their Gram; two releases, --select-share of the μ² budget on the first).",
