@@ -75,6 +75,8 @@ def test_bad_spec_is_one_clear_error() -> None:
         ({"profile": "scale", "noise": 1.5}, "--synth-noise"),
         ({"profile": "scale", "rank": 0}, "--synth-rank"),
         ({"profile": "scale", "per_user": 1}, "--synth-per-user"),
+        ({"profile": "scale", "alpha": 0.0}, "--synth-alpha"),
+        ({"profile": "scale", "alpha": float("nan")}, "--synth-alpha"),
     ):
         with pytest.raises(DataError, match=needle):
             SynthSpec(**kwargs)  # type: ignore[arg-type]
@@ -86,14 +88,25 @@ def test_cli_data_synth_scale_writes_the_generator_output(tmp_path: Path) -> Non
     out = tmp_path / "syn"
     args = ["data", "synth", "--out", str(out), "--users", "150", "--items", "900", "--seed", "5"]
     proc = subprocess.run(
-        [*FEDREC, *args, "--synth-profile", "scale", "--synth-per-user", "12", "--synth-rank", "8"],
+        [
+            *FEDREC,
+            *args,
+            "--synth-profile",
+            "scale",
+            "--synth-per-user",
+            "12",
+            "--synth-rank",
+            "8",
+            "--synth-alpha",
+            "0.003",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     want = synthetic(
-        users=150, items=900, seed=5, spec=SynthSpec(profile="scale", per_user=12.0, rank=8)
+        users=150, items=900, seed=5, spec=SynthSpec(profile="scale", per_user=12.0, rank=8, alpha=0.003)
     ).interactions
     got = load(str(out)).interactions
     assert len(got) == len(want)
@@ -105,6 +118,8 @@ def test_cli_data_synth_scale_writes_the_generator_output(tmp_path: Path) -> Non
     [
         (["--synth-per-user", "3"], "--synth-profile scale only"),
         (["--synth-profile", "scale", "--synth-noise", "2"], "--synth-noise"),
+        (["--synth-alpha", "0.003"], "--synth-profile scale only"),
+        (["--synth-profile", "scale", "--synth-alpha", "-1"], "--synth-alpha"),
     ],
 )
 def test_cli_bad_synth_flags_exit_2_and_write_nothing(tmp_path: Path, extra: list[str], needle: str) -> None:

@@ -61,18 +61,34 @@ SynthNoiseOpt = Annotated[
     typer.Option("--synth-noise", help="Share of draws from global popularity, --synth-profile scale [0.3]."),
 ]
 
+SynthAlphaOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--synth-alpha",
+        help="Mean Dirichlet concentration per taste topic of a user, --synth-profile scale [0.01]; smaller: "
+        "fewer topics per user, more for a personal model to find (docs/PRIVACY_UTILITY.md: 0.003 with "
+        "--synth-noise 0.1 has a real log's non-private EASE ÷ popularity).",
+    ),
+]
+
 
 def synth_spec(
-    profile: str, per_user: float | None, rank: int | None, noise: float | None
+    profile: str,
+    per_user: float | None,
+    rank: int | None,
+    noise: float | None,
+    alpha: float | None = None,
 ) -> SynthSpec | None:
     """The generator shape from the --synth-* options (None: the default generator, untouched)."""
     from fedrec.simulations.data.synth_scale import SynthSpec
 
-    given = {"per_user": per_user, "rank": rank, "noise": noise}
+    given = {"per_user": per_user, "rank": rank, "noise": noise, "alpha": alpha}
     if profile == "movielens" and any(v is not None for v in given.values()):
         from fedrec.simulations.errors import DataError
 
-        raise DataError("--synth-per-user/--synth-rank/--synth-noise shape --synth-profile scale only.")
+        raise DataError(
+            "--synth-per-user/--synth-rank/--synth-noise/--synth-alpha shape --synth-profile scale only."
+        )
     return SynthSpec(profile=profile, **{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
 
 

@@ -9,6 +9,7 @@ import typer
 
 from fedrec.simulations.cli.common import (
     SeedOpt,
+    SynthAlphaOpt,
     SynthNoiseOpt,
     SynthPerUserOpt,
     SynthProfileOpt,
@@ -35,11 +36,12 @@ def data_synth(
     per_user: SynthPerUserOpt = None,
     rank: SynthRankOpt = None,
     noise: SynthNoiseOpt = None,
+    alpha: SynthAlphaOpt = None,
 ) -> None:
     """Write the built-in synthetic dataset (MovieLens 'latest' CSV layout, + users.csv for movielens)."""
     from fedrec.simulations.data.sources import synthetic, write_synthetic
 
-    spec = synth_spec(profile, per_user, rank, noise)
+    spec = synth_spec(profile, per_user, rank, noise, alpha)
     with err_console.status("generating …"):
         ds = synthetic(users=users, items=items, seed=seed, spec=spec)
         paths = write_synthetic(ds, out)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedrec.simulations.cli.common import (
+    SynthAlphaOpt,
     SynthNoiseOpt,
     SynthPerUserOpt,
     SynthProfileOpt,
@@ -97,6 +98,7 @@ def prepare(
     synth_per_user: SynthPerUserOpt = None,
     synth_rank: SynthRankOpt = None,
     synth_noise: SynthNoiseOpt = None,
+    synth_alpha: SynthAlphaOpt = None,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -126,7 +128,7 @@ def prepare(
         synth_users,
         synth_items,
         test,
-        synth=synth_spec(synth_profile, synth_per_user, synth_rank, synth_noise),
+        synth=synth_spec(synth_profile, synth_per_user, synth_rank, synth_noise, synth_alpha),
     )
     cfg = PrepareConfig(
         tenants=tenants,

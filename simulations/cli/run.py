@@ -14,6 +14,7 @@ from fedrec.simulations.cli.common import (
     DataOpt,
     MinRatingOpt,
     SeedOpt,
+    SynthAlphaOpt,
     SynthItemsOpt,
     SynthNoiseOpt,
     SynthPerUserOpt,
@@ -57,6 +58,7 @@ def centralized(
     synth_per_user: SynthPerUserOpt = None,
     synth_rank: SynthRankOpt = None,
     synth_noise: SynthNoiseOpt = None,
+    synth_alpha: SynthAlphaOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing RUN_DIR.")] = False,
 ) -> None:
     """Train the MLP recommender on all data (no federation, no DP) and compare with baselines."""
@@ -74,7 +76,7 @@ def centralized(
         synth_users,
         synth_items,
         test,
-        synth=synth_spec(synth_profile, synth_per_user, synth_rank, synth_noise),
+        synth=synth_spec(synth_profile, synth_per_user, synth_rank, synth_noise, synth_alpha),
     )
     given = {"epochs": epochs, "patience": patience, "lr": lr}
     cfg = CentralizedConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
@@ -364,6 +366,7 @@ def simulate(
     synth_per_user: SynthPerUserOpt = None,
     synth_rank: SynthRankOpt = None,
     synth_noise: SynthNoiseOpt = None,
+    synth_alpha: SynthAlphaOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing RUN_DIR.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's and Ray's logs.")] = False,
     ray_address: Annotated[
@@ -458,7 +461,7 @@ def simulate(
             synth_users,
             synth_items,
             test,
-            synth=synth_spec(synth_profile, synth_per_user, synth_rank, synth_noise),
+            synth=synth_spec(synth_profile, synth_per_user, synth_rank, synth_noise, synth_alpha),
         )
 
         def prepare(fed_dir: Path) -> None:
