@@ -159,8 +159,7 @@ def test_approach_mlp_gets_the_ease_head_where_auto_would_pick_it() -> None:
     for approach, kept_as in (("mlp", "mlp"), ("auto", "dp_ease")):
         odd = resolve_approach(RunConfig(approach=approach, lr=0.2), big, 1000, shares=3)
         assert (odd.approach, odd.head) == (kept_as, "")
-    odd = resolve_approach(RunConfig(approach="auto", lr=0.2), big, 1000, shares=3)
-    assert "do not fit the head: lr is the local Adam step" in odd.reason
+    assert "do not fit the head: lr is the local Adam step" in odd.reason, "auto says why (the last case)"
 
 
 def test_approach_mlp_takes_the_ease_head_only_where_left_open() -> None:
