@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,11 +52,17 @@ def centralized_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         str(out),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    (out.parent / "stderr.txt").write_text(proc.stderr)
     return out
 
 
 @pytest.mark.slow
 def test_centralized_writes_the_contract_files_and_beats_popularity(centralized_run: Path) -> None:
+    # stderr is a pipe here, not a terminal: one plain progress line per epoch instead of a live bar
+    epochs_run = json.loads((centralized_run / "metrics.json").read_text())["training"]["epochs_run"]
+    stderr = (centralized_run.parent / "stderr.txt").read_text()
+    lines = re.findall(r"^epoch (\d+)/25 .*val NDCG@10", stderr, flags=re.MULTILINE)
+    assert lines == [str(e) for e in range(1, epochs_run + 1)], stderr[-2000:]
     for name in ("metrics.json", "model.pt", "model.json", "config.json"):
         assert (centralized_run / name).is_file()
     m = json.loads((centralized_run / "metrics.json").read_text())

@@ -47,7 +47,12 @@ def centralized(
         typer.Option("--epochs", min=1, help="Maximum epochs, early stopping on validation [150]."),
     ] = None,
     patience: Annotated[
-        int | None, typer.Option("--patience", min=1, help="Epochs without improvement before stopping [40].")
+        int | None,
+        typer.Option(
+            "--patience",
+            min=1,
+            help="Epochs without improvement before stopping [auto: 600 steps' worth, 5–40; 40 on ml-100k].",
+        ),
     ] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Adam learning rate [3e-3].")] = None,
     seed: SeedOpt = 0,
@@ -93,7 +98,10 @@ def centralized(
 
         def on_epoch(epoch: int, loss: float, ndcg: float, improved: bool) -> None:
             star = "*" if improved else " "
-            progress.update(task, completed=epoch, info=f"loss {loss:.4f}  val NDCG@10 {ndcg:.4f}{star}")
+            info = f"loss {loss:.4f}  val NDCG@10 {ndcg:.4f}{star}"
+            progress.update(task, completed=epoch, info=info)
+            if not err_console.is_terminal:  # a log file gets no live bar: one line per epoch instead
+                err_console.print(f"epoch {epoch}/{cfg.epochs}  {info}", highlight=False)
 
         metrics = run_centralized(
             prepared, cfg, out, overwrite=overwrite, resolved_config=resolved, on_epoch=on_epoch
