@@ -3,12 +3,22 @@ ClientApp process, before it knows whether the message needs torch)."""
 
 from __future__ import annotations
 
+import logging
+import os
+
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedrec.privacy import transcript
 from fedrec.shared_model.runconfig import RunConfig
+
+QUIET_ENV = "FEDREC_QUIET_FLOWER"  # set by `fedrec simulate` without --verbose (ray workers inherit it)
+if os.environ.get(QUIET_ENV) == "1":
+    # Flower's SecAgg+ mod logs each stage of each node at DEBUG; in a simulation's Ray workers those
+    # lines reach the user's terminal (80 lines a run at 5 tenants). The driver quiets its own logger the
+    # same way; a deployed SuperNode (no such variable) keeps Flower's logging as configured.
+    logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
 def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

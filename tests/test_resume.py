@@ -163,6 +163,8 @@ def test_kill_9_of_fedrec_simulate_then_resume(fed: Path, tmp_path: Path) -> Non
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed 1×" in resumed.stdout
+    # without --verbose the Ray workers' Flower DEBUG lines (SecAgg+ stages per node) stay out of the output
+    assert "starting stage" not in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())["run_config"]
     rows_ = check_run(out, fed, config["run-name"])
     crash_row = rows_[1]

@@ -113,6 +113,7 @@ def run_simulation(
     from flwr.supercore.telemetry import EventType
 
     from fedrec.client.app import app as client_app
+    from fedrec.client.mods import QUIET_ENV
     from fedrec.server.app import app as server_app
 
     app_dir = _write_app_dir(run_config)
@@ -137,6 +138,9 @@ def run_simulation(
         }
         if not verbose:
             logging.getLogger("flwr").setLevel(logging.WARNING)
+            os.environ[QUIET_ENV] = "1"  # the ClientApp processes Ray starts inherit it (fedrec.client.mods)
+        else:
+            os.environ.pop(QUIET_ENV, None)
         flower_extractor = vce_api.add_messages_to_queue
         vce_api.add_messages_to_queue = add_messages_to_queue  # run_api looks the name up when it runs
         with warnings.catch_warnings():
