@@ -44,9 +44,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedrec.privacy import gram
-from fedrec.server.release import TWO_STAGE_LAM_PER_USER, fit_release, two_stage_size
+from fedrec.server.release import TWO_STAGE_LAM_PER_USER, fit_release, tier_size, two_stage_size
 from fedrec.shared_model.dp_item import DPEASERule
 from fedrec.shared_model.item_model import ItemReleaseModel
+from fedrec.shared_model.runconfig import RunConfig
 from fedrec.shared_model.split_scores import SharedScores, SplitRanker
 from fedrec.simulations.data.sources import synthetic
 from fedrec.simulations.data.synth_scale import SynthSpec
@@ -155,6 +156,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also the M picked by the M rule (two_stage_size) for these c values, comma list",
     )
     ap.add_argument("--m-cap", type=int, default=4000, help="the M rule's cap (the gram-limit)")
+    ap.add_argument(
+        "--tier",
+        default=str(RunConfig.tier),
+        help="for an M the rule picked: the Gram covers tier × M items, the top M fitted by DP-EASE and "
+        "the rest scored by a regression on them (the product's default); 1 = no tier; a comma list",
+    )
     ap.add_argument(
         "--lam-per-user",
         default="",
@@ -266,22 +273,27 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     emit(approach="M rule", **common, c=c, m=m_c, why=why)
                     picks.setdefault(m_c, []).append(c)
-                for m in sorted(picks):
-                    sel = gram.select_top(prior, m)
+                tiers = [float(x) for x in args.tier.split(",")]
+                for m, tier in [(mm, t) for mm in sorted(picks) for t in (tiers if picks[mm] else [1.0])]:
+                    covered, _ = tier_size(m, tier, min(args.m_cap, n))
+                    sel = gram.select_top(prior, covered)
                     xs = gram.selected_rows(indptr, items, n, sel)
                     n2 = gram.ReleaseNoise(sigma=sigma2 * scale, pop_share=0.0)
-                    g = (xs.T @ xs).toarray() + gram.symmetric_noise(m, n2.offdiag_std(), n2.diag_std(), rng)
+                    g = (xs.T @ xs).toarray() + gram.symmetric_noise(
+                        covered, n2.offdiag_std(), n2.diag_std(), rng
+                    )
                     for shrinkage in args.shrinkage.split(","):
                         for lpu in lams:
                             t1 = time.perf_counter()
                             model = fit_release(
                                 {"gram": gram.pack_gram(g)}, "dp_two_stage", n_items=n, users=users,
                                 sigma_sum=sigma2 * scale, dp=True, stage=2, selection=sel, prior=prior,
-                                shrinkage=shrinkage, rule=_lam_rule(m, lpu),
+                                shrinkage=shrinkage, rule=_lam_rule(covered, lpu),
+                                head=m if covered > m else 0,
                             )  # fmt: skip
                             emit(
                                 approach="dp_two_stage", **common, m=m, rule_c=picks[m], shrinkage=shrinkage,
-                                lam_per_user=lpu,
+                                lam_per_user=lpu, tier=tier, gram_items=covered,
                                 recall20=recall_at(model, indptr, items, tests), sigma_stage1=round(sigma1, 4),
                                 sigma_stage2=round(sigma2, 4), support=model.cfg.n_support,
                                 fit_s=round(time.perf_counter() - t1, 1),

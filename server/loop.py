@@ -51,6 +51,7 @@ from fedrec.server.release import (
     resolve_approach,
     shares_for,
     sum_noise,
+    tier_size,
     two_stage_size,
 )
 from fedrec.server.release_init import (
@@ -891,15 +892,20 @@ class _Federation:
         prior = None
         if stage == 2 and isinstance(self.model, ItemReleaseModel):
             prior = self.model.prior.numpy().astype(np.float64)  # the stage-1 DP popularity, for the rest
-        select, select_why = 0, ""
+        select, select_why, head = 0, "", 0
         if stage == 1:
             cap = min(self.cfg.gram_limit, self.catalog.n_items)
             if self.cfg.select_rule > 0:
                 select, select_why = two_stage_size(
                     total["popularity"], sigma_sum, self.cfg.select_share, cap, self.cfg.select_rule
                 )
+                covered, tier_why = tier_size(select, self.cfg.tier, cap)
+                if covered > select:
+                    head, select, select_why = select, covered, f"{select_why}; {tier_why}"
             else:
                 select, select_why = cap, f"M = {cap}: the gram-limit, set explicitly (--gram-limit)"
+        elif stage == 2 and isinstance(self.model, ItemReleaseModel):
+            head = self.model.cfg.head  # the stage-1 model's: DP-EASE fits these, the rest are a tier
         t0 = time.perf_counter()
         model = fit_release(
             total,
@@ -912,6 +918,7 @@ class _Federation:
             selection=selection,
             prior=prior,
             select=select,
+            head=head,
         )
         self.set_item_model(model)
         rd.row["aggregated"] = len(rd.contributors)
@@ -927,7 +934,7 @@ class _Federation:
         if selection is not None:
             rd.row["release"]["selected_items"] = len(selection)
         if select_why:
-            rd.row["release"]["select"] = {"items": select, "why": select_why}
+            rd.row["release"]["select"] = {"items": select, "head": head or select, "why": select_why}
         for t in rd.contributors:
             self.status[t].rounds_trained += 1
 

@@ -106,9 +106,14 @@ def _selection_words(cfg: RunConfig, n_items: int) -> str:
     """How many items dp_two_stage's Gram covers, in words (the M rule or the gram-limit)."""
     cap = min(cfg.gram_limit, n_items)
     if cfg.select_rule > 0:
+        tier = (
+            f", plus a tier of the next {cfg.tier - 1:g} × M scored by a ridge regression on them"
+            if cfg.tier > 1
+            else ""
+        )
         return (
             f"M items, M by the M rule from the stage-1 release (noisy popularity ≥ {cfg.select_rule:g} × "
-            f"the Gram's noise edge per item; at most {cap})"
+            f"the Gram's noise edge per item; at most {cap}){tier}"
         )
     return f"{cap} items (the gram-limit)"
 
@@ -331,6 +336,21 @@ def two_stage_size(
     return m, why
 
 
+def tier_size(m: int, tier: float, cap: int) -> tuple[int, str]:
+    """How many items dp_two_stage's Gram covers when the M rule picked ``m``: ``tier`` × m, at most
+    ``cap`` (the gram-limit) and at least m. DP-EASE fits the top m of them with the head's own noise
+    edge; the others (the tier) are scored by a ridge regression on the head
+    (:meth:`fedrec.shared_model.dp_item.DPEASE.fit_gram_tiered`). Post-processing, like the M rule.
+    Returns (items covered, why)."""
+    covered = min(int(cap), max(int(m), round(float(tier) * m)))
+    if covered <= m:
+        return m, ""
+    return covered, (
+        f"the Gram covers {covered} items ({tier:g} × M{', capped at the gram-limit' if covered == cap else ''}): "
+        f"DP-EASE fits the top {m}, the next {covered - m} are scored by a ridge regression on them"
+    )
+
+
 def sum_noise(sigmas: Sequence[float], shares: int) -> float:
     """Noise multiplier of the server's sum of releases with multipliers ``sigmas`` split in ``shares``."""
     return math.sqrt(sum(s * s for s in sigmas) / max(1, shares))
@@ -350,18 +370,25 @@ def fit_release(
     shrinkage: str = "soft",
     rule: DPEASERule | None = None,
     select: int = 0,
+    head: int = 0,
 ) -> ItemReleaseModel:
     """The server's model from the summed release ``total`` (natural units).
 
     dp_two_stage: stage 1 gives the DP popularity model (whose prior selects stage 2's items); stage 2
     fits DP-EASE on the Gram of the ``selection`` (its support mapped back to catalogue indices) and
     ranks every other item below by ``prior`` (the stage-1 log-prior). ``select``: stage 1's model
-    records how many items stage 2 selects (:func:`two_stage_size`; 0 = the gram-limit).
+    records how many items stage 2 selects (:func:`two_stage_size`; 0 = the gram-limit); ``head``:
+    stage 1 records, and stage 2 is given, how many of them (the top by ``prior``) DP-EASE fits — the
+    rest of the selection is a tier scored by a regression on them (:meth:`DPEASE.fit_gram_tiered`;
+    0 = no tier, the whole selection is the head).
     """
     noise = gram.ReleaseNoise(sigma=sigma_sum, pop_share=pop_share(approach, stage))
     if noise.pop_share == 1.0:
         return ItemReleaseModel.from_popularity(
-            np.asarray(total["popularity"], dtype=np.float64), noise.pop_std() if dp else 0.0, select=select
+            np.asarray(total["popularity"], dtype=np.float64),
+            noise.pop_std() if dp else 0.0,
+            select=select,
+            head=head,
         )
     m = n_items if selection is None else len(selection)
     g = gram.unpack_gram(np.asarray(total["gram"], dtype=np.float64), m)
@@ -369,12 +396,15 @@ def fit_release(
         max_items=max(DPEASERule().max_items, m),
         lam_per_user=TWO_STAGE_LAM_PER_USER if approach == "dp_two_stage" else DPEASERule().lam_per_user,
     )
-    fitted = DPEASE(rule=rule, shrinkage=shrinkage).fit_gram(
-        g,
-        offdiag_std=noise.offdiag_std() if dp and sigma_sum > 0 else 0.0,
-        diag_std=noise.diag_std() if dp and sigma_sum > 0 else 0.0,
-        users=users,
-    )
+    off = noise.offdiag_std() if dp and sigma_sum > 0 else 0.0
+    dia = noise.diag_std() if dp and sigma_sum > 0 else 0.0
+    ease = DPEASE(rule=rule, shrinkage=shrinkage)
+    if stage == 2 and selection is not None and prior is not None and 0 < head < m:
+        # the top `head` of the selection by the stage-1 prior (public), as positions in the selection
+        top = np.sort(np.argsort(-np.asarray(prior, dtype=np.float64)[selection], kind="stable")[:head])
+        fitted = ease.fit_gram_tiered(g, top, offdiag_std=off, diag_std=dia, users=users)
+    else:
+        fitted = ease.fit_gram(g, offdiag_std=off, diag_std=dia, users=users)
     if selection is not None:
         assert fitted.items is not None
         fitted.items = np.asarray(selection, dtype=np.int64)[fitted.items]  # support → catalogue indices

@@ -91,6 +91,23 @@ def _shrink(vals: np.ndarray, s: float, kind: str) -> np.ndarray:
     raise ValueError(f"shrinkage must be one of {SHRINKAGES}, got {kind!r}")
 
 
+def _cross_shrink(vals: np.ndarray, shrunk: np.ndarray, s: float) -> np.ndarray:
+    """Per kept component of a noisy head Gram, the factor that puts a noisy cross column's projection
+    on it in the units the head's denoised eigenvalue ``shrunk`` (η) is in.
+
+    Spiked Wigner (see :func:`_shrink`): a signal eigenvalue θ appears at λ = θ + s²/θ, and its noisy
+    eigenvector has cosine c = √(1 − s²/θ²) to the true one. A cross column's projection on the noisy
+    vector carries c × its true coordinate, which the head's regression should divide by θ; the head's
+    ridge inverse divides by η instead, so the factor is η / (c·θ) — 1 without noise, → 0 at the edge
+    (where η → 0 faster than c). Without it a component just above the edge (η ≪ λ) inflates the tier's
+    scores by λ/η, which on a flat-topic catalogue put tier items above better head items
+    (tests/test_two_stage.py's tier run lost 0.02 HR@10 that way)."""
+    theta = 0.5 * (vals + np.sqrt(np.maximum(vals * vals - 4.0 * s * s, 0.0)))
+    cos = np.sqrt(np.clip(1.0 - (s / np.maximum(theta, 1e-300)) ** 2, 0.0, 1.0))
+    out: np.ndarray = np.where(cos * theta > 0, shrunk / np.maximum(cos * theta, 1e-300), 0.0)
+    return out
+
+
 @dataclass
 class DPEASE:
     """EASE on a released (noisy) Gram; a :class:`fedrec.shared_model.evaluate.Scorer`."""
@@ -104,6 +121,10 @@ class DPEASE:
     denoise: bool = True  # soft-threshold the noisy spectrum at the noise edge (module docstring)
     shrinkage: str = "soft"  # soft: λ_k − edge | optimal: θ_k − s²M/θ_k (spiked Wigner, module docstring)
     components: int = 0  # eigencomponents kept by the denoising (0: not denoised)
+    tier_items: int = 0  # items scored by fit_gram_tiered's regression on the head (0: no tier)
+    _basis: np.ndarray | None = field(default=None, repr=False)  # (M, k) kept eigenvectors × η/λ
+    _project: np.ndarray | None = field(default=None, repr=False)  # (M, k) kept eigenvectors (denoised)
+    _inverse: np.ndarray | None = field(default=None, repr=False)  # (M, M) (Ĝ + λI)⁻¹ of the last fit
 
     def fit_gram(
         self,
@@ -124,6 +145,7 @@ class DPEASE:
         a = gram[np.ix_(support, support)].astype(np.float64)  # (M, M)
         a = 0.5 * (a + a.T)
         self.components = 0
+        self._basis = self._project = None
         if self.denoise and offdiag_std > 0 and lam is None:
             lam_v = self.rule.lam_per_user * max(users, 1)
             vals, vecs = np.linalg.eigh(a)  # ascending
@@ -134,6 +156,8 @@ class DPEASE:
             # (Ĝ + λI)⁻¹ with Ĝ = V diag(η_k) Vᵀ: V diag(1/(η_k + λ) − 1/λ) Vᵀ + I/λ
             p = (v * (1.0 / (shrunk + lam_v) - 1.0 / lam_v)) @ v.T + np.eye(m) / lam_v
             self.components = int(keep.sum())
+            self._basis = v * _cross_shrink(vals[keep], shrunk, offdiag_std * math.sqrt(m))[None, :]
+            self._project = v
         else:
             lam_v = self.rule.lam(offdiag_std, m, users) if lam is None else float(lam)
             a[np.diag_indices(m)] += lam_v
@@ -152,6 +176,58 @@ class DPEASE:
             lam_v,
         )
         self.prior = None if prior is None else np.asarray(prior, dtype=np.float64)
+        self._inverse = p
+        return self
+
+    def fit_gram_tiered(
+        self,
+        gram: np.ndarray,
+        head: np.ndarray,
+        *,
+        offdiag_std: float,
+        diag_std: float,
+        users: int,
+    ) -> DPEASE:
+        """DP-EASE on the ``head`` block of ``gram``; every other item of it (the tier) is scored by a
+        ridge regression on the head from the released head × tier block.
+
+        The head (indices into ``gram``) is fitted exactly as :meth:`fit_gram` fits a Gram of its own —
+        its own support rule and noise edge 2·s·√M_head, which a larger Gram would raise for every item.
+        A tier item j gets the column ``w_j = (Ĝ_head + λI)⁻¹ P G̃[head, j]``: the ridge regression of j
+        on the head items (what EASE's column is for a head item, so the two tiers' scores are in the
+        same units), with the noisy column first projected (P) onto the head's k eigencomponents above
+        the noise edge — k noise dimensions of M_head kept instead of all (no projection without noise,
+        where w_j is the exact ridge regression). A tier item is kept if its noisy diagonal passes the
+        rule's ``diag_z`` test; it scores users by their head items only (as evidence its own noisy
+        row is too weak: measured in docs/PRIVACY_UTILITY.md). Post-processing of the one release.
+        """
+        n = gram.shape[0]
+        assert gram.shape == (n, n), f"gram must be square, got {gram.shape}"
+        head = np.sort(np.asarray(head, dtype=np.int64))
+        tier = np.setdiff1d(np.arange(n), head)
+        self.fit_gram(gram[np.ix_(head, head)], offdiag_std=offdiag_std, diag_std=diag_std, users=users)
+        assert self.items is not None and self.weights is not None
+        h_items = head[self.items]  # the head's support, as indices into gram
+        diag = np.diag(gram)[tier]
+        t_items = tier[diag >= self.rule.diag_z * diag_std] if diag_std > 0 else tier
+        cross = gram[np.ix_(h_items, t_items)].astype(np.float64)  # (M_head, T) noisy head × tier block
+        if self._basis is not None and self._project is not None:
+            # onto the head's components above the edge, each shrunk as the head's own eigenvalue was
+            # (η/λ: the share of that component the noise did not make): V diag(η/λ) Vᵀ G̃[head, tier]
+            cross = self._basis @ (self._project.T @ cross)
+        w = self._inverse @ cross  # (M_head, T)
+        items = np.concatenate([h_items, t_items])
+        order = np.argsort(items, kind="stable")
+        k, t = len(h_items), len(t_items)
+        weights = np.zeros((k + t, k + t), dtype=np.float32)
+        weights[:k, :k] = self.weights
+        weights[:k, k:] = w
+        self.weights = np.ascontiguousarray(weights[np.ix_(order, order)])
+        self.items = items[order]
+        self.column_of = np.full(n, -1, dtype=np.int64)
+        self.column_of[self.items] = np.arange(k + t)
+        self.tier_items = t
+        self._basis = self._project = self._inverse = None  # (only needed for the tier columns)
         return self
 
     def score(

@@ -49,6 +49,7 @@ class ItemModelConfig:
     has_prior: bool = False
     lam: float = 0.0  # the ridge the rule chose (dp_ease / ease)
     select: int = 0  # dp_two_stage stage 1: items the stage-2 Gram covers (the M rule; 0 = the gram-limit)
+    head: int = 0  # dp_two_stage stage 1: of those, how many DP-EASE fits; the rest are a tier (0: none)
 
     def __post_init__(self) -> None:
         if self.kind not in ITEM_KINDS:
@@ -59,6 +60,8 @@ class ItemModelConfig:
             )
         if not 0 <= self.select <= self.n_items:
             raise FedrecError(f"select must be in 0..n_items ({self.n_items}), got {self.select}")
+        if self.head < 0 or (self.head and self.head >= self.select):
+            raise FedrecError(f"head must be 0 or in 1..select-1 (select {self.select}), got {self.head}")
         if self.kind == "dp_popularity" and (self.n_support or not self.has_prior):
             raise FedrecError("a dp_popularity model has no support and needs a prior")
 
@@ -77,6 +80,8 @@ class ItemModelConfig:
         }
         if self.select:
             out["select"] = self.select
+        if self.head:
+            out["head"] = self.head
         return out
 
     @classmethod
@@ -89,6 +94,7 @@ class ItemModelConfig:
                 has_prior=bool(d.get("has_prior", False)),
                 lam=float(d.get("lam", 0.0)),
                 select=int(d.get("select", 0)),
+                head=int(d.get("head", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FedrecError(f"unreadable item model config ({type(e).__name__}: {e})") from None
@@ -139,11 +145,15 @@ class ItemReleaseModel(nn.Module):
         return model
 
     @classmethod
-    def from_popularity(cls, released: np.ndarray, noise_std: float, *, select: int = 0) -> ItemReleaseModel:
-        """DP popularity: rank by the log-prior of the (summed, noisy) popularity release (``select``:
-        see :class:`ItemModelConfig`)."""
+    def from_popularity(
+        cls, released: np.ndarray, noise_std: float, *, select: int = 0, head: int = 0
+    ) -> ItemReleaseModel:
+        """DP popularity: rank by the log-prior of the (summed, noisy) popularity release (``select``,
+        ``head``: see :class:`ItemModelConfig`)."""
         released = np.asarray(released, dtype=np.float64)
-        model = cls(ItemModelConfig("dp_popularity", len(released), 0, has_prior=True, select=select))
+        model = cls(
+            ItemModelConfig("dp_popularity", len(released), 0, has_prior=True, select=select, head=head)
+        )
         model.prior.copy_(torch.from_numpy(log_prior(released, noise_std).astype(np.float32)))
         return model
 

@@ -181,6 +181,11 @@ class RunConfig:
     # the items whose stage-1 noisy popularity is ≥ c × the Gram's noise edge per item, s₂·√M), capped
     # at gram-limit; 0: exactly min(gram-limit, catalogue) items (what an explicit --gram-limit asks for)
     select_rule: float = 1.0
+    # dp_two_stage with the M rule: the Gram covers tier × M items; DP-EASE fits the top M (the M rule's
+    # head, its own noise edge) and the rest are scored by a ridge regression on the head
+    # (DPEASE.fit_gram_tiered). Capped at gram-limit. Post-processing: no ε of its own. 1 (the default):
+    # no tier — 1.5 won on validation at 30k × 40k but lost on ml-100k (docs/PRIVACY_UTILITY.md).
+    tier: float = 1.0
     # --- secure aggregation, validation, robust aggregation (server/secagg.py, server/aggregation.py)
     secagg: bool = False  # SecAgg+: the server only ever sees the masked sum of the tenants' deltas
     max_update_norm: float = 0.0  # L2 bound on one tenant's delta per round, SecAgg+'s ±range (0: auto)
@@ -323,6 +328,12 @@ class RunConfig:
             or not (math.isfinite(self.select_rule) and self.select_rule >= 0)
         ):
             raise FedrecError(f"select-rule must be a number ≥ 0, got {self.select_rule!r}")
+        if (
+            isinstance(self.tier, bool)
+            or not isinstance(self.tier, int | float)
+            or not (math.isfinite(self.tier) and self.tier >= 1)
+        ):
+            raise FedrecError(f"tier must be a number ≥ 1 (1: no tier), got {self.tier!r}")
         if not 0 < self.select_share < 1:
             raise FedrecError(f"select-share must be in (0, 1), got {self.select_share!r}")
         if not self.max_update_norm > 0:

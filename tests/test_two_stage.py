@@ -61,7 +61,7 @@ def run(fed: Path, out: Path, **kw: object) -> tuple[dict, RunConfig]:
         run_name=str(kw.pop("run_name", out.name)),
         num_tenants=TENANTS,
         epsilon=8.0,
-        gram_limit=LIMIT,
+        gram_limit=int(kw.pop("gram_limit", LIMIT)),  # type: ignore[call-overload]
         eval_privacy="exact",  # the quality comparisons need exact HR (DP evaluation sums add ~0.01 of noise)
         **kw,  # type: ignore[arg-type]
     )
@@ -78,6 +78,8 @@ def runs(fed: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple
         "auto": run(fed, root / "auto", approach="auto"),
         "dp_popularity": run(fed, root / "pop", approach="dp_popularity"),
         "secagg": run(fed, root / "sec", approach="dp_two_stage", secagg=True),
+        # a gram-limit the M rule stays below, so the Gram covers a tier beyond the rule's M
+        "tier": run(fed, root / "tier", approach="dp_two_stage", gram_limit=600, tier=1.5),
     }
 
 
@@ -353,3 +355,44 @@ def test_the_m_rule_keeps_the_items_above_the_noise_edge_and_says_why() -> None:
     assert m == 3 and "capped at the gram-limit (3)" in why
     assert two_stage_size(pop, 0.0, share, 5, 1.0)[0] == 5  # no noise: every item up to the cap
     assert two_stage_size(pop, 1e6, share, 5, 1.0)[0] == 2  # all noise: the floor
+
+
+def test_a_tier_beyond_the_m_rule_is_released_in_the_same_gram_and_charged_nothing_more(runs: dict) -> None:
+    metrics, cfg = runs["tier"]
+    out = Path(cfg.run_dir)
+    rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    picked = rows[0]["release"]["select"]
+    head, covered = picked["head"], picked["items"]
+    assert 2 <= head < covered == min(600, round(1.5 * head)), picked
+    assert picked["why"].startswith(f"M = {head}:") and f"the Gram covers {covered} items" in picked["why"]
+    assert rows[0]["release"]["model"]["select"] == covered and rows[0]["release"]["model"]["head"] == head
+    assert rows[1]["release"]["selected_items"] == covered
+    for t in range(TENANTS):  # the same two releases as without a tier: the tier is post-processing
+        entries, problems = read_entries(out / "ledger" / f"tenant-{t}.jsonl")
+        stages = [e for e in entries if "stage" in e]
+        assert not problems and [e["stage"] for e in stages] == [1, 2]
+        assert stages[1]["selected_items"] == covered and stages[1]["epsilon"] <= 8.0
+    assert not check_run(load_run(out)).failed()
+    # the model covers head and tier items (those whose noisy diagonal passes the rule), and a tier item
+    # can rank above a head item for a user
+    loaded = load_model(out)
+    model = loaded.model
+    assert isinstance(model, ItemReleaseModel) and model.cfg.kind == "dp_ease"
+    items = model.items.numpy()
+    p = model.prior.numpy()  # the stage-1 DP popularity prior, which chose the head and the tier
+    by_prior = np.argsort(-p, kind="stable")
+    top, tier_items = set(by_prior[:head].tolist()), set(by_prior[head:covered].tolist())
+    assert len(set(items.tolist()) & tier_items) > 0 and set(items.tolist()) <= top | tier_items
+    import torch
+
+    n = model.cfg.n_items
+    hist = torch.tensor([[*sorted(top)[:3], n]])
+    scores = model.score_all(hist)[0].numpy()
+    tier_kept = np.array(sorted(set(items.tolist()) & tier_items))
+    head_kept = np.array(sorted(set(items.tolist()) & top - set(hist[0].tolist())))
+    assert scores[tier_kept].max() > scores[head_kept].min()
+    # Quality: on this small flat-topic shape the tier does not pay (docs/PRIVACY_UTILITY.md), so no win
+    # is asserted; a ranking the tier broke (e.g. tier scores blown up by a component at the noise edge)
+    # would fall towards random, 10/600 ≈ 0.017 — the run stays near DP popularity (measured 0.09–0.11).
+    pop, _ = runs["dp_popularity"]
+    assert metrics["full"]["hr@10"] > 0.7 * pop["full"]["hr@10"]
