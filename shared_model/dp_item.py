@@ -122,7 +122,7 @@ class DPEASE:
     shrinkage: str = "soft"  # soft: λ_k − edge | optimal: θ_k − s²M/θ_k (spiked Wigner, module docstring)
     components: int = 0  # eigencomponents kept by the denoising (0: not denoised)
     tier_items: int = 0  # items scored by fit_gram_tiered's regression on the head (0: no tier)
-    _basis: np.ndarray | None = field(default=None, repr=False)  # (M, k) kept eigenvectors × η/λ
+    _basis: np.ndarray | None = field(default=None, repr=False)  # (M, k) kept eigenvectors × _cross_shrink
     _project: np.ndarray | None = field(default=None, repr=False)  # (M, k) kept eigenvectors (denoised)
     _inverse: np.ndarray | None = field(default=None, repr=False)  # (M, M) (Ĝ + λI)⁻¹ of the last fit
 
@@ -195,9 +195,10 @@ class DPEASE:
         its own support rule and noise edge 2·s·√M_head, which a larger Gram would raise for every item.
         A tier item j gets the column ``w_j = (Ĝ_head + λI)⁻¹ P G̃[head, j]``: the ridge regression of j
         on the head items (what EASE's column is for a head item, so the two tiers' scores are in the
-        same units), with the noisy column first projected (P) onto the head's k eigencomponents above
-        the noise edge — k noise dimensions of M_head kept instead of all (no projection without noise,
-        where w_j is the exact ridge regression). A tier item is kept if its noisy diagonal passes the
+        same units), with the noisy column first projected (P = V diag(f) Vᵀ) onto the head's k
+        eigencomponents above the noise edge — k noise dimensions of M_head kept instead of all — each
+        scaled by :func:`_cross_shrink` (no projection without noise, where w_j is the exact ridge
+        regression). A tier item is kept if its noisy diagonal passes the
         rule's ``diag_z`` test; it scores users by their head items only (as evidence its own noisy
         row is too weak: measured in docs/PRIVACY_UTILITY.md). Post-processing of the one release.
         """
@@ -212,8 +213,8 @@ class DPEASE:
         t_items = tier[diag >= self.rule.diag_z * diag_std] if diag_std > 0 else tier
         cross = gram[np.ix_(h_items, t_items)].astype(np.float64)  # (M_head, T) noisy head × tier block
         if self._basis is not None and self._project is not None:
-            # onto the head's components above the edge, each shrunk as the head's own eigenvalue was
-            # (η/λ: the share of that component the noise did not make): V diag(η/λ) Vᵀ G̃[head, tier]
+            # onto the head's components above the edge, each put in its denoised eigenvalue's units:
+            # V diag(f) Vᵀ G̃[head, tier], f = η/(cos·θ) (_cross_shrink)
             cross = self._basis @ (self._project.T @ cross)
         w = self._inverse @ cross  # (M_head, T)
         items = np.concatenate([h_items, t_items])

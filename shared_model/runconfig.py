@@ -334,6 +334,11 @@ class RunConfig:
             or not (math.isfinite(self.tier) and self.tier >= 1)
         ):
             raise FedrecError(f"tier must be a number ≥ 1 (1: no tier), got {self.tier!r}")
+        if self.tier > 1 and self.select_rule == 0:
+            raise FedrecError(
+                "tier scores the items past the M rule's M; with select-rule 0 (an explicit --gram-limit) "
+                "there is no M rule — give --select-rule too, or drop --tier"
+            )
         if not 0 < self.select_share < 1:
             raise FedrecError(f"select-share must be in (0, 1), got {self.select_share!r}")
         if not self.max_update_norm > 0:

@@ -133,6 +133,8 @@ def test_tier_size_and_its_settings() -> None:
         with pytest.raises(FedrecError, match="tier must be a number ≥ 1"):
             RunConfig(tier=bad)  # type: ignore[arg-type]
     assert RunConfig.from_mapping(RunConfig(tier=2.0).to_mapping()).tier == 2.0
+    with pytest.raises(FedrecError, match="there is no M rule"):
+        RunConfig(tier=1.5, select_rule=0.0, gram_limit=1000)
     with pytest.raises(FedrecError, match="head must be 0 or in 1..select-1"):
         ItemModelConfig("dp_popularity", 100, 0, has_prior=True, select=50, head=50)
     cfg = ItemModelConfig("dp_popularity", 100, 0, has_prior=True, select=50, head=30)
