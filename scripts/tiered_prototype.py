@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from two_stage_frontier import _lam_rule, recall_at, split, split_movielens
+from two_stage_frontier import _lam_rule, recall_at, split, split_movielens, stage_sigmas
 
 from fedrec.privacy import gram
 from fedrec.server.release import fit_release, two_stage_size
@@ -136,11 +136,7 @@ def main() -> None:
     for noise_seed in [int(x) for x in args.noise_seeds.split(",")]:
         rng = np.random.default_rng([noise_seed, 7])
         for eps in [float(e) for e in args.eps.split(",")]:
-            sigma = gram.calibrate_release_sigma(target_epsilon=eps, delta=args.delta)
-            sigma1 = gram.stage_one_sigma(sigma, args.select_share)
-            sigma2 = gram.calibrate_release_sigma(
-                target_epsilon=eps, delta=args.delta, history_before=[(sigma1, 1.0, 1)]
-            )
+            sigma, sigma1, sigma2 = stage_sigmas(eps, args.delta, args.select_share)
             for mode in args.modes.split(","):
                 scale = 1.0 if mode == "secagg" else math.sqrt(args.tenants)
                 common = {"epsilon": eps, "mode": mode, "noise_seed": noise_seed}

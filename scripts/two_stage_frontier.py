@@ -128,6 +128,15 @@ def recall_at(
     return total / len(users)
 
 
+def stage_sigmas(eps: float, delta: float, select_share: float) -> tuple[float, float, float]:
+    """(σ of a one-release run, stage 1's σ, stage 2's σ) of a two-stage run at (ε, δ): stage 1 spends
+    ``select_share`` of the μ², stage 2 is calibrated for the rest (composed by the PRV accountant)."""
+    sigma = gram.calibrate_release_sigma(target_epsilon=eps, delta=delta)
+    sigma1 = gram.stage_one_sigma(sigma, select_share)
+    sigma2 = gram.calibrate_release_sigma(target_epsilon=eps, delta=delta, history_before=[(sigma1, 1.0, 1)])
+    return sigma, sigma1, sigma2
+
+
 def _lam_rule(m: int, lam_per_user: float | None) -> DPEASERule:
     """The product's stage-2 rule (ridge TWO_STAGE_LAM_PER_USER per user) unless a ridge is given."""
     return DPEASERule(
@@ -247,11 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     for noise_seed in [int(x) for x in args.noise_seeds.split(",")]:
         rng = np.random.default_rng([noise_seed, 7])
         for eps in [float(e) for e in args.eps.split(",")]:
-            sigma = gram.calibrate_release_sigma(target_epsilon=eps, delta=args.delta)
-            sigma1 = gram.stage_one_sigma(sigma, args.select_share)
-            sigma2 = gram.calibrate_release_sigma(
-                target_epsilon=eps, delta=args.delta, history_before=[(sigma1, 1.0, 1)]
-            )
+            sigma, sigma1, sigma2 = stage_sigmas(eps, args.delta, args.select_share)
             for mode in args.modes.split(","):
                 scale = 1.0 if mode == "secagg" else math.sqrt(args.tenants)  # noise of the server's sum
                 common = {"epsilon": eps, "mode": mode, "noise_seed": noise_seed}
