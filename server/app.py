@@ -38,15 +38,18 @@ class PromptGrid(ForwardingGrid):
         """Push ``messages``, then pull their replies until all are in or ``timeout`` s have passed
         (None: no limit) — Flower's contract, polled every ``interval`` s."""
         pending = set(self.inner.push_messages(messages))
-        end = time.time() + (timeout if timeout is not None else 0.0)
+        # monotonic: a wall-clock step (NTP) must neither cut the timeout short nor stretch it
+        end = time.monotonic() + (timeout if timeout is not None else 0.0)
         got: list[Message] = []
-        while timeout is None or time.time() < end:
+        while timeout is None or time.monotonic() < end:
             replies = list(self.inner.pull_messages(pending))
             got.extend(replies)
             pending.difference_update(r.metadata.reply_to_message_id for r in replies)
             if not pending:
                 break
-            time.sleep(self.interval if timeout is None else max(0.0, min(self.interval, end - time.time())))
+            time.sleep(
+                self.interval if timeout is None else max(0.0, min(self.interval, end - time.monotonic()))
+            )
         return got
 
 
