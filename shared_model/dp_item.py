@@ -108,6 +108,17 @@ def _cross_shrink(vals: np.ndarray, shrunk: np.ndarray, s: float) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class Spectrum:
+    """What a denoised fit kept of a noisy Gram's spectrum: eigenvectors (M, k) above the edge, their
+    noisy eigenvalues (k,), the shrunk ones η (k,), and s = off-diagonal std · √M."""
+
+    vectors: np.ndarray
+    vals: np.ndarray
+    shrunk: np.ndarray
+    s: float
+
+
 @dataclass
 class DPEASE:
     """EASE on a released (noisy) Gram; a :class:`fedrec.shared_model.evaluate.Scorer`."""
@@ -122,9 +133,6 @@ class DPEASE:
     shrinkage: str = "soft"  # soft: λ_k − edge | optimal: θ_k − s²M/θ_k (spiked Wigner, module docstring)
     components: int = 0  # eigencomponents kept by the denoising (0: not denoised)
     tier_items: int = 0  # items scored by fit_gram_tiered's regression on the head (0: no tier)
-    _basis: np.ndarray | None = field(default=None, repr=False)  # (M, k) kept eigenvectors × _cross_shrink
-    _project: np.ndarray | None = field(default=None, repr=False)  # (M, k) kept eigenvectors (denoised)
-    _inverse: np.ndarray | None = field(default=None, repr=False)  # (M, M) (Ĝ + λI)⁻¹ of the last fit
 
     def fit_gram(
         self,
@@ -138,6 +146,24 @@ class DPEASE:
         items: np.ndarray | None = None,
     ) -> DPEASE:
         """Fit on the (summed) released Gram; ``lam``/``items`` override the rule (tests, ablations)."""
+        self._fit(
+            gram, offdiag_std=offdiag_std, diag_std=diag_std, users=users, prior=prior, lam=lam, items=items
+        )
+        return self
+
+    def _fit(
+        self,
+        gram: np.ndarray,
+        *,
+        offdiag_std: float,
+        diag_std: float,
+        users: int,
+        prior: np.ndarray | None = None,
+        lam: float | None = None,
+        items: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, Spectrum | None]:
+        """:meth:`fit_gram`'s work; returns (Ĝ + λI)⁻¹ over the support and, when the spectrum was
+        denoised, what was kept of it (for :meth:`fit_gram_tiered`'s tier columns)."""
         n = gram.shape[0]
         assert gram.shape == (n, n), f"gram must be square, got {gram.shape}"
         support = self.rule.support(np.diag(gram), diag_std) if items is None else np.sort(items)
@@ -145,7 +171,7 @@ class DPEASE:
         a = gram[np.ix_(support, support)].astype(np.float64)  # (M, M)
         a = 0.5 * (a + a.T)
         self.components = 0
-        self._basis = self._project = None
+        spectrum = None
         if self.denoise and offdiag_std > 0 and lam is None:
             lam_v = self.rule.lam_per_user * max(users, 1)
             vals, vecs = np.linalg.eigh(a)  # ascending
@@ -156,8 +182,7 @@ class DPEASE:
             # (Ĝ + λI)⁻¹ with Ĝ = V diag(η_k) Vᵀ: V diag(1/(η_k + λ) − 1/λ) Vᵀ + I/λ
             p = (v * (1.0 / (shrunk + lam_v) - 1.0 / lam_v)) @ v.T + np.eye(m) / lam_v
             self.components = int(keep.sum())
-            self._basis = v * _cross_shrink(vals[keep], shrunk, offdiag_std * math.sqrt(m))[None, :]
-            self._project = v
+            spectrum = Spectrum(v, vals[keep], shrunk, offdiag_std * math.sqrt(m))
         else:
             lam_v = self.rule.lam(offdiag_std, m, users) if lam is None else float(lam)
             a[np.diag_indices(m)] += lam_v
@@ -176,8 +201,7 @@ class DPEASE:
             lam_v,
         )
         self.prior = None if prior is None else np.asarray(prior, dtype=np.float64)
-        self._inverse = p
-        return self
+        return p, spectrum
 
     def fit_gram_tiered(
         self,
@@ -206,17 +230,20 @@ class DPEASE:
         assert gram.shape == (n, n), f"gram must be square, got {gram.shape}"
         head = np.sort(np.asarray(head, dtype=np.int64))
         tier = np.setdiff1d(np.arange(n), head)
-        self.fit_gram(gram[np.ix_(head, head)], offdiag_std=offdiag_std, diag_std=diag_std, users=users)
+        inverse, spectrum = self._fit(
+            gram[np.ix_(head, head)], offdiag_std=offdiag_std, diag_std=diag_std, users=users
+        )
         assert self.items is not None and self.weights is not None
         h_items = head[self.items]  # the head's support, as indices into gram
         diag = np.diag(gram)[tier]
         t_items = tier[diag >= self.rule.diag_z * diag_std] if diag_std > 0 else tier
         cross = gram[np.ix_(h_items, t_items)].astype(np.float64)  # (M_head, T) noisy head × tier block
-        if self._basis is not None and self._project is not None:
+        if spectrum is not None:
             # onto the head's components above the edge, each put in its denoised eigenvalue's units:
             # V diag(f) Vᵀ G̃[head, tier], f = η/(cos·θ) (_cross_shrink)
-            cross = self._basis @ (self._project.T @ cross)
-        w = self._inverse @ cross  # (M_head, T)
+            f = _cross_shrink(spectrum.vals, spectrum.shrunk, spectrum.s)
+            cross = spectrum.vectors @ (f[:, None] * (spectrum.vectors.T @ cross))
+        w = inverse @ cross  # (M_head, T)
         items = np.concatenate([h_items, t_items])
         order = np.argsort(items, kind="stable")
         k, t = len(h_items), len(t_items)
@@ -228,7 +255,6 @@ class DPEASE:
         self.column_of = np.full(n, -1, dtype=np.int64)
         self.column_of[self.items] = np.arange(k + t)
         self.tier_items = t
-        self._basis = self._project = self._inverse = None  # (only needed for the tier columns)
         return self
 
     def score(
